@@ -1,0 +1,166 @@
+// The kernel entry points of lora_ops, one set per device (lora_ops::cpu, lora_ops::cuda), with
+// the same arguments. Raw pointers, sizes in elements, row-major; no torch types. The torch
+// binding (csrc/torch_*.cpp) and the C ABI (csrc/c_api.cpp) both call these.
+//
+// Single adapter (see DESIGN.md for the math):
+//   S  = drop(x) A^T                        [M, r]   (rounded to dtype, saved for backward)
+//   y  = x W^T + b + scaling * S B^T        [M, N]
+//   dS = scaling * dY B                     [M, r]   (fp32, scratch)
+//   dB = scaling * dY^T S                   [N, r]
+//   dA = dS^T drop(x)                       [r, K]
+//   dX = dY W + keep_scale * mask * (dS A)  [M, K]
+// Accumulation is fp32 for every dtype. x rows have stride ldx (unit column stride); every other
+// tensor is contiguous: weight [N, K], bias [N] or NULL, lora_a [r, K], lora_b [N, r].
+//
+// Multi-adapter (L adapters stacked, per-adapter rank ranks[a] <= r_max, scaling scalings[a]):
+//   shrink: t[s, i, j] = scalings[a_i] * sum_k x[i, k] A_s[a_i][j][k]     j < ranks[a_i]
+//           t[s, i, j] = 0 for j >= ranks[a_i], and for every j when a_i is -1 or out of range
+//   expand: y[i, offset_s + n] += sum_{j < ranks[a_i]} t[s, i, j] B_s[a_i][n][j]
+//           rows with a_i == -1 (or out of range) are not touched
+// Rows or columns of an adapter past its rank are never read: they may hold anything, NaN too.
+// Adapter stacks are addressed by strides, so the backward pass reuses shrink and expand on
+// transposed views (dY B is a shrink over B viewed as [L, r, N]; dT A an expand over A viewed
+// as [L, K, r]). Slices of one expand call must not overlap in y.
+#ifndef LORA_OPS_KERNELS_H_
+#define LORA_OPS_KERNELS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lora_ops/common.h"
+
+#ifdef __CUDACC__
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#elif defined(LORA_OPS_WITH_CUDA)
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#endif
+
+namespace lora_ops {
+
+// One slice of a stacked adapter tensor: element (l, row, col) is at
+// data + l*stride_l + row*stride_row + col*stride_col (strides in elements).
+struct AdapterStack {
+  const void* data;
+  int64_t stride_l;
+  int64_t stride_row;
+  int64_t stride_col;
+};
+
+namespace cpu {
+
+// c[m, n] = sum_k a[m, k] * op(b)[k, n] + beta * c[m, n], row-major, fp32 accumulation.
+// op(b) = b^T when b_is_nk (b is [n, k], row stride ldb), else b is [k, n] with row stride ldb.
+// Pluggable so the torch binding can hand the base GEMM to ATen's BLAS while the C ABI uses the
+// built-in one; the fused adapter work around it stays in the lora_ops kernels either way.
+struct Gemm {
+  void (*fn)(void* ctx, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
+             const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
+             int64_t ldc);
+  void* ctx;
+};
+
+// Portable blocked GEMM (OpenMP, fp32 accumulation) used when no other GEMM is supplied.
+Gemm builtin_gemm();
+
+lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                              const void* x, int64_t ldx, const void* weight, const void* bias,
+                              const void* lora_a, const void* lora_b, float scaling,
+                              lora_dropout_t dropout, void* s_out, void* y, const Gemm& gemm);
+
+// dx, d_lora_a, d_lora_b may each be NULL (not wanted). dy [M, N] contiguous.
+lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                              const void* dy, const void* x, int64_t ldx, const void* weight,
+                              const void* lora_a, const void* lora_b, const void* s_saved,
+                              float scaling, lora_dropout_t dropout, void* dx, void* d_lora_a,
+                              void* d_lora_b, const Gemm& gemm);
+
+// lora_a[s] viewed as [L, r_max, K]; t is [num_slices, M, r_max] fp32, every element written.
+lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_t L,
+                                int64_t r_max, int64_t num_slices, const void* x, int64_t ldx,
+                                const AdapterStack* lora_a, const float* scalings,
+                                const int32_t* ranks, lora_adapter_index_t index, float* t);
+
+// lora_b[s] viewed as [L, slice_width[s], r_max]; slice_offset/slice_width are host arrays.
+lora_status_t multi_lora_expand(lora_dtype_t dtype, int64_t M, int64_t L, int64_t r_max,
+                                int64_t num_slices, const float* t, const AdapterStack* lora_b,
+                                const int64_t* slice_offset, const int64_t* slice_width,
+                                const int32_t* ranks, lora_adapter_index_t index, void* y,
+                                int64_t ldy);
+
+// y [M, N] = x W^T + b + multi-adapter term (shrink into t_workspace, then expand), where
+// N = sum of slice widths laid out by slice_offset. t_workspace: [num_slices, M, r_max] fp32,
+// left holding t (the backward pass needs it).
+lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
+                                    int64_t L, int64_t r_max, int64_t num_slices, const void* x,
+                                    int64_t ldx, const void* weight, const void* bias,
+                                    const AdapterStack* lora_a, const AdapterStack* lora_b,
+                                    const int64_t* slice_offset, const int64_t* slice_width,
+                                    const float* scalings, const int32_t* ranks,
+                                    lora_adapter_index_t index, float* t_workspace, void* y,
+                                    const Gemm& gemm);
+
+}  // namespace cpu
+
+#if defined(__CUDACC__) || defined(LORA_OPS_WITH_CUDA)
+namespace cuda {
+
+// Where a CUDA kernel runs. `cublas` may be NULL for entry points that do not use it. The
+// caller owns `workspace` (>= the *_workspace_bytes of the call), so torch's caching allocator
+// can provide it and nothing is allocated on the hot path (CUDA-graph safe).
+struct Context {
+  cudaStream_t stream;
+  cublasHandle_t cublas;
+  void* workspace;
+  size_t workspace_bytes;
+};
+
+size_t lora_linear_fwd_workspace_bytes(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
+                                       int64_t r);
+size_t lora_linear_bwd_workspace_bytes(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
+                                       int64_t r);
+
+lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                              const void* x, int64_t ldx, const void* weight, const void* bias,
+                              const void* lora_a, const void* lora_b, float scaling,
+                              lora_dropout_t dropout, void* s_out, void* y, const Context& ctx);
+
+lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                              const void* dy, const void* x, int64_t ldx, const void* weight,
+                              const void* lora_a, const void* lora_b, const void* s_saved,
+                              float scaling, lora_dropout_t dropout, void* dx, void* d_lora_a,
+                              void* d_lora_b, const Context& ctx);
+
+// As the cpu versions; pointers are device pointers except lora_a/lora_b (host arrays of
+// AdapterStack whose data pointers are device pointers) and slice_offset/slice_width (host).
+lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_t L,
+                                int64_t r_max, int64_t num_slices, const void* x, int64_t ldx,
+                                const AdapterStack* lora_a, const float* scalings,
+                                const int32_t* ranks, lora_adapter_index_t index, float* t,
+                                const Context& ctx);
+
+lora_status_t multi_lora_expand(lora_dtype_t dtype, int64_t M, int64_t L, int64_t r_max,
+                                int64_t num_slices, const float* t, const AdapterStack* lora_b,
+                                const int64_t* slice_offset, const int64_t* slice_width,
+                                const int32_t* ranks, lora_adapter_index_t index, void* y,
+                                int64_t ldy, const Context& ctx);
+
+size_t multi_lora_linear_fwd_workspace_bytes(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
+                                             int64_t r_max, int64_t num_slices);
+
+lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
+                                    int64_t L, int64_t r_max, int64_t num_slices, const void* x,
+                                    int64_t ldx, const void* weight, const void* bias,
+                                    const AdapterStack* lora_a, const AdapterStack* lora_b,
+                                    const int64_t* slice_offset, const int64_t* slice_width,
+                                    const float* scalings, const int32_t* ranks,
+                                    lora_adapter_index_t index, float* t_workspace, void* y,
+                                    const Context& ctx);
+
+}  // namespace cuda
+#endif
+
+}  // namespace lora_ops
+
+#endif  // LORA_OPS_KERNELS_H_

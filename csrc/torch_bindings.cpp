@@ -1,0 +1,40 @@
+// The lora_ops torch library: op schemas (the multi-adapter ones are added by
+// torch_multi_lora.cpp as a fragment) and the Python module lora_ops._C, whose import
+// registers everything.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lora_ops, m) {
+  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "float scaling, float dropout_p, int seed) -> (Tensor y, Tensor s)");
+  m.def("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+        "Tensor s, float scaling, float dropout_p, int seed, bool[3] output_mask) "
+        "-> (Tensor dx, Tensor d_lora_a, Tensor d_lora_b)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef LORA_OPS_WITH_CUDA
+  info["with_cuda"] = true;
+#else
+  info["with_cuda"] = false;
+#endif
+#ifdef LORA_OPS_CUDA_ARCHS
+  info["cuda_archs"] = LORA_OPS_CUDA_ARCHS;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lora_ops compiled kernels; importing this module registers the torch.ops.lora_ops ops";
+  m.def("build_info", &build_info, "How this library was built");
+}

@@ -1,0 +1,137 @@
+#include "torch_common.h"
+
+#include <cmath>
+#include <sstream>
+
+#ifdef LORA_OPS_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace lora_ops::binding {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", arg, " must be ", dim, "-D, got shape ",
+                    shape_str(t));
+}
+
+void check_same_device(const char* op, const char* arg, const at::Tensor& t,
+                       const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(),
+                    " but x is on ", ref.device());
+}
+
+void check_same_dtype(const char* op, const char* arg, const at::Tensor& t,
+                      const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " has dtype ",
+                    t.scalar_type(), " but x has ", ref.scalar_type(),
+                    "; all operands must share one dtype");
+}
+
+void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
+                int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, op, ": ", arg, " has size ", t.size(dim),
+                    " in dim ", dim, " but ", what, " is ", expected, " (", arg, " shape ",
+                    shape_str(t), ")");
+}
+
+lora_dtype_t to_lora_dtype(const char* op, const char* arg, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return LORA_DTYPE_F32;
+    case at::kHalf: return LORA_DTYPE_F16;
+    case at::kBFloat16: return LORA_DTYPE_BF16;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": ", arg, " has dtype ", t.scalar_type(),
+                        "; supported are float32, float16 and bfloat16");
+  }
+  return LORA_DTYPE_F32;
+}
+
+lora_dropout_t make_dropout(const char* op, double p, int64_t seed) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  const uint64_t s = static_cast<uint64_t>(seed);
+  lora_dropout_t d;
+  d.seed32 = static_cast<uint32_t>(s ^ (s >> 32));
+  // Round half to even, as Python's round() in the reference does.
+  d.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
+  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  return d;
+}
+
+at::Tensor rows_unit_stride(const at::Tensor& x) {
+  if (x.size(1) <= 1 || x.stride(1) == 1) {
+    // A row stride below the row length would make rows overlap; the kernels need ldx >= K.
+    if (x.size(0) <= 1 || x.stride(0) >= x.size(1)) return x;
+  }
+  return x.contiguous();
+}
+
+void check_status(const char* op, lora_status_t status) {
+  switch (status) {
+    case LORA_OK: return;
+    case LORA_ERR_INVALID_ARGUMENT:
+      TORCH_CHECK_VALUE(false, op, ": the kernel rejected its arguments (invalid argument)");
+    case LORA_ERR_UNSUPPORTED:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": this build cannot run these arguments "
+                                  "(unsupported rank, dtype or slice count)");
+    case LORA_ERR_CUDA:
+      TORCH_CHECK(false, op, ": a CUDA launch failed");
+    case LORA_ERR_CUBLAS:
+      TORCH_CHECK(false, op, ": a cuBLAS call failed");
+  }
+  TORCH_CHECK(false, op, ": unknown kernel status ", static_cast<int>(status));
+}
+
+namespace {
+
+at::ScalarType to_scalar_type(lora_dtype_t dtype) {
+  switch (dtype) {
+    case LORA_DTYPE_F16: return at::kHalf;
+    case LORA_DTYPE_BF16: return at::kBFloat16;
+    default: return at::kFloat;
+  }
+}
+
+void aten_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
+               const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
+               int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  auto opts = at::TensorOptions().dtype(to_scalar_type(dtype)).device(at::kCPU);
+  at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (k == 0) {
+    if (beta == 0.0f) cm.zero_(); else cm.mul_(beta);
+    return;
+  }
+  at::Tensor am = at::from_blob(const_cast<void*>(a), {m, k}, {lda, 1}, opts);
+  at::Tensor bm = b_is_nk ? at::from_blob(const_cast<void*>(b), {n, k}, {ldb, 1}, opts).t()
+                          : at::from_blob(const_cast<void*>(b), {k, n}, {ldb, 1}, opts);
+  if (beta == 0.0f) {
+    at::mm_out(cm, am, bm);
+  } else {
+    cm.addmm_(am, bm, beta, 1.0);
+  }
+}
+
+}  // namespace
+
+cpu::Gemm aten_cpu_gemm() { return cpu::Gemm{&aten_gemm, nullptr}; }
+
+#ifdef LORA_OPS_WITH_CUDA
+cuda::Context cuda_context(const at::Tensor& like, size_t bytes, at::Tensor& workspace_holder) {
+  cuda::Context ctx;
+  ctx.stream = at::cuda::getCurrentCUDAStream(like.device().index()).stream();
+  ctx.cublas = at::cuda::getCurrentCUDABlasHandle();
+  workspace_holder = at::empty({static_cast<int64_t>(bytes)},
+                               like.options().dtype(at::kByte));
+  ctx.workspace = bytes ? workspace_holder.data_ptr() : nullptr;
+  ctx.workspace_bytes = bytes;
+  return ctx;
+}
+#endif
+
+}  // namespace lora_ops::binding

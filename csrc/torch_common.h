@@ -1,0 +1,48 @@
+// What the torch binding files share: argument checks that name the op, dtype mapping, the
+// dropout descriptor, the ATen-backed CPU GEMM and the CUDA context. Only csrc/torch_*.cpp
+// include this (it pulls in ATen).
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "lora_ops/common.h"
+#include "lora_ops/kernels.h"
+
+namespace lora_ops::binding {
+
+std::string shape_str(const at::Tensor& t);
+
+// Throws ValueError-like c10::Error naming the op and argument.
+void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim);
+void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref);
+void check_same_dtype(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref);
+void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t dim, int64_t expected,
+                const char* what);
+
+// fp32/fp16/bf16 only; anything else is an error naming op and argument.
+lora_dtype_t to_lora_dtype(const char* op, const char* arg, const at::Tensor& t);
+
+// Dropout descriptor for probability p in [0, 1) and a 64-bit seed (see dropout_hash.h).
+lora_dropout_t make_dropout(const char* op, double p, int64_t seed);
+
+// A 2-D view of x whose last dim has unit stride (copies only when it has not).
+at::Tensor rows_unit_stride(const at::Tensor& x);
+
+// A kernel status turned into an error naming the op.
+void check_status(const char* op, lora_status_t status);
+
+// The base GEMMs of the CPU kernels, run by ATen's BLAS on raw pointers.
+cpu::Gemm aten_cpu_gemm();
+
+}  // namespace lora_ops::binding
+
+#ifdef LORA_OPS_WITH_CUDA
+namespace lora_ops::binding {
+// Current stream and cuBLAS handle of the tensor's device, plus a workspace of `bytes` from the
+// caching allocator; keep the returned tensor alive until the kernels are enqueued.
+cuda::Context cuda_context(const at::Tensor& like, size_t bytes, at::Tensor& workspace_holder);
+}  // namespace lora_ops::binding
+#endif

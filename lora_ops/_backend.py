@@ -1,0 +1,111 @@
+"""Which backends exist on this install, and which one a call runs on.
+
+The compiled library (`lora_ops._C`) is optional: without it the package still imports and the
+`reference` and `triton` backends work. Device dispatch of the compiled ops is the dispatcher's
+job; this module only decides among the four implementations of an op.
+"""
+import importlib.util
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "LORA_OPS_BACKEND"
+
+try:
+    from lora_ops import _C  # noqa: F401  (loading it registers the lora_ops:: ops)
+
+    _COMPILED = True
+    _BUILD_INFO: Dict[str, object] = dict(_C.build_info())
+    _LOAD_ERROR: Optional[str] = None
+except ImportError as err:  # not built, or built against another torch
+    _COMPILED = False
+    _BUILD_INFO = {"with_cuda": False}
+    _LOAD_ERROR = str(err)
+
+
+def compiled() -> bool:
+    """True when the C++ extension is loaded."""
+    return _COMPILED
+
+
+def compiled_with_cuda() -> bool:
+    """True when the C++ extension holds the CUDA kernels."""
+    return _COMPILED and bool(_BUILD_INFO.get("with_cuda"))
+
+
+def build_info() -> Dict[str, object]:
+    """Build settings of the compiled library, or why it could not be loaded."""
+    info = dict(_BUILD_INFO)
+    info["compiled"] = _COMPILED
+    if _LOAD_ERROR is not None:
+        info["load_error"] = _LOAD_ERROR
+    return info
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available_backends() -> Dict[str, List[str]]:
+    """Usable backends per device type, in the order a call prefers them.
+
+    Triton runs on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1 (last).
+    """
+    out: Dict[str, List[str]] = {"cpu": [], "cuda": []}
+    if _COMPILED:
+        out["cpu"].append("cpu")
+    out["cpu"].append("reference")
+    # The interpreter is for testing the Triton kernels, never a default.
+    if _triton_importable() and triton_interpreted():
+        out["cpu"].append("triton")
+    if torch.cuda.is_available():
+        if compiled_with_cuda():
+            out["cuda"].append("cuda")
+        if _triton_importable():
+            out["cuda"].append("triton")
+        out["cuda"].append("reference")
+    return out
+
+
+def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> str:
+    """The backend `op` runs on for tensors on `device`.
+
+    `requested` (the call's backend= argument) wins, then the LORA_OPS_BACKEND environment
+    variable, then the device's first choice. An explicit choice that cannot run on `device`
+    is an error, never a silent fallback.
+    """
+    explicit = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
+    usable = available_backends().get(device.type)
+    if usable is None:
+        raise ValueError(f"{op}: tensors on device '{device}' are not supported "
+                         f"(lora_ops runs on cpu and cuda)")
+    if explicit is None:
+        return usable[0]
+    if explicit not in BACKENDS:
+        source = "backend" if requested is not None else f"${ENV_VAR}"
+        raise ValueError(f"{op}: {source}='{explicit}' is not a lora_ops backend; "
+                         f"choose one of {', '.join(BACKENDS)}")
+    if explicit not in usable:
+        raise RuntimeError(f"{op}: backend '{explicit}' is not available for {device.type} tensors "
+                           f"here (available: {', '.join(usable)}){_why_missing(explicit, device)}")
+    return explicit
+
+
+def _why_missing(backend: str, device: torch.device) -> str:
+    if backend in ("cpu", "cuda") and not _COMPILED:
+        return f"; the compiled library did not load: {_LOAD_ERROR}"
+    if backend == "cuda" and device.type == "cuda" and not compiled_with_cuda():
+        return "; the library was built without CUDA"
+    if backend == "cuda" and device.type == "cpu":
+        return "; the cuda backend takes CUDA tensors"
+    if backend == "cpu" and device.type == "cuda":
+        return "; the cpu backend takes CPU tensors"
+    if backend == "triton" and device.type == "cpu":
+        return "; triton runs on CPU tensors only with TRITON_INTERPRET=1"
+    return ""

@@ -1,0 +1,173 @@
+"""The single-adapter fused LoRA linear op: y = x W^T + b + s * (drop(x) A^T) B^T.
+
+Two torch custom ops carry it, each with a backward op of its own:
+  lora_ops::lora_linear_fwd / lora_linear_bwd                 C++ (csrc/), CPU and CUDA kernels
+  lora_ops::triton_lora_linear_fwd / triton_lora_linear_bwd   Triton (lora_ops/triton/)
+The fake (meta) implementations and the autograd formula are registered here once for both, so
+both trace under torch.compile. The `reference` backend is plain PyTorch differentiated by
+autograd, an oracle independent of the hand-written backward passes.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lora_ops import _backend
+from lora_ops import reference
+
+OP = "lora_linear"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                lora_b: Tensor, scaling: float, dropout_p: float) -> None:
+    """Clear errors for bad input, before any backend sees it (the C++ ops check again)."""
+    def fail(msg: str):
+        raise ValueError(f"{OP}: {msg}")
+
+    for name, t, dim in (("weight", weight, 2), ("lora_a", lora_a, 2), ("lora_b", lora_b, 2)):
+        if not isinstance(t, Tensor):
+            fail(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != dim:
+            fail(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if not isinstance(x, Tensor):
+        fail(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        fail("x must have at least 1 dimension (features last), got a 0-D tensor")
+    n, k = weight.shape
+    r = lora_a.shape[0]
+    if x.shape[-1] != k:
+        fail(f"x has {x.shape[-1]} features but weight has {k} columns (weight shape {tuple(weight.shape)})")
+    if r == 0:
+        fail(f"lora_a has rank 0 (shape {tuple(lora_a.shape)}); the rank must be at least 1")
+    if lora_a.shape[1] != k:
+        fail(f"lora_a has {lora_a.shape[1]} columns but x has {k} features (lora_a shape {tuple(lora_a.shape)})")
+    if tuple(lora_b.shape) != (n, r):
+        fail(f"lora_b must have shape ({n}, {r}) = (weight rows, lora_a rows), got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        fail(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        fail(f"x has dtype {x.dtype}; supported are float32, float16 and bfloat16")
+    named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named:
+        if t.dtype != x.dtype:
+            fail(f"{name} has dtype {t.dtype} but x has {x.dtype}; all operands must share one dtype")
+        if t.device != x.device:
+            fail(f"{name} is on {t.device} but x is on {x.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(scaling, (int, float)):
+        fail(f"scaling must be a Python number, got {type(scaling).__name__}")
+
+
+def _fwd_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    torch._check(x.dim() == 2, lambda: f"{OP}: x must be 2-D here, got {x.dim()}-D")
+    torch._check(x.shape[1] == weight.shape[1], lambda: f"{OP}: x and weight disagree on K")
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+def _bwd_fake(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output_mask):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty(0)
+    da = torch.empty_like(lora_a) if output_mask[1] else x.new_empty(0)
+    db = torch.empty_like(lora_b) if output_mask[2] else x.new_empty(0)
+    return dx, da, db
+
+
+@torch.library.custom_op("lora_ops::triton_lora_linear_fwd", mutates_args=())
+def _triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+    from lora_ops.triton.lora_linear import lora_linear_fwd
+    return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+@torch.library.custom_op("lora_ops::triton_lora_linear_bwd", mutates_args=())
+def _triton_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor,
+                scaling: float, dropout_p: float, seed: int,
+                output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    from lora_ops.triton.lora_linear import lora_linear_bwd
+    return lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, tuple(output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
+    _, s = output
+    # x is alive anyway (the caller holds it) and weight is a frozen parameter: the only
+    # activation memory this op adds is S [M, r]; the dropout mask is re-drawn from the seed.
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, dy, _ds):
+        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dx, da, db = bwd_op(dy, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed,
+                            [need_x, need_a, need_b])
+        # The base weight is meant to be frozen; if it is trainable anyway its gradient is the
+        # plain dY^T x (the adapter term does not depend on W).
+        dw = (dy.t() @ x).to(weight.dtype) if need_w else None
+        dbias = dy.sum(0) if need_bias else None
+        return (dx if need_x else None, dw, dbias, da if need_a else None,
+                db if need_b else None, None, None, None)
+    return backward
+
+
+def _register(fwd_name: str, bwd_name: str) -> None:
+    fwd = getattr(torch.ops.lora_ops, fwd_name)
+    bwd = getattr(torch.ops.lora_ops, bwd_name)
+    torch.library.register_fake(f"lora_ops::{fwd_name}")(_fwd_fake)
+    torch.library.register_fake(f"lora_ops::{bwd_name}")(_bwd_fake)
+    torch.library.register_autograd(f"lora_ops::{fwd_name}", _make_backward(bwd),
+                                    setup_context=_setup_context)
+
+
+_register("triton_lora_linear_fwd", "triton_lora_linear_bwd")
+if _backend.compiled():
+    _register("lora_linear_fwd", "lora_linear_bwd")
+
+
+def draw_seed() -> int:
+    """A fresh dropout seed from torch's default CPU generator (no device sync)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                scaling: float, *, dropout_p: float = 0.0, training: bool = False,
+                seed: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+    """Fused LoRA linear layer: x W^T + b + scaling * (dropout(x) A^T) B^T.
+
+    x [..., K]; weight [N, K]; bias [N] or None; lora_a [r, K]; lora_b [N, r]; all one dtype
+    (float32, float16 or bfloat16) and device. Dropout on the adapter path applies only when
+    `training`; `seed` fixes its mask (the same on every backend), else one is drawn from torch's
+    generator. Gradients flow to x, lora_a, lora_b and bias (and weight, if it requires grad).
+    `backend`: "cuda", "triton", "cpu" or "reference"; default by device (see available_backends).
+    """
+    _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = draw_seed()
+    seed = 0 if seed is None else int(seed)
+    chosen = _backend.resolve_backend(OP, backend, x.device)
+    x2d = x.reshape(-1, x.shape[-1])
+    scaling = float(scaling)
+    if chosen == "reference":
+        y2d, _ = reference.lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, scaling, p, seed)
+    elif chosen == "triton":
+        y2d, _ = torch.ops.lora_ops.triton_lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, scaling, p, seed)
+    else:
+        y2d, _ = torch.ops.lora_ops.lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, scaling, p, seed)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fwd_op(backend: str):
+    """The forward op of a compiled or Triton backend (for tests and benchmarks)."""
+    return {"triton": torch.ops.lora_ops.triton_lora_linear_fwd}.get(
+        backend, getattr(torch.ops.lora_ops, "lora_linear_fwd", None))
+
+
+def bwd_op(backend: str):
+    """The backward op of a compiled or Triton backend (for tests and benchmarks)."""
+    return {"triton": torch.ops.lora_ops.triton_lora_linear_bwd}.get(
+        backend, getattr(torch.ops.lora_ops, "lora_linear_bwd", None))

@@ -1,0 +1,46 @@
+"""The dropout mask shared by every backend, in PyTorch (mirror of csrc/include/lora_ops/dropout_hash.h).
+
+The hash runs in int64 with explicit 32-bit wrapping; its multipliers are below 2**31, so no
+intermediate product overflows int64.
+"""
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x2C1B3C6D
+_THRESHOLD_ONE = 1 << 24
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = (h * _MUL1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & _MASK32
+    return h ^ (h >> 16)
+
+
+def seed32(seed: int) -> int:
+    """Fold a 64-bit seed into the 32 bits the kernels hash with."""
+    seed &= (1 << 64) - 1
+    return (seed ^ (seed >> 32)) & _MASK32
+
+
+def dropout_threshold(p: float) -> int:
+    """Elements whose top 24 hash bits fall below this are dropped: P(drop) = threshold / 2**24."""
+    return min(_THRESHOLD_ONE, int(round(p * _THRESHOLD_ONE)))
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Bool [rows, cols]: True where element (row, col) of the flattened x is kept."""
+    r = torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1)
+    c = torch.arange(cols, dtype=torch.int64, device=device).unsqueeze(0)
+    h = _mix32(((_mix32(r ^ seed32(seed)) + c) & _MASK32))
+    return (h >> 8) >= dropout_threshold(p)
+
+
+def apply_dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """drop(x) = mask * x / (1 - p), computed in x's dtype like the kernels' operand."""
+    if p == 0.0:
+        return x2d
+    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
+    return torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))

@@ -1,0 +1,67 @@
+"""Builds lora_ops._C: the CPU kernels always, the CUDA kernels when torch is a CUDA build and
+nvcc is found (also on machines without a GPU, so CI proves the CUDA sources compile)."""
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+
+
+def want_cuda() -> bool:
+    if os.environ.get("LORA_OPS_NO_CUDA", "0") == "1":
+        return False
+    nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    return torch.version.cuda is not None and bool(nvcc or shutil.which("nvcc"))
+
+
+def cublas_dirs():
+    """(include, lib) holding cuBLAS: the pip nvidia packages torch ships with, else CUDA_HOME."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    for sub in ("nvidia/cu13", "nvidia/cublas", "nvidia/cu12"):
+        inc, lib = os.path.join(site, sub, "include"), os.path.join(site, sub, "lib")
+        if os.path.exists(os.path.join(inc, "cublas_v2.h")) and glob.glob(os.path.join(lib, "libcublas.so*")):
+            return inc, lib
+    return os.path.join(CUDA_HOME, "include"), os.path.join(CUDA_HOME, "lib64")
+
+
+def cublas_link_name(lib_dir: str) -> str:
+    if os.path.exists(os.path.join(lib_dir, "libcublas.so")):
+        return "cublas"
+    versioned = sorted(glob.glob(os.path.join(lib_dir, "libcublas.so.*")))
+    return ":" + os.path.basename(versioned[0]) if versioned else "cublas"
+
+
+def extension():
+    # The C ABI (csrc/c_api.cpp) belongs to the standalone CMake library, not the torch module.
+    sources = sorted(s for s in glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                     if not s.endswith("c_api.cpp"))
+    cxx = ["-O3", "-fopenmp"]  # cpp_extension picks the C++ standard torch needs
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    if not want_cuda():
+        return CppExtension("lora_ops._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    if not torch.cuda.is_available():
+        # Without a GPU cpp_extension cannot guess the architectures (it fails outright).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    inc, lib = cublas_dirs()
+    defines = ["-DLORA_OPS_WITH_CUDA", f'-DLORA_OPS_CUDA_ARCHS="{archs}"']
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DLORA_OPS_WITH_CUDA"]
+    return CUDAExtension(
+        "lora_ops._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=include_dirs + [inc], library_dirs=[lib],
+        libraries=[cublas_link_name(lib)],
+        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
+        extra_link_args=["-fopenmp", f"-Wl,-rpath,{lib}"])
+
+
+setup(
+    packages=find_packages(include=["lora_ops", "lora_ops.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

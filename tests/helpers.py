@@ -1,0 +1,43 @@
+"""Shared by the tests: backend/device parameters, and tolerances that scale with the problem."""
+import pytest
+import torch
+
+import lora_ops
+from lora_ops._backend import BACKENDS
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Error a kernel may add on top of PyTorch's own low-precision error, relative to max|ref|.
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def backend_params(backends=BACKENDS, devices=("cpu", "cuda")):
+    """(device, backend) pairs; the ones not usable here are kept and skipped, so the report
+    shows what did not run."""
+    usable = lora_ops.available_backends()
+    params = []
+    for device in devices:
+        for backend in backends:
+            ok = backend in usable.get(device, [])
+            marks = [] if ok else [pytest.mark.skip(reason=f"{backend} backend not available for {device} here")]
+            if device == "cuda":
+                marks.append(pytest.mark.cuda)
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return params
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref|; NaN anywhere fails."""
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    if out64.numel() == 0:
+        return 0.0
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return float((out64 - ref64).abs().max() / ref64.abs().max().clamp_min(1e-12))
+
+
+def assert_close_scaled(out, ref, lowp, dtype, what=""):
+    """out must be within 2x PyTorch's own low-precision error (lowp vs ref) plus a dtype floor."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err, base = rel_err(out, ref), rel_err(lowp, ref)
+    assert err <= 2 * base + FLOOR[dtype], f"{what}: error {err:.3g} vs torch low-precision {base:.3g} ({dtype})"

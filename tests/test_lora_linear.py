@@ -1,0 +1,100 @@
+"""lora_linear on every backend against a float64 oracle: outputs and all gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_ops
+from lora_ops import reference
+from tests.helpers import DTYPES, assert_close_scaled, backend_params
+
+# (leading dims of x, K, N, r): M = 0 and 1, K and N off multiples of 8, r = 1, 3-D x.
+SHAPES = [
+    ((0,), 16, 8, 4),
+    ((1,), 33, 17, 1),
+    ((7,), 40, 24, 8),
+    ((2, 3), 13, 19, 3),
+    ((5,), 64, 48, 64),
+    ((4,), 24, 40, 256),
+]
+
+
+def make_operands(lead, K, N, r, dtype, device, bias=True):
+    g = torch.Generator().manual_seed(hash((lead, K, N, r)) % (2**31))
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+    x = rnd(*lead, K)
+    w = rnd(N, K, scale=K ** -0.5)
+    b = rnd(N) if bias else None
+    a = rnd(r, K, scale=K ** -0.5)
+    bb = rnd(N, r, scale=r ** -0.5)
+    return x, w, b, a, bb
+
+
+def eager_lowp(x, w, b, a, bb, s, p=0.0, seed=0):
+    """PEFT-style eager LoRA in the operands' own dtype: PyTorch's own low-precision error."""
+    x2d = x.reshape(-1, x.shape[-1])
+    d = reference.apply_dropout(x2d, seed, p)
+    y = F.linear(x2d, w, b) + s * F.linear(F.linear(d, a), bb)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def run_with_grads(fn, x, w, b, a, bb, dy):
+    x, a, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, bb))
+    b = None if b is None else b.detach().clone().requires_grad_(True)
+    y = fn(x, w, b, a, bb)
+    y.backward(dy)
+    return y.detach(), x.grad, a.grad, bb.grad, None if b is None else b.grad
+
+
+def check_parity(device, backend, dtype, x, w, b, a, bb, s, p=0.0, seed=0):
+    dy = torch.randn(*x.shape[:-1], w.shape[0], dtype=torch.float64).to(dtype).to(device)
+    got = run_with_grads(lambda *t: lora_ops.lora_linear(*t, s, dropout_p=p, training=True,
+                                                          seed=seed, backend=backend),
+                         x, w, b, a, bb, dy)
+    up = lambda t: None if t is None else t.double().cpu()
+    ref = run_with_grads(lambda *t: reference.lora_linear(*t, s, p, seed),
+                         up(x), up(w), up(b), up(a), up(bb), up(dy))
+    low = run_with_grads(lambda *t: eager_lowp(*t, s, p, seed), x, w, b, a, bb, dy)
+    for name, o, r_, l_ in zip(("y", "dx", "d_lora_a", "d_lora_b", "d_bias"), got, ref, low):
+        if r_ is None:
+            continue
+        assert o.dtype == dtype and o.device.type == device, name
+        assert_close_scaled(o, r_, l_, dtype, f"{backend}/{name}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity(device, backend, dtype, shape):
+    x, w, b, a, bb = make_operands(*shape, dtype, device)
+    check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_dropout_no_bias(device, backend, dtype):
+    x, w, _, a, bb = make_operands((9,), 24, 20, 8, dtype, device, bias=False)
+    check_parity(device, backend, dtype, x, w, None, a, bb, s=2.0, p=0.3, seed=1234)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("layout", ["column_stride", "row_slice", "transposed"])
+def test_non_contiguous_x(device, backend, layout):
+    dtype = torch.float32
+    _, w, b, a, bb = make_operands((6,), 20, 12, 4, dtype, device)
+    base = torch.randn(6, 40, dtype=dtype, device=device)
+    x = {"column_stride": base[:, ::2], "row_slice": base[:, 5:25],
+         "transposed": torch.randn(20, 6, dtype=dtype, device=device).t()}[layout]
+    assert not x.is_contiguous()
+    check_parity(device, backend, dtype, x, w, b, a, bb, s=1.5, p=0.2, seed=7)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_frozen_weight_with_grad(device, backend):
+    """A base weight that requires grad gets the plain dY^T x gradient."""
+    x, w, b, a, bb = make_operands((5,), 12, 10, 2, torch.float32, device)
+    w = w.clone().requires_grad_(True)
+    y = lora_ops.lora_linear(x, w, b, a, bb, 0.7, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.testing.assert_close(w.grad, dy.t() @ x, rtol=1e-5, atol=1e-5)

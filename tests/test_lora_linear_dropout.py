@@ -1,0 +1,81 @@
+"""Dropout on the adapter path: seeded, the same mask on every backend, unbiased, exact in backward."""
+import pytest
+import torch
+
+import lora_ops
+from lora_ops import reference
+from tests.helpers import backend_params
+
+
+def operands(device, M=8, K=24, N=16, r=4):
+    x = torch.randn(M, K, device=device)
+    w = torch.randn(N, K, device=device) / K ** 0.5
+    a = torch.randn(r, K, device=device) / K ** 0.5
+    b = torch.randn(N, r, device=device)
+    return x, w, torch.randn(N, device=device), a, b
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_same_seed_same_result_other_seed_other_result(device, backend):
+    x, w, bias, a, b = operands(device)
+    run = lambda seed: lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=0.5, training=True,
+                                            seed=seed, backend=backend)
+    assert torch.equal(run(11), run(11))
+    assert not torch.allclose(run(11), run(12))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_eval_mode_has_no_dropout(device, backend):
+    x, w, bias, a, b = operands(device)
+    y_eval = lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=0.5, training=False, backend=backend)
+    y_nodrop = lora_ops.lora_linear(x, w, bias, a, b, 1.0, backend=backend)
+    torch.testing.assert_close(y_eval, y_nodrop)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_mask_is_the_reference_mask(device, backend):
+    """With W = 0, b = 0 and B = I the output is drop(x) A^T: it equals the reference's mask
+    applied to x, which it could not if the backend drew another mask."""
+    M, K, r = 16, 40, 40
+    x = torch.randn(M, K, device=device)
+    a = torch.eye(K, device=device)
+    out = lora_ops.lora_linear(x, torch.zeros(r, K, device=device), None, a, torch.eye(r, device=device),
+                               1.0, dropout_p=0.25, training=True, seed=2024, backend=backend)
+    keep = reference.dropout_keep_mask(2024, M, K, 0.25).to(device)
+    torch.testing.assert_close(out, torch.where(keep, x / 0.75, 0.0), rtol=1e-5, atol=1e-5)
+    frac = 1 - keep.float().mean().item()
+    assert 0.1 < frac < 0.4
+
+
+def test_mean_over_seeds_matches_no_dropout():
+    x, w, bias, a, b = operands("cpu", M=4, K=32, N=8, r=4)
+    w, bias = torch.zeros_like(w), None
+    n = 800
+    ys = torch.stack([lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=0.3, training=True, seed=s)
+                      for s in range(n)])
+    exact = lora_ops.lora_linear(x, w, bias, a, b, 1.0)
+    # The standard error of the mean over n masks bounds the deviation of a fair dropout.
+    sem = ys.std(0) / n ** 0.5
+    assert ((ys.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
+    assert (ys.std(0) > 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_backward_matches_explicit_mask(device, backend):
+    M, K, N, r, p, seed = 6, 20, 12, 3, 0.4, 99
+    x, w, bias, a, b = operands(device, M, K, N, r)
+    keep = reference.dropout_keep_mask(seed, M, K, p).to(device)
+
+    def explicit(x, a, b):
+        dropped = torch.where(keep, x / (1 - p), 0.0)
+        return x @ w.t() + bias + 0.5 * (dropped @ a.t()) @ b.t()
+
+    dy = torch.randn(M, N, device=device)
+    grads = []
+    for fn in (lambda x, a, b: lora_ops.lora_linear(x, w, bias, a, b, 0.5, dropout_p=p, training=True,
+                                                     seed=seed, backend=backend), explicit):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        fn(*leaves).backward(dy)
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,101 @@
+"""The torch custom ops: opcheck, torch.compile, and clear errors for bad input."""
+import pytest
+import torch
+from torch import nn
+
+import lora_ops
+from lora_ops import _backend
+from lora_ops.lora_linear import bwd_op, fwd_op
+from tests.helpers import backend_params
+
+KERNEL_BACKENDS = ("cuda", "triton", "cpu")
+
+
+def op_args(device, dtype=torch.float32, M=5, K=12, N=10, r=3):
+    t = lambda *s: torch.randn(*s, dtype=dtype, device=device)
+    return t(M, K), t(N, K), t(N), t(r, K), t(N, r)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(KERNEL_BACKENDS))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_opcheck_forward(device, backend, dropout_p):
+    x, w, b, a, bb = op_args(device)
+    for args in ((x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), 0.5, dropout_p, 17),
+                 (x.detach(), w, None, a.detach(), bb.detach(), 2.0, dropout_p, 3)):
+        torch.library.opcheck(fwd_op(backend), args)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(KERNEL_BACKENDS))
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False]], ids=str)
+def test_opcheck_backward(device, backend, mask):
+    x, w, _, a, bb = op_args(device)
+    _, s = fwd_op(backend)(x, w, None, a, bb, 0.5, 0.2, 5)
+    dy = torch.randn(x.shape[0], w.shape[0], device=device)
+    torch.library.opcheck(bwd_op(backend), (dy, x, w, a, bb, s, 0.5, 0.2, 5, mask))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_compile_fullgraph_training_step(device, backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16, device=device)
+    layer = lora_ops.LoRALinear.from_linear(base, r=4, lora_alpha=8, backend=backend)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 24, device=device)
+
+    def step(module):
+        module.lora_A.weight.grad = module.lora_B.weight.grad = None
+        out = module(x)
+        out.square().mean().backward()
+        return out.detach(), module.lora_A.weight.grad.clone(), module.lora_B.weight.grad.clone()
+
+    eager = step(layer)
+    compiled = step(torch.compile(layer, fullgraph=True))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_op_argument_and_what_was_seen():
+    x, w, b, a, bb = op_args("cpu")
+    cases = [
+        (dict(x=torch.randn(5, 11)), "x has 11 features but weight has 12"),
+        (dict(lora_a=torch.randn(3, 7)), "lora_a has 7 columns"),
+        (dict(lora_b=torch.randn(10, 4)), "lora_b must have shape (10, 3)"),
+        (dict(lora_a=torch.randn(0, 12), lora_b=torch.randn(10, 0)), "rank 0"),
+        (dict(bias=torch.randn(9)), "bias must have shape (10,)"),
+        (dict(weight=torch.randn(10, 12, 1)), "weight must be 2-D"),
+        (dict(lora_a=torch.randn(3, 12, dtype=torch.float64)), "lora_a has dtype torch.float64"),
+        (dict(x=torch.randint(0, 3, (5, 12))), "x has dtype torch.int64"),
+        (dict(lora_b=torch.randn(10, 3, device="meta")), "lora_b is on meta"),
+    ]
+    for override, message in cases:
+        args = dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb) | override
+        with pytest.raises(ValueError, match=r"^lora_linear: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+            lora_ops.lora_linear(args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], 1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        lora_ops.lora_linear(x, w, b, a, bb, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match="'fast' is not a lora_ops backend"):
+        lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="fast")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
+
+
+def test_env_var_picks_backend(monkeypatch):
+    monkeypatch.setenv("LORA_OPS_BACKEND", "reference")
+    assert _backend.resolve_backend("lora_linear", None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv("LORA_OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"\$LORA_OPS_BACKEND='bogus'"):
+        _backend.resolve_backend("lora_linear", None, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not _backend.compiled(), reason="compiled library not built")
+def test_compiled_op_checks_its_own_input():
+    """Callers of torch.ops.lora_ops.* from other frameworks get the same clear errors."""
+    x, w, b, a, bb = op_args("cpu")
+    with pytest.raises(ValueError, match="lora_linear_fwd: lora_b has size 9 in dim 0"):
+        torch.ops.lora_ops.lora_linear_fwd(x, w, b, a, torch.randn(9, 3), 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="lora_linear_fwd: dropout_p must be in"):
+        torch.ops.lora_ops.lora_linear_fwd(x, w, b, a, bb, 1.0, 1.5, 0)
+    with pytest.raises(ValueError, match="lora_linear_bwd: dy has size 4 in dim 0"):
+        torch.ops.lora_ops.lora_linear_bwd(torch.randn(4, 10), x, w, a, bb, torch.randn(5, 3), 1.0,
+                                           0.0, 0, [True, True, True])
