@@ -1,0 +1,33 @@
+// Rows of a multi-adapter batch grouped by adapter, so that each adapter's rows become one GEMM
+// against that adapter's weights (read once per group instead of once per token).
+#ifndef LORA_OPS_CPU_ADAPTER_GROUPS_H_
+#define LORA_OPS_CPU_ADAPTER_GROUPS_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "lora_ops/common.h"
+
+namespace lora_ops::cpu {
+
+struct AdapterGroup {
+  int32_t adapter;
+  int64_t begin;  // rows[begin .. end) use `adapter`
+  int64_t end;
+};
+
+struct AdapterGroups {
+  std::vector<int64_t> rows;         // [M]: the rows of each group in order, then the idle rows
+  std::vector<AdapterGroup> groups;  // adapters with at least one row and rank > 0
+  int64_t idle_begin = 0;            // rows[idle_begin .. M) get no adapter work
+};
+
+// Groups the M rows of `index` (either form, see common.h). Rows whose adapter is -1, outside
+// [0, L) or of rank 0 are idle. Rows keep their order within a group. LORA_ERR_INVALID_ARGUMENT
+// for a malformed index (both or neither form, segments not covering 0 .. M in order).
+lora_status_t group_rows_by_adapter(const lora_adapter_index_t& index, int64_t M, int64_t L,
+                                    const int32_t* ranks, AdapterGroups& out);
+
+}  // namespace lora_ops::cpu
+
+#endif  // LORA_OPS_CPU_ADAPTER_GROUPS_H_

@@ -1,0 +1,201 @@
+// Operands of the packed GEMM (packed_gemm.h) over strided matrices of any storage type, with
+// the LoRA dropout applied while packing, so drop(x) is never materialised.
+//
+// A dropout mask is keyed by (row, column) of x. x is A with its rows as A's rows, or B with its
+// rows as B's depth (k); both have unit column stride, which is where the mask is vectorised.
+#ifndef LORA_OPS_CPU_GEMM_OPERANDS_H_
+#define LORA_OPS_CPU_GEMM_OPERANDS_H_
+
+#include <cstdint>
+
+#include "cpu/dtype.h"
+#include "cpu/packed_gemm.h"
+#include "lora_ops/common.h"
+#include "lora_ops/dropout_hash.h"
+
+namespace lora_ops::cpu {
+
+inline constexpr lora_dropout_t kNoDropout = {0u, 0u, 1.0f};
+
+template <class T>
+inline void load_span(float* __restrict dst, const T* __restrict src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
+}
+
+// keep ? v : +0.0f, vectorisable (see select_bits).
+inline float keep_or_zero(bool keep, float v) {
+  return bits_float(select_bits(keep, float_bits(v), 0u));
+}
+
+// dst[j] = drop(src[j]) for x[row, col0 + j].
+template <class T>
+inline void load_span_dropout(float* __restrict dst, const T* __restrict src, int64_t n,
+                              const lora_dropout_t& dropout, uint32_t row, uint32_t col0) {
+  const uint32_t seed32 = dropout.seed32;
+  const uint32_t threshold = dropout.threshold;
+  const float keep_scale = dropout.keep_scale;
+  // A 32-bit counter: the hash is 32-bit, and a 64-bit one costs a lane shuffle per vector.
+  const uint32_t count = static_cast<uint32_t>(n);
+  for (uint32_t j = 0; j < count; ++j) {
+    const bool keep = lora_dropout_keep(seed32, threshold, row, col0 + j) != 0;
+    dst[j] = keep_or_zero(keep, to_float(src[j]) * keep_scale);
+  }
+}
+
+template <class T>
+inline float dropout_value(const T& v, const lora_dropout_t& dropout, int64_t row, int64_t col) {
+  if (dropout.threshold == 0) return to_float(v);
+  const bool keep = lora_dropout_keep(dropout.seed32, dropout.threshold,
+                                      static_cast<uint32_t>(row), static_cast<uint32_t>(col));
+  return keep_or_zero(keep, to_float(v) * dropout.keep_scale);
+}
+
+// A(i, k) = data[row(i) * stride_i + k * stride_k], row(i) = rows ? rows[i] : i; when dropout is
+// on, A's rows are rows of x: the mask is keyed (row(i), k).
+template <class T>
+struct OperandA {
+  const T* data;
+  int64_t stride_i;
+  int64_t stride_k;
+  const int64_t* rows = nullptr;
+  lora_dropout_t dropout = kNoDropout;
+
+  int64_t row(int64_t i) const { return rows != nullptr ? rows[i] : i; }
+
+  void load_rows(float* __restrict dst, int64_t i, int64_t count, int64_t k0, int64_t kc) const {
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t src_row = row(i + r);
+      float* out = dst + r * kc;
+      if (stride_k != 1) {
+        for (int64_t p = 0; p < kc; ++p) {
+          out[p] = dropout_value(data[src_row * stride_i + (k0 + p) * stride_k], dropout, src_row,
+                                 k0 + p);
+        }
+      } else if (dropout.threshold != 0) {
+        load_span_dropout(out, data + src_row * stride_i + k0, kc, dropout,
+                          static_cast<uint32_t>(src_row), static_cast<uint32_t>(k0));
+      } else {
+        load_span(out, data + src_row * stride_i + k0, kc);
+      }
+    }
+  }
+
+  void pack(float* __restrict dst, int64_t i, int64_t count, int64_t k0, int64_t kc) const {
+    if (stride_k == 1) {
+      alignas(64) float span[kKC];
+      for (int64_t r = 0; r < kMR; ++r) {
+        if (r < count) {
+          const int64_t src_row = row(i + r);
+          const T* src = data + src_row * stride_i + k0;
+          if (dropout.threshold != 0) {
+            load_span_dropout(span, src, kc, dropout, static_cast<uint32_t>(src_row),
+                              static_cast<uint32_t>(k0));
+          } else {
+            load_span(span, src, kc);
+          }
+          for (int64_t p = 0; p < kc; ++p) dst[p * kMR + r] = span[p];
+        } else {
+          for (int64_t p = 0; p < kc; ++p) dst[p * kMR + r] = 0.0f;
+        }
+      }
+      return;
+    }
+    if (stride_i == 1 && rows == nullptr && dropout.threshold == 0) {  // a transposed matrix
+      for (int64_t p = 0; p < kc; ++p) {
+        const T* src = data + (k0 + p) * stride_k + i;
+        for (int64_t r = 0; r < kMR; ++r) dst[p * kMR + r] = r < count ? to_float(src[r]) : 0.0f;
+      }
+      return;
+    }
+    for (int64_t p = 0; p < kc; ++p) {
+      for (int64_t r = 0; r < kMR; ++r) {
+        dst[p * kMR + r] =
+            r < count ? dropout_value(data[row(i + r) * stride_i + (k0 + p) * stride_k], dropout,
+                                      row(i + r), k0 + p)
+                      : 0.0f;
+      }
+    }
+  }
+};
+
+// B(k, j) = data[k * stride_k + j * stride_j]; when dropout is on, B's depth runs over rows of
+// x: the mask is keyed (k, j).
+template <class T>
+struct OperandB {
+  const T* data;
+  int64_t stride_k;
+  int64_t stride_j;
+  lora_dropout_t dropout = kNoDropout;
+
+  BLayout layout() const {
+    if (stride_k == 1 && dropout.threshold == 0) return BLayout::kAlongK;
+    return stride_j == 1 ? BLayout::kAlongJ : BLayout::kOther;
+  }
+
+  void load_along_k(float* __restrict dst, int64_t j, int64_t k0, int64_t kc) const {
+    load_span(dst, data + j * stride_j + k0, kc);
+  }
+
+  void load_along_j(float* __restrict dst, int64_t k, int64_t j0, int64_t n) const {
+    const T* src = data + k * stride_k + j0;
+    if (dropout.threshold != 0) {
+      load_span_dropout(dst, src, n, dropout, static_cast<uint32_t>(k), static_cast<uint32_t>(j0));
+    } else {
+      load_span(dst, src, n);
+    }
+  }
+
+  void pack(float* __restrict dst, int64_t k0, int64_t kc, int64_t j, int64_t count) const {
+    if (stride_j == 1) {
+      for (int64_t p = 0; p < kc; ++p) {
+        float* out = dst + p * kNR;
+        const T* src = data + (k0 + p) * stride_k + j;
+        if (dropout.threshold != 0) {
+          load_span_dropout(out, src, count, dropout, static_cast<uint32_t>(k0 + p),
+                            static_cast<uint32_t>(j));
+        } else {
+          load_span(out, src, count);
+        }
+        for (int64_t c = count; c < kNR; ++c) out[c] = 0.0f;
+      }
+      return;
+    }
+    if (stride_k == 1 && dropout.threshold == 0) {
+      alignas(64) float span[kKC];
+      for (int64_t c = 0; c < kNR; ++c) {
+        if (c < count) {
+          load_span(span, data + (j + c) * stride_j + k0, kc);
+          for (int64_t p = 0; p < kc; ++p) dst[p * kNR + c] = span[p];
+        } else {
+          for (int64_t p = 0; p < kc; ++p) dst[p * kNR + c] = 0.0f;
+        }
+      }
+      return;
+    }
+    for (int64_t p = 0; p < kc; ++p) {
+      for (int64_t c = 0; c < kNR; ++c) {
+        dst[p * kNR + c] =
+            c < count ? dropout_value(data[(k0 + p) * stride_k + (j + c) * stride_j], dropout,
+                                      k0 + p, j + c)
+                      : 0.0f;
+      }
+    }
+  }
+};
+
+// out[i * ld + j] = alpha * C(i, j), rounded to T.
+template <class T>
+struct StoreScaled {
+  T* out;
+  int64_t ld;
+  float alpha;
+
+  void store(int64_t i, int64_t j0, const float* __restrict acc, int64_t n) const {
+    T* __restrict o = out + i * ld + j0;
+    for (int64_t j = 0; j < n; ++j) o[j] = from_float<T>(alpha * acc[j]);
+  }
+};
+
+}  // namespace lora_ops::cpu
+
+#endif  // LORA_OPS_CPU_GEMM_OPERANDS_H_

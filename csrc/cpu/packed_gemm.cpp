@@ -1,0 +1,69 @@
+#include "cpu/packed_gemm.h"
+
+#include <cstdlib>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace lora_ops::cpu {
+
+namespace {
+
+// One allocation per thread for the life of the thread: the kernels are called per layer and
+// per step, and a fresh multi-100-KiB buffer each time would cost page faults on every call.
+struct ThreadScratch {
+  float* block = nullptr;
+  bool tried = false;
+  ~ThreadScratch() { std::free(block); }
+};
+
+constexpr int64_t kAPackFloats = kMC * kKC;
+constexpr int64_t kBPackFloats = kKC * kMaxTileN;
+constexpr int64_t kCTileFloats = kMaxTileM * kMaxTileN;
+
+}  // namespace
+
+GemmScratch thread_gemm_scratch() {
+  static thread_local ThreadScratch scratch;
+  if (!scratch.tried) {
+    scratch.tried = true;
+    const size_t bytes = sizeof(float) * (kAPackFloats + kBPackFloats + kCTileFloats);
+    scratch.block = static_cast<float*>(std::aligned_alloc(64, bytes));
+  }
+  if (scratch.block == nullptr) return GemmScratch{nullptr, nullptr, nullptr};
+  return GemmScratch{scratch.block, scratch.block + kAPackFloats,
+                     scratch.block + kAPackFloats + kBPackFloats};
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+TileGrid plan_tiles(int64_t m, int64_t n, int threads) {
+  // Enough items to keep every thread busy with some balance, splitting columns first: a
+  // narrower item only re-packs A (1/(2 tile_n) of its flops), a shorter one re-packs B.
+  const int64_t wanted = threads > 1 ? 3 * int64_t{threads} : 1;
+  constexpr int64_t kMinTileN = 64;
+  constexpr int64_t kMinTileM = 4 * kMR;
+  int64_t tiles_n = ceil_div(n, kMaxTileN);
+  int64_t tiles_m = ceil_div(m, kMaxTileM);
+  if (tiles_m * tiles_n < wanted) {
+    tiles_n = std::max(tiles_n, std::min(ceil_div(wanted, tiles_m), ceil_div(n, kMinTileN)));
+  }
+  if (tiles_m * tiles_n < wanted) {
+    tiles_m = std::max(tiles_m, std::min(ceil_div(wanted, tiles_n), ceil_div(m, kMinTileM)));
+  }
+  TileGrid grid;
+  grid.tile_n = round_up(ceil_div(n, tiles_n), kNR);
+  grid.tile_m = round_up(ceil_div(m, tiles_m), kMR);
+  grid.tiles_n = ceil_div(n, grid.tile_n);
+  grid.tiles_m = ceil_div(m, grid.tile_m);
+  return grid;
+}
+
+}  // namespace lora_ops::cpu

@@ -1,0 +1,258 @@
+// The GEMM engine every CPU kernel runs on: C[i, j] = sum_k A(i, k) B(k, j), fp32 accumulation,
+// for operands of any storage type and layout.
+//
+// Blocking follows the Goto/BLIS scheme: a work item owns a tile of C (at most kMaxTileM x
+// kMaxTileN); for each depth block of kKC it packs its columns of B into fp32 panels of kNR
+// columns and, kMC rows at a time, its rows of A into panels of kMR rows, then runs a register
+// micro-kernel over panel pairs. Work items run in parallel (OpenMP), each with its own packed
+// buffers, so no thread waits on another.
+//
+// The operands and the epilogue are template parameters, so the adapter work of a LoRA kernel
+// (dropout, dtype conversion, gather of rows, scaling, bias, masks) happens while packing or
+// while storing, never as a separate pass over memory:
+//   pack_a.pack(float* dst, int64_t i, int64_t rows, int64_t k0, int64_t kc)
+//       writes A(i .. i+rows-1, k0 .. k0+kc-1) as kc x kMR (k-major), rows >= `rows` zero;
+//   pack_b.pack(float* dst, int64_t k0, int64_t kc, int64_t j, int64_t cols)
+//       writes B(k0 .. k0+kc-1, j .. j+cols-1) as kc x kNR (k-major), columns >= `cols` zero;
+//   epilogue.store(int64_t i, int64_t j0, const float* acc, int64_t n)
+//       receives the finished sums C(i, j0 .. j0+n-1).
+//
+// A product of at most kSmallM rows (decode) uses each element of B too few times to pay for
+// packing it: B is streamed in place instead, through
+//   pack_b.layout()  BLayout::kAlongK when B(., j) is contiguous in k, kAlongJ when B(k, .) is
+//       contiguous in j (the row-major matrices of the kernels), kOther for anything else;
+//   pack_b.load_along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   B(k0 .. k0+kc-1, j);
+//   pack_b.load_along_j(float* dst, int64_t k, int64_t j0, int64_t n)    B(k, j0 .. j0+n-1);
+//   pack_a.load_rows(float* dst, int64_t i, int64_t rows, int64_t k0, int64_t kc)
+//       A(i .. i+rows-1, k0 .. k0+kc-1) as rows x kc, row-major.
+// Which path runs depends on the product's row count only, never on the thread count, so
+// results are bitwise the same on any number of threads.
+#ifndef LORA_OPS_CPU_PACKED_GEMM_H_
+#define LORA_OPS_CPU_PACKED_GEMM_H_
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "lora_ops/common.h"
+
+namespace lora_ops::cpu {
+
+#if defined(__AVX512F__)
+inline constexpr int kVecLen = 16;
+#elif defined(__AVX__)
+inline constexpr int kVecLen = 8;
+#else
+inline constexpr int kVecLen = 4;
+#endif
+typedef float VecF __attribute__((vector_size(kVecLen * sizeof(float))));
+
+// kMR x kNR accumulators (12 vector registers) plus two B vectors and one broadcast of A fit
+// the 16 registers of SSE/AVX2.
+inline constexpr int64_t kMR = 6;
+inline constexpr int64_t kNR = 2 * kVecLen;
+inline constexpr int64_t kKC = 256;        // depth of a packed block: a B panel stays in L1
+inline constexpr int64_t kMC = 96;         // rows of A packed at once: the A block stays in L2
+inline constexpr int64_t kMaxTileM = 384;  // rows of a work item, all sharing one packed B
+inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
+
+inline constexpr int64_t kSmallM = 4;  // up to this many rows, B is streamed, not packed
+
+enum class BLayout { kAlongK, kAlongJ, kOther };
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Packed-operand buffers and the fp32 C tile of the calling thread, sized for the largest work
+// item, allocated on the thread's first use and kept. c_tile is null if allocation failed.
+struct GemmScratch {
+  float* a_pack;  // kMC x kKC
+  float* b_pack;  // kKC x kMaxTileN
+  float* c_tile;  // kMaxTileM x kMaxTileN
+};
+GemmScratch thread_gemm_scratch();
+
+// Threads an OpenMP region of the kernels may use (1 without OpenMP).
+int max_threads();
+
+// Whether a product is big enough to pay for waking the thread team.
+inline bool worth_threads(int64_t m, int64_t n, int64_t k) {
+  return max_threads() > 1 && m * n * (k + 16) >= (int64_t{1} << 17);
+}
+
+// Work-item tiling of an m x n product: tile_m rows by tile_n columns per item.
+struct TileGrid {
+  int64_t tile_m, tile_n, tiles_m, tiles_n;
+};
+TileGrid plan_tiles(int64_t m, int64_t n, int threads);
+
+inline VecF fmadd(VecF a, VecF b, VecF c) {
+#if defined(__FMA__) && defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__) && defined(__AVX__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+template <size_t... Lane>
+inline VecF broadcast_lanes(float s, std::index_sequence<Lane...>) {
+  return VecF{(static_cast<void>(Lane), s)...};
+}
+
+inline VecF broadcast(float s) {
+  return broadcast_lanes(s, std::make_index_sequence<kVecLen>{});
+}
+
+// c[kMR x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p a[p, :]^T b[p, :].
+inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
+                         float* __restrict c, int64_t ldc, bool accumulate) {
+  VecF acc[kMR][2];
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = VecF{};
+  for (int64_t p = 0; p < kc; ++p) {
+    const VecF b0 = *reinterpret_cast<const VecF*>(b);
+    const VecF b1 = *reinterpret_cast<const VecF*>(b + kVecLen);
+    for (int i = 0; i < kMR; ++i) {
+      const VecF ai = broadcast(a[i]);
+      acc[i][0] = fmadd(ai, b0, acc[i][0]);
+      acc[i][1] = fmadd(ai, b1, acc[i][1]);
+    }
+    a += kMR;
+    b += kNR;
+  }
+  for (int i = 0; i < kMR; ++i) {
+    VecF* row = reinterpret_cast<VecF*>(c + i * ldc);
+    if (accumulate) {
+      row[0] += acc[i][0];
+      row[1] += acc[i][1];
+    } else {
+      row[0] = acc[i][0];
+      row[1] = acc[i][1];
+    }
+  }
+}
+
+inline VecF load_vec(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// sum_p a[p] b[p] with vector accumulators, in an order fixed by n alone.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  VecF s0{}, s1{};
+  int64_t p = 0;
+  for (; p + 2 * kVecLen <= n; p += 2 * kVecLen) {
+    s0 = fmadd(load_vec(a + p), load_vec(b + p), s0);
+    s1 = fmadd(load_vec(a + p + kVecLen), load_vec(b + p + kVecLen), s1);
+  }
+  if (p + kVecLen <= n) {
+    s0 = fmadd(load_vec(a + p), load_vec(b + p), s0);
+    p += kVecLen;
+  }
+  const VecF sum = s0 + s1;
+  float total = 0.0f;
+  for (int lane = 0; lane < kVecLen; ++lane) total += sum[lane];
+  for (; p < n; ++p) total += a[p] * b[p];
+  return total;
+}
+
+// The tile of a product of at most kSmallM rows, B streamed in place (B's layout is kAlongK or
+// kAlongJ): dot products along k, or rows of B scaled into the sums.
+template <class PackA, class PackB, class Epilogue>
+void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
+                        int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
+                        const GemmScratch& ws) {
+  float* __restrict acc = ws.c_tile;     // m x n
+  float* __restrict a_rows = ws.a_pack;  // m x kc
+  float* __restrict b_line = ws.b_pack;  // kc (along k) or n (along j)
+  std::fill(acc, acc + m * n, 0.0f);
+  const bool along_k = pack_b.layout() == BLayout::kAlongK;
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t kc = std::min(kKC, k - k0);
+    pack_a.load_rows(a_rows, i0, m, k0, kc);
+    if (along_k) {
+      for (int64_t j = 0; j < n; ++j) {
+        pack_b.load_along_k(b_line, j0 + j, k0, kc);
+        for (int64_t r = 0; r < m; ++r) acc[r * n + j] += dot(a_rows + r * kc, b_line, kc);
+      }
+      continue;
+    }
+    for (int64_t p = 0; p < kc; ++p) {
+      pack_b.load_along_j(b_line, k0 + p, j0, n);
+      for (int64_t r = 0; r < m; ++r) {
+        const float a = a_rows[r * kc + p];
+        float* __restrict row = acc + r * n;
+        for (int64_t j = 0; j < n; ++j) row[j] += a * b_line[j];
+      }
+    }
+  }
+  for (int64_t r = 0; r < m; ++r) epilogue.store(i0 + r, j0, acc + r * n, n);
+}
+
+// C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; m <= kMaxTileM,
+// n <= kMaxTileN. `few_rows`: the whole product has at most kSmallM rows. False if the
+// thread's scratch could not be allocated.
+template <class PackA, class PackB, class Epilogue>
+bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue, int64_t i0,
+               int64_t m, int64_t j0, int64_t n, int64_t k, bool few_rows) {
+  const GemmScratch ws = thread_gemm_scratch();
+  if (ws.c_tile == nullptr) return false;
+  if (few_rows && pack_b.layout() != BLayout::kOther) {
+    gemm_tile_few_rows(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
+    return true;
+  }
+  const int64_t n_pad = round_up(n, kNR);
+  if (k == 0) std::fill(ws.c_tile, ws.c_tile + round_up(m, kMR) * n_pad, 0.0f);
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t kc = std::min(kKC, k - k0);
+    for (int64_t jp = 0; jp < n; jp += kNR) {
+      pack_b.pack(ws.b_pack + jp * kc, k0, kc, j0 + jp, std::min(kNR, n - jp));
+    }
+    for (int64_t ic = 0; ic < m; ic += kMC) {
+      const int64_t mc = std::min(kMC, m - ic);
+      for (int64_t ip = 0; ip < mc; ip += kMR) {
+        pack_a.pack(ws.a_pack + ip * kc, i0 + ic + ip, std::min(kMR, mc - ip), k0, kc);
+      }
+      for (int64_t jp = 0; jp < n; jp += kNR) {
+        for (int64_t ip = 0; ip < mc; ip += kMR) {
+          micro_kernel(kc, ws.a_pack + ip * kc, ws.b_pack + jp * kc,
+                       ws.c_tile + (ic + ip) * n_pad + jp, n_pad, k0 > 0);
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) epilogue.store(i0 + i, j0, ws.c_tile + i * n_pad, n);
+  return true;
+}
+
+// The whole m x n product, work items spread over the threads. LORA_ERR_UNSUPPORTED if a
+// thread's scratch could not be allocated (the only way it fails).
+template <class PackA, class PackB, class Epilogue>
+lora_status_t parallel_gemm(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
+                            int64_t m, int64_t n, int64_t k) {
+  if (m == 0 || n == 0) return LORA_OK;
+  const bool threaded = worth_threads(m, n, k);
+  const TileGrid grid = plan_tiles(m, n, threaded ? max_threads() : 1);
+  const int64_t items = grid.tiles_m * grid.tiles_n;
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (threaded && items > 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t i0 = item / grid.tiles_n * grid.tile_m;
+    const int64_t j0 = item % grid.tiles_n * grid.tile_n;
+    failed |= !gemm_tile(pack_a, pack_b, epilogue, i0, std::min(grid.tile_m, m - i0), j0,
+                         std::min(grid.tile_n, n - j0), k, m <= kSmallM);
+  }
+  return failed ? LORA_ERR_UNSUPPORTED : LORA_OK;
+}
+
+}  // namespace lora_ops::cpu
+
+#endif  // LORA_OPS_CPU_PACKED_GEMM_H_

@@ -1,0 +1,351 @@
+// Single-adapter LoRA linear forward on CUDA (math in kernels.h):
+//   S = drop(x) A^T rounded to dtype (dropout applied as x is read, never materialised),
+//   y = x W^T + b + scaling * S B^T.
+//
+// Three plans, by M (see NOTES.md for the byte/FLOP model behind them):
+//  - decode, M <= 8: shrink (launch_shrink, one adapter) then the fused GEMV that streams W once
+//    and adds b and the adapter term in its epilogue. 2 launches, no cuBLAS.
+//  - large M (>= kFusedMinRows, r <= kFusedMaxRank): one kernel per 64-row tile computes S into
+//    shared memory (and s_out), then y_init = b + scaling * S B^T for all N columns; cuBLAS adds
+//    x W^T onto y (beta = 1). 2 launches.
+//  - otherwise: a split-K shrink into fp32 partials (enough blocks even for a few row tiles), a
+//    kernel writing y_init over an (M, N) tile grid that adds the partials in a fixed order,
+//    rounds S to dtype and stores it, then cuBLAS. 3 launches.
+// The adapter products are fp32 SIMT tiles (tile_gemm.cuh); y_init is rounded to dtype once
+// before cuBLAS adds x W^T, as the CPU backend does.
+#include <stdint.h>
+
+#include "common.cuh"
+#include "dtype.cuh"
+#include "launchers.cuh"
+#include "lora_ops/kernels.h"
+#include "tile_gemm.cuh"
+
+namespace lora_ops {
+namespace cuda {
+namespace detail {
+namespace {
+
+constexpr int64_t kFusedMinRows = 8192;  // 128 row tiles: enough blocks without a split
+constexpr int64_t kFusedMaxRank = 64;    // S of a 64-row tile stays in shared memory
+constexpr int kMaxShrinkSplits = 4;
+
+struct FwdArgs {
+  int64_t M, N, K, r;
+  const void* x;
+  int64_t ldx;
+  const void* bias;
+  const void* a;
+  const void* b;
+  float scaling;
+  lora_dropout_t dropout;
+  void* s_out;
+  void* y;
+  float* s_part;  // split plan: [splits, M, r]
+  int splits;
+  int64_t split_len;
+};
+
+enum class FwdPath { kEmpty, kDecode, kFused, kSplit };
+
+struct FwdPlan {
+  FwdPath path;
+  bool thin;  // r <= 16: shrink tiles 64 x 16
+  int splits;
+  int64_t split_len;
+  float* s_part;  // kSplit
+  float* t;       // kDecode: S as fp32, [M, r]
+  size_t workspace_bytes;
+};
+
+FwdPlan plan_fwd(int64_t M, int64_t K, int64_t r, void* workspace) {
+  FwdPlan plan{};
+  plan.thin = r <= ThinTile::BN;
+  plan.splits = 1;
+  plan.split_len = ThinTile::BK;
+  WorkspaceLayout ws(workspace);
+  if (M == 0) {
+    plan.path = FwdPath::kEmpty;
+  } else if (M <= kGemvMaxRows) {
+    plan.path = FwdPath::kDecode;
+    plan.t = ws.take<float>(static_cast<size_t>(M * r));
+  } else if (M >= kFusedMinRows && r <= kFusedMaxRank) {
+    plan.path = FwdPath::kFused;
+  } else {
+    plan.path = FwdPath::kSplit;
+    const int64_t tiles = ceil_div(M, 64) * ceil_div(r, plan.thin ? ThinTile::BN : WideTile::BN);
+    const int64_t max_splits = clamp64(ceil_div(K, 256), 1, kMaxShrinkSplits);
+    const int64_t splits = clamp64(ceil_div(kTargetBlocks, tiles > 0 ? tiles : 1), 1, max_splits);
+    plan.split_len = round_up(ceil_div(K, splits), ThinTile::BK);
+    if (plan.split_len == 0) plan.split_len = ThinTile::BK;
+    plan.splits = static_cast<int>(clamp64(ceil_div(K, plan.split_len), 1, max_splits));
+    plan.s_part = ws.take<float>(static_cast<size_t>(plan.splits * M * r));
+  }
+  plan.workspace_bytes = ws.bytes();
+  return plan;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_y_tile(const FwdArgs& p, int64_t m0, int64_t n0,
+                                             const float (&acc)[WideTile::TM * WideTile::TN]) {
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int i = 0; i < WideTile::TM; ++i) {
+    const int64_t m = m0 + WideTile::row_of(i);
+#pragma unroll
+    for (int j = 0; j < WideTile::TN; ++j) {
+      const int64_t n = n0 + WideTile::col_of(j);
+      if (m < p.M && n < p.N) {
+        const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
+        y[m * p.N + n] = from_float<T>(fmaf(p.scaling, acc[i * WideTile::TN + j], b));
+      }
+    }
+  }
+}
+
+// Block = (64-row tile, rank tile, split of K): s_part[split] = drop(x) A^T over that split.
+template <typename T, class Tl>
+__global__ void __launch_bounds__(kThreads, 2) shrink_split_kernel(const FwdArgs p) {
+  __shared__ typename Tl::Smem sm;
+  const unsigned r_tiles = static_cast<unsigned>(ceil_div(p.r, Tl::BN));
+  unsigned b = blockIdx.x;
+  const unsigned split = b % p.splits;
+  b /= p.splits;
+  const int64_t j0 = static_cast<int64_t>(b % r_tiles) * Tl::BN;
+  const int64_t m0 = static_cast<int64_t>(b / r_tiles) * Tl::BM;
+  const int64_t k_begin = split * p.split_len;
+  const int64_t k_end = min(p.K, k_begin + p.split_len);
+
+  float acc[Tl::TM * Tl::TN] = {};
+  tile_gemm<Tl, Contig::kKd, Contig::kKd>(
+      sm, k_begin, k_end,
+      DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, p.dropout},
+      RowsOf<T>{static_cast<const T*>(p.a), p.K, j0, p.r}, acc);
+  float* part = p.s_part + split * p.M * p.r;
+#pragma unroll
+  for (int i = 0; i < Tl::TM; ++i) {
+    const int64_t m = m0 + Tl::row_of(i);
+#pragma unroll
+    for (int j = 0; j < Tl::TN; ++j) {
+      const int64_t jj = j0 + Tl::col_of(j);
+      if (m < p.M && jj < p.r) part[m * p.r + jj] = acc[i * Tl::TN + j];
+    }
+  }
+}
+
+// S(m, j) from the split partials, rounded to dtype as it is stored.
+template <typename T>
+struct RoundedS {
+  SplitSum<false> sum;
+  __device__ float operator()(int row, int64_t kd) const { return round_to<T>(sum(row, kd)); }
+};
+
+// Column tiles of y; at least one, whose blocks also store S (even when N is 0).
+__host__ __device__ inline int64_t y_col_tiles(int64_t N) {
+  return N > 0 ? ceil_div(N, WideTile::BN) : 1;
+}
+
+// Block = (64-row tile, 64-column tile): y = b + scaling * S B^T; the blocks of column tile 0
+// also store S.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) expand_init_kernel(const FwdArgs p) {
+  __shared__ WideTile::Smem sm;
+  const unsigned n_tiles = static_cast<unsigned>(y_col_tiles(p.N));
+  const unsigned n_tile = blockIdx.x % n_tiles;
+  const int64_t n0 = static_cast<int64_t>(n_tile) * WideTile::BN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x / n_tiles) * WideTile::BM;
+  const RoundedS<T> s{SplitSum<false>{p.s_part, p.M, p.r, m0, p.splits}};
+
+  float acc[WideTile::TM * WideTile::TN] = {};
+  tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
+      sm, 0, p.r, s, RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N}, acc);
+  store_y_tile<T>(p, m0, n0, acc);
+
+  if (n_tile == 0) {
+    T* s_out = static_cast<T*>(p.s_out);
+    const int r = static_cast<int>(p.r);
+    for (int i = threadIdx.x; i < WideTile::BM * r; i += kThreads) {
+      const int row = i / r, j = i % r;
+      if (m0 + row < p.M) s_out[(m0 + row) * p.r + j] = from_float<T>(s(row, j));
+    }
+  }
+}
+
+// S(row, j) of the tile, from shared memory.
+struct TileS {
+  const float (*rows)[kFusedMaxRank];
+  __device__ float operator()(int row, int64_t kd) const { return rows[row][kd]; }
+};
+
+// Block = 64-row tile: S for the tile (into shared memory and s_out), then y = b + scaling S B^T
+// for every column.
+template <typename T, class Tl>
+__global__ void __launch_bounds__(kThreads, 2) fused_adapter_kernel(const FwdArgs p) {
+  static_assert(Tl::BM == WideTile::BM, "both phases cover the same rows");
+  __shared__ union {
+    typename Tl::Smem shrink;
+    WideTile::Smem expand;
+  } sm;
+  __shared__ float s_tile[WideTile::BM][kFusedMaxRank];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * WideTile::BM;
+  T* s_out = static_cast<T*>(p.s_out);
+
+  for (int64_t j0 = 0; j0 < p.r; j0 += Tl::BN) {
+    float acc[Tl::TM * Tl::TN] = {};
+    tile_gemm<Tl, Contig::kKd, Contig::kKd>(
+        sm.shrink, 0, p.K,
+        DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, p.dropout},
+        RowsOf<T>{static_cast<const T*>(p.a), p.K, j0, p.r}, acc);
+#pragma unroll
+    for (int i = 0; i < Tl::TM; ++i) {
+      const int row = Tl::row_of(i);
+#pragma unroll
+      for (int j = 0; j < Tl::TN; ++j) {
+        const int64_t jj = j0 + Tl::col_of(j);
+        if (jj < p.r) {
+          const float v = round_to<T>(acc[i * Tl::TN + j]);
+          s_tile[row][jj] = v;
+          if (m0 + row < p.M) s_out[(m0 + row) * p.r + jj] = from_float<T>(v);
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int64_t n0 = 0; n0 < p.N; n0 += WideTile::BN) {
+    float acc[WideTile::TM * WideTile::TN] = {};
+    tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
+        sm.expand, 0, p.r, TileS{s_tile}, RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N},
+        acc);
+    store_y_tile<T>(p, m0, n0, acc);
+  }
+}
+
+template <typename T>
+lora_status_t run_fused(const FwdArgs& args, bool thin, cudaStream_t stream) {
+  const int64_t blocks = ceil_div(args.M, WideTile::BM);
+  if (blocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
+  if (thin) {
+    fused_adapter_kernel<T, ThinTile><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  } else {
+    fused_adapter_kernel<T, WideTile><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  }
+  return launch_status();
+}
+
+template <typename T>
+lora_status_t run_split(const FwdArgs& args, bool thin, cudaStream_t stream) {
+  const int64_t row_tiles = ceil_div(args.M, WideTile::BM);
+  if (args.r > 0) {
+    const int64_t shrink_blocks =
+        row_tiles * ceil_div(args.r, thin ? ThinTile::BN : WideTile::BN) * args.splits;
+    if (shrink_blocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
+    const unsigned grid = static_cast<unsigned>(shrink_blocks);
+    if (thin) {
+      shrink_split_kernel<T, ThinTile><<<grid, kThreads, 0, stream>>>(args);
+    } else {
+      shrink_split_kernel<T, WideTile><<<grid, kThreads, 0, stream>>>(args);
+    }
+    LORA_RETURN_IF_ERROR(launch_status());
+  }
+  const int64_t expand_blocks = row_tiles * y_col_tiles(args.N);
+  if (expand_blocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
+  expand_init_kernel<T><<<static_cast<unsigned>(expand_blocks), kThreads, 0, stream>>>(args);
+  return launch_status();
+}
+
+}  // namespace
+}  // namespace detail
+
+size_t lora_linear_fwd_workspace_bytes(lora_dtype_t, int64_t M, int64_t, int64_t K, int64_t r) {
+  if (M < 0 || K < 0 || r < 0) return 0;
+  return detail::plan_fwd(M, K, r, nullptr).workspace_bytes;
+}
+
+lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                              const void* x, int64_t ldx, const void* weight, const void* bias,
+                              const void* lora_a, const void* lora_b, float scaling,
+                              lora_dropout_t dropout, void* s_out, void* y, const Context& ctx) {
+  using detail::present;
+  if (M < 0 || N < 0 || K < 0 || r < 0 || (M > 1 && ldx < K)) return LORA_ERR_INVALID_ARGUMENT;
+  if (r > detail::kMaxRank) return LORA_ERR_UNSUPPORTED;
+  if (!present(x, M * K) || !present(weight, N * K) || !present(lora_a, r * K) ||
+      !present(lora_b, N * r) || !present(s_out, M * r) || !present(y, M * N)) {
+    return LORA_ERR_INVALID_ARGUMENT;
+  }
+  const detail::FwdPlan plan = detail::plan_fwd(M, K, r, ctx.workspace);
+  if (plan.path == detail::FwdPath::kEmpty) return LORA_OK;
+  if (ctx.workspace_bytes < plan.workspace_bytes ||
+      (plan.workspace_bytes > 0 && ctx.workspace == nullptr)) {
+    return LORA_ERR_INVALID_ARGUMENT;
+  }
+  const bool needs_gemm = plan.path != detail::FwdPath::kDecode && N > 0 && K > 0;
+  if (needs_gemm && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
+
+  if (plan.path == detail::FwdPath::kDecode) {
+    detail::ShrinkParams sp{};
+    sp.M = M;
+    sp.K = K;
+    sp.r_max = r;
+    sp.num_slices = 1;
+    sp.x = x;
+    sp.ldx = ldx;
+    sp.a[0] = AdapterStack{lora_a, 0, K, 1};
+    sp.map = detail::uniform_row_map();
+    sp.rank = detail::RankInfo{nullptr, nullptr, r, r};
+    sp.dropout = dropout;
+    sp.t = plan.t;
+    sp.round_t = true;
+    sp.s_out = s_out;
+    LORA_RETURN_IF_ERROR(detail::launch_shrink(dtype, sp, ctx.stream));
+
+    detail::GemvParams gp{};
+    gp.M = M;
+    gp.N = N;
+    gp.K = K;
+    gp.x = x;
+    gp.ldx = ldx;
+    gp.w = weight;
+    gp.bias = bias;
+    gp.t = plan.t;
+    gp.t_scale = scaling;
+    gp.r_max = r;
+    gp.num_slices = 1;
+    gp.b[0] = AdapterStack{lora_b, 0, r, 1};
+    gp.offset[0] = 0;
+    gp.width[0] = N;
+    gp.map = sp.map;
+    gp.rank = sp.rank;
+    gp.y = y;
+    gp.ldy = N;
+    return detail::launch_gemv(dtype, gp, ctx.stream);
+  }
+
+  detail::FwdArgs args{};
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.r = r;
+  args.x = x;
+  args.ldx = ldx;
+  args.bias = bias;
+  args.a = lora_a;
+  args.b = lora_b;
+  args.scaling = scaling;
+  args.dropout = dropout;
+  args.s_out = s_out;
+  args.y = y;
+  args.s_part = plan.s_part;
+  args.splits = plan.splits;
+  args.split_len = plan.split_len;
+  LORA_RETURN_IF_ERROR(detail::dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return plan.path == detail::FwdPath::kFused ? detail::run_fused<T>(args, plan.thin, ctx.stream)
+                                                : detail::run_split<T>(args, plan.thin, ctx.stream);
+  }));
+  return detail::gemm_add_x_wt(ctx, dtype, M, N, K, x, ldx, weight, y);
+}
+
+}  // namespace cuda
+}  // namespace lora_ops

@@ -1,0 +1,551 @@
+"""Multi-adapter LoRA ops: many adapters in one batch, for serving and for training.
+
+L adapters are stacked: lora_a [L, r_max, K] and lora_b [L, N, r_max] per output slice, with a
+per-adapter rank `ranks [L]` and scaling `scalings [L]`. Token i uses adapter a_i, given per
+token (`token_adapter [M]`, decode) or per segment (`seg_indptr [S+1]`, `seg_adapter [S]`,
+prefill); -1 means base only. lora_ops/reference/multi_lora.py defines the semantics.
+
+Torch ops (namespace lora_ops), each with a Triton twin named triton_<op>:
+  multi_lora_shrink(x, lora_a[], scalings, ranks, token_adapter?, seg_indptr?, seg_adapter?)
+      -> t [S, M, r_max] fp32
+  multi_lora_expand(y!, t, lora_b[], slice_offsets, ranks, token_adapter?, seg_indptr?, seg_adapter?)
+      adds t B^T into y in place
+  multi_lora_linear_fwd(x, weight, bias?, lora_a[], lora_b[], slice_offsets, scalings, ranks,
+                        token_adapter?, seg_indptr?, seg_adapter?) -> (y, t)
+The C++ ones (csrc/torch_multi_lora.cpp) run the CPU and CUDA kernels; the Triton ones are
+registered here. Fake impls and the autograd of multi_lora_linear_fwd are registered here for
+both. Only multi_lora_linear is differentiable; shrink and expand are serving primitives.
+
+The public functions check index and rank values where reading them is free: CPU tensors in
+eager mode. On a GPU nothing is read back (that would be a device sync): the kernels treat an
+adapter index outside [-1, L) as -1 and clamp a rank into [0, r_max], never reading out of
+bounds. The raw ops behave the same on CPU for indices; the CPU op rejects bad ranks and
+malformed segments itself. The hot path has no host sync and no data-dependent allocation, so
+it can be captured in a CUDA graph.
+
+Backward (multi_lora_linear): dT_s = s * dY_s B_s is a shrink over B viewed as [L, r_max, N_s];
+dX = dY W + sum_s dT_s A_s an expand over A viewed as [L, K, r_max]; the per-adapter weight
+gradients dA = dT^T x and dB = dY^T T are fixed-shape batched GEMMs over tokens sorted by
+adapter (see gram_plan).
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lora_ops import _backend
+from lora_ops.reference import multi_lora as reference
+from lora_ops.reference.multi_lora import adapter_of_token
+
+MAX_SLICES = 8  # LORA_MAX_SLICES in csrc/include/lora_ops/common.h
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+Stacks = Union[Tensor, Sequence[Tensor]]
+Index = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side argument checks (shapes, dtypes, devices; values only of CPU tensors)
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _as_stacks(op: str, arg: str, stacks: Stacks) -> List[Tensor]:
+    items = [stacks] if isinstance(stacks, Tensor) else list(stacks)
+    if not items or not all(isinstance(s, Tensor) for s in items):
+        _fail(op, f"{arg} must be a Tensor or a non-empty list of Tensors, got {stacks!r:.200}")
+    if len(items) > MAX_SLICES:
+        _fail(op, f"{arg} has {len(items)} slices; at most {MAX_SLICES} are supported")
+    for s, item in enumerate(items):
+        if item.dim() != 3:
+            _fail(op, f"{arg}[{s}] must be 3-D (stacked adapters), got shape {tuple(item.shape)}")
+    return items
+
+
+def _check_like(op: str, arg: str, t: Tensor, like: Tensor, like_name: str = "x") -> None:
+    if t.dtype != like.dtype:
+        _fail(op, f"{arg} has dtype {t.dtype} but {like_name} has {like.dtype}; all operands must "
+                  f"share one dtype")
+    if t.device != like.device:
+        _fail(op, f"{arg} is on {t.device} but {like_name} is on {like.device}")
+
+
+def _check_float(op: str, arg: str, t: Tensor) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        _fail(op, f"{arg} has dtype {t.dtype}; supported are float32, float16 and bfloat16")
+
+
+def _check_vector(op: str, arg: str, t, length: int, device: torch.device, integer: bool) -> None:
+    if not isinstance(t, Tensor):
+        _fail(op, f"{arg} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != length:
+        _fail(op, f"{arg} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != device:
+        _fail(op, f"{arg} is on {t.device} but x is on {device}")
+    if integer and t.dtype not in _INDEX_DTYPES:
+        _fail(op, f"{arg} must be int32 or int64, got {t.dtype}")
+    if not integer and not t.dtype.is_floating_point:
+        _fail(op, f"{arg} must be a floating-point tensor, got {t.dtype}")
+
+
+def _values_readable(device: torch.device) -> bool:
+    """Index and rank values are checked where reading them is free: CPU tensors in eager mode
+    (a GPU would need a sync; under torch.compile it would break the graph)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_adapters(op: str, scalings: Optional[Tensor], ranks: Tensor, num_adapters: int,
+                    r_max: int, device: torch.device) -> None:
+    if scalings is not None:
+        _check_vector(op, "scalings", scalings, num_adapters, device, integer=False)
+    _check_vector(op, "ranks", ranks, num_adapters, device, integer=True)
+    if _values_readable(device) and num_adapters:
+        low, high = int(ranks.min()), int(ranks.max())
+        if low < 0 or high > r_max:
+            _fail(op, f"ranks must lie in [0, r_max={r_max}], got values from {low} to {high}")
+
+
+def _check_index(op: str, num_tokens: int, num_adapters: int, token_adapter: Optional[Tensor],
+                 seg_indptr: Optional[Tensor], seg_adapter: Optional[Tensor],
+                 device: torch.device) -> Index:
+    """Exactly one index form, checked, as the int32 tensors the kernels read."""
+    if (token_adapter is None) == (seg_indptr is None and seg_adapter is None):
+        _fail(op, "give exactly one index form: token_adapter, or seg_indptr with seg_adapter")
+    if token_adapter is not None:
+        _check_vector(op, "token_adapter", token_adapter, num_tokens, device, integer=True)
+        if _values_readable(device):
+            _check_adapter_values(op, "token_adapter", token_adapter, num_adapters)
+        return token_adapter.to(torch.int32), None, None
+    if seg_indptr is None or seg_adapter is None:
+        _fail(op, "the segment form needs both seg_indptr and seg_adapter")
+    if not isinstance(seg_adapter, Tensor) or seg_adapter.dim() != 1:
+        _fail(op, f"seg_adapter must be a 1-D Tensor, got {seg_adapter!r:.200}")
+    num_segments = seg_adapter.shape[0]
+    _check_vector(op, "seg_adapter", seg_adapter, num_segments, device, integer=True)
+    _check_vector(op, "seg_indptr", seg_indptr, num_segments + 1, device, integer=True)
+    if _values_readable(device):
+        _check_adapter_values(op, "seg_adapter", seg_adapter, num_adapters)
+        bounds = seg_indptr.long()
+        if int(bounds[0]) != 0 or int(bounds[-1]) != num_tokens or bool((bounds.diff() < 0).any()):
+            _fail(op, f"seg_indptr must start at 0, never decrease and end at the token count "
+                      f"{num_tokens}, got {bounds.tolist()!s:.200}")
+    return None, seg_indptr.to(torch.int32), seg_adapter.to(torch.int32)
+
+
+def _check_adapter_values(op: str, arg: str, index: Tensor, num_adapters: int) -> None:
+    if index.numel() == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < -1 or high >= num_adapters:
+        _fail(op, f"{arg} values must lie in [-1, {num_adapters}) (-1: base only), "
+                  f"got values from {low} to {high}")
+
+
+def _check_slices(op: str, lora_b: List[Tensor], slice_offsets: Optional[Sequence[int]],
+                  out_features: int, cover: bool) -> List[int]:
+    """The column offset of every slice (packed one after another when not given). Slices must
+    not overlap, and for the fused layer they tile all N columns (kernels.h: N = sum of the
+    slice widths)."""
+    widths = [b.shape[1] for b in lora_b]
+    if slice_offsets is None:
+        slice_offsets = [sum(widths[:s]) for s in range(len(widths))]
+    offsets = [int(o) for o in slice_offsets]
+    if len(offsets) != len(lora_b):
+        _fail(op, f"slice_offsets has {len(offsets)} entries but lora_b has {len(lora_b)} slices")
+    ok, end = True, 0
+    for off, width in sorted(zip(offsets, widths)):
+        ok = ok and off >= end and (not cover or off == end)
+        end = off + width
+    if not (ok and end <= out_features and (not cover or end == out_features)):
+        _fail(op, f"slices (offsets {offsets}, widths {widths}) must {'tile' if cover else 'lie in'} "
+                  f"the {out_features} output columns without overlapping")
+    return offsets
+
+
+def _check_pool(op: str, arg: str, num_adapters: int, r_max: int) -> None:
+    if num_adapters < 1:
+        _fail(op, f"{arg} holds no adapters (L = 0)")
+    if r_max < 1:
+        _fail(op, f"{arg} has r_max 0; it must be at least 1")
+
+
+def _check_shrink(op: str, x: Tensor, lora_a: List[Tensor]) -> Tuple[int, int]:
+    """(L, r_max) of lora_a, after checking it against x [M, K]."""
+    _check_float(op, "x", x)
+    L, r_max, _ = lora_a[0].shape
+    _check_pool(op, "lora_a", L, r_max)
+    for s, a in enumerate(lora_a):
+        if tuple(a.shape) != (L, r_max, x.shape[1]):
+            _fail(op, f"lora_a[{s}] must have shape ({L}, {r_max}, {x.shape[1]}) = "
+                      f"(adapters, r_max, x's features), got {tuple(a.shape)}")
+        _check_like(op, f"lora_a[{s}]", a, x)
+    return L, r_max
+
+
+def _check_expand(op: str, y: Tensor, lora_b: List[Tensor], L: int, r_max: int,
+                  y_name: str) -> None:
+    for s, b in enumerate(lora_b):
+        if b.shape[0] != L or b.shape[2] != r_max:
+            _fail(op, f"lora_b[{s}] must have shape ({L}, N_slice, {r_max}) = (adapters, slice "
+                      f"width, r_max), got {tuple(b.shape)}")
+        _check_like(op, f"lora_b[{s}]", b, y, y_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton twins of the C++ ops
+
+def _kernel_args(scalings, ranks, token_adapter, seg_indptr, seg_adapter):
+    """(scalings, ranks, index kwargs) in the dtypes the kernels read: float32 and int32. The
+    ops take int64 and any float too, as the C++ ones do."""
+    index = {"token_adapter": token_adapter, "seg_indptr": seg_indptr, "seg_adapter": seg_adapter}
+    index = {k: v if v is None else v.to(torch.int32) for k, v in index.items()}
+    return (None if scalings is None else scalings.to(torch.float32)), ranks.to(torch.int32), index
+
+
+@torch.library.custom_op("lora_ops::triton_multi_lora_shrink", mutates_args=())
+def _triton_shrink(x: Tensor, lora_a: List[Tensor], scalings: Tensor, ranks: Tensor,
+                   token_adapter: Optional[Tensor] = None, seg_indptr: Optional[Tensor] = None,
+                   seg_adapter: Optional[Tensor] = None) -> Tensor:
+    from lora_ops.triton.multi_lora import multi_lora_shrink
+    scalings, ranks, index = _kernel_args(scalings, ranks, token_adapter, seg_indptr, seg_adapter)
+    return multi_lora_shrink(x, lora_a, scalings, ranks, **index)
+
+
+@torch.library.custom_op("lora_ops::triton_multi_lora_expand", mutates_args=("y",))
+def _triton_expand(y: Tensor, t: Tensor, lora_b: List[Tensor], slice_offsets: List[int],
+                   ranks: Tensor, token_adapter: Optional[Tensor] = None,
+                   seg_indptr: Optional[Tensor] = None, seg_adapter: Optional[Tensor] = None) -> None:
+    from lora_ops.triton.multi_lora import multi_lora_expand
+    _, ranks, index = _kernel_args(None, ranks, token_adapter, seg_indptr, seg_adapter)
+    multi_lora_expand(y, t, lora_b, slice_offsets, ranks, **index)
+
+
+@torch.library.custom_op("lora_ops::triton_multi_lora_linear_fwd", mutates_args=())
+def _triton_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: List[Tensor],
+                       lora_b: List[Tensor], slice_offsets: List[int], scalings: Tensor,
+                       ranks: Tensor, token_adapter: Optional[Tensor] = None,
+                       seg_indptr: Optional[Tensor] = None,
+                       seg_adapter: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    from lora_ops.triton.multi_lora import multi_lora_expand, multi_lora_shrink
+    scalings, ranks, index = _kernel_args(scalings, ranks, token_adapter, seg_indptr, seg_adapter)
+    t = multi_lora_shrink(x, lora_a, scalings, ranks, **index)
+    y = F.linear(x, weight, bias)
+    multi_lora_expand(y, t, lora_b, slice_offsets, ranks, **index)
+    return y, t
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake impls and autograd, shared by the C++ ops and their Triton twins
+
+def _shrink_fake(x, lora_a, scalings, ranks, token_adapter=None, seg_indptr=None, seg_adapter=None):
+    torch._check(x.dim() == 2, lambda: f"multi_lora_shrink: x must be 2-D, got {x.dim()}-D")
+    torch._check(len(lora_a) > 0, lambda: "multi_lora_shrink: lora_a is empty")
+    return x.new_empty(len(lora_a), x.shape[0], lora_a[0].shape[1], dtype=torch.float32)
+
+
+def _expand_fake(y, t, lora_b, slice_offsets, ranks, token_adapter=None, seg_indptr=None,
+                 seg_adapter=None):
+    torch._check(y.dim() == 2, lambda: f"multi_lora_expand: y must be 2-D, got {y.dim()}-D")
+    torch._check(t.dim() == 3 and t.shape[1] == y.shape[0],
+                 lambda: "multi_lora_expand: t must be [slices, y's rows, r_max]")
+
+
+def _linear_fwd_fake(x, weight, bias, lora_a, lora_b, slice_offsets, scalings, ranks,
+                     token_adapter=None, seg_indptr=None, seg_adapter=None):
+    torch._check(x.dim() == 2, lambda: f"multi_lora_linear_fwd: x must be 2-D, got {x.dim()}-D")
+    torch._check(x.shape[1] == weight.shape[1],
+                 lambda: "multi_lora_linear_fwd: x and weight disagree on K")
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    return y, x.new_empty(len(lora_a), x.shape[0], lora_a[0].shape[1], dtype=torch.float32)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, slice_offsets, scalings, ranks,
+     token_adapter, seg_indptr, seg_adapter) = inputs
+    _, t = output
+    # Beyond x (alive anyway) and the frozen weight, the only activation kept is t [S, M, r_max].
+    ctx.save_for_backward(x, weight, scalings, ranks, token_adapter, seg_indptr, seg_adapter, t,
+                          *lora_a, *lora_b)
+    ctx.num_slices = len(lora_a)
+    ctx.slice_offsets = list(slice_offsets)
+
+
+def _make_linear_backward(shrink_op, expand_op):
+    def backward(ctx, dy, _dt):
+        x, weight, scalings, ranks, token_adapter, seg_indptr, seg_adapter, t, *stacks = ctx.saved_tensors
+        lora_a, lora_b = stacks[:ctx.num_slices], stacks[ctx.num_slices:]
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        index = (token_adapter, seg_indptr, seg_adapter)
+        dy = dy.contiguous()
+        widths = [b.shape[1] for b in lora_b]
+        dy_slices = [dy[:, off:off + w] for off, w in zip(ctx.slice_offsets, widths)]
+        # dT = s * dY B per slice: a shrink over B viewed as [L, r_max, N_slice].
+        dts = [shrink_op(dy_s, [b.transpose(1, 2)], scalings, ranks, *index)[0]
+               for dy_s, b in zip(dy_slices, lora_b)] if (need_x or any(need_a)) else None
+        dx = None
+        if need_x:
+            dx = dy @ weight
+            for dt, a in zip(dts, lora_a):
+                # dX += dT A: an expand over A viewed as [L, K, r_max] into all K columns.
+                expand_op(dx, dt[None], [a.transpose(1, 2)], [0], ranks, *index)
+        d_a = [None] * len(lora_a)
+        d_b = [None] * len(lora_b)
+        if any(need_a) or any(need_b):
+            num_adapters = lora_a[0].shape[0]
+            plan = gram_plan(adapter_of_token(x.shape[0], num_adapters, *index), num_adapters)
+            d_a = [per_adapter_gram(dt, x, plan).to(a.dtype) if need else None
+                   for dt, a, need in zip(dts or d_a, lora_a, need_a)]
+            d_b = [per_adapter_gram(dy_s, t_s, plan).to(b.dtype) if need else None
+                   for dy_s, t_s, b, need in zip(dy_slices, t, lora_b, need_b)]
+        # The base is meant to be frozen; if it is trainable anyway its gradients are the
+        # plain linear ones (the adapter term does not depend on W or b).
+        dw = (dy.t() @ x).to(weight.dtype) if need_w else None
+        dbias = dy.sum(0) if need_bias else None
+        return dx, dw, dbias, d_a, d_b, None, None, None, None, None, None
+    return backward
+
+
+def _register(prefix: str) -> None:
+    torch.library.register_fake(f"lora_ops::{prefix}multi_lora_shrink")(_shrink_fake)
+    torch.library.register_fake(f"lora_ops::{prefix}multi_lora_expand")(_expand_fake)
+    torch.library.register_fake(f"lora_ops::{prefix}multi_lora_linear_fwd")(_linear_fwd_fake)
+    torch.library.register_autograd(
+        f"lora_ops::{prefix}multi_lora_linear_fwd",
+        _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"),
+                              getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand")),
+        setup_context=_linear_setup_context)
+
+
+_register("triton_")
+if _backend.compiled():
+    _register("")
+
+
+def _op(backend: str, name: str):
+    return getattr(torch.ops.lora_ops, ("triton_" if backend == "triton" else "") + name)
+
+
+def shrink_op(backend: str):
+    """The shrink op of a compiled or Triton backend (for tests and benchmarks)."""
+    return _op(backend, "multi_lora_shrink")
+
+
+def expand_op(backend: str):
+    """The expand op of a compiled or Triton backend (for tests and benchmarks)."""
+    return _op(backend, "multi_lora_expand")
+
+
+def linear_fwd_op(backend: str):
+    """The fused forward op of a compiled or Triton backend (for tests and benchmarks)."""
+    return _op(backend, "multi_lora_linear_fwd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Index helpers
+
+def segments_from_token_adapter(token_adapter: Tensor,
+                                num_adapters: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The segment form of per-token indices: (perm, seg_indptr, seg_adapter).
+
+    perm (int64 [M]) orders the tokens by adapter (stable); after it, adapter a's tokens are rows
+    seg_indptr[a] .. seg_indptr[a+1]-1 and the base-only ones (-1 or out of range) come last.
+    seg_adapter is [0, 1, ..., L-1, -1] (int32 [L+1]), seg_indptr int32 [L+2]; empty segments
+    stay. All shapes depend on M and L only, and nothing waits on the device. Use:
+    `x[perm]` in segment order; `y.index_copy_(0, perm, y_sorted)` back.
+    """
+    if not isinstance(token_adapter, Tensor) or token_adapter.dim() != 1:
+        raise ValueError(f"segments_from_token_adapter: token_adapter must be a 1-D Tensor, "
+                         f"got {token_adapter!r:.200}")
+    if token_adapter.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"segments_from_token_adapter: token_adapter must be int32 or int64, "
+                         f"got {token_adapter.dtype}")
+    if isinstance(num_adapters, bool) or not isinstance(num_adapters, (int, torch.SymInt)) \
+            or num_adapters < 0:
+        raise ValueError(f"segments_from_token_adapter: num_adapters must be an int >= 0, "
+                         f"got {num_adapters!r}")
+    device = token_adapter.device
+    key = token_adapter.long()
+    key = torch.where((key >= 0) & (key < num_adapters), key, num_adapters)
+    sorted_key, perm = torch.sort(key, stable=True)
+    seg_indptr = torch.searchsorted(sorted_key, torch.arange(num_adapters + 2, device=device))
+    seg_adapter = torch.arange(num_adapters + 1, device=device, dtype=torch.int32)
+    seg_adapter[num_adapters] = -1
+    return perm, seg_indptr.to(torch.int32), seg_adapter
+
+
+# Rows of the token tiles the weight gradients are cut into (see GramPlan).
+_GRAM_TILE = 64
+
+
+class GramPlan(NamedTuple):
+    """How per-adapter sums over tokens are cut into fixed-shape batches (see gram_plan)."""
+    token: Tensor          # int64 [pieces, tile]: the token at each row of each piece
+    inside: Tensor         # bool [pieces, tile, 1]: the row belongs to the piece
+    piece_adapter: Tensor  # int64 [pieces]: the adapter a piece sums into (L: unused piece)
+    num_adapters: int
+
+
+def gram_plan(adapter: Tensor, num_adapters: int) -> GramPlan:
+    """Tokens sorted by adapter, cut into tiles of _GRAM_TILE rows; each (tile, adapter) piece
+    becomes one batch of a bmm. There are at most ceil(M / tile) + L pieces, a bound known on
+    the host, so every shape is fixed and nothing syncs; the work wasted is under one tile of
+    rows per adapter (a one-hot formulation would do L times the work). adapter: [M] in [-1, L).
+    """
+    M, L, device = adapter.shape[0], num_adapters, adapter.device
+    if M == 0:
+        none = torch.zeros(0, 1, dtype=torch.int64, device=device)
+        return GramPlan(none, none.bool()[..., None], none[:, 0], L)
+    tile = min(_GRAM_TILE, M)
+    max_pieces = -(-M // tile) + L
+    perm, seg_indptr, _ = segments_from_token_adapter(adapter, L)
+    start, end = seg_indptr[:L].long(), seg_indptr[1:L + 1].long()
+    first_tile = start // tile
+    pieces = torch.where(end > start, (end - 1) // tile - first_tile + 1, 0)
+    pieces_end = torch.cumsum(pieces, 0)
+    p = torch.arange(max_pieces, device=device)
+    piece_adapter = torch.searchsorted(pieces_end, p, right=True)
+    a = piece_adapter.clamp(max=L - 1)
+    piece_tile = first_tile[a] + p - (pieces_end[a] - pieces[a])
+    rows = piece_tile[:, None] * tile + torch.arange(tile, device=device)[None, :]
+    inside = (rows >= start[a][:, None]) & (rows < end[a][:, None]) & (piece_adapter < L)[:, None]
+    return GramPlan(perm[rows.clamp(0, M - 1)], inside[..., None], piece_adapter, L)
+
+
+def per_adapter_gram(u: Tensor, v: Tensor, plan: GramPlan) -> Tensor:
+    """fp32 [L, P, Q]: for each adapter a, the sum over its tokens i of u_i^T v_i (u [M, P],
+    v [M, Q]); the per-adapter weight gradients dA = dT^T x and dB = dY^T T."""
+    L = plan.num_adapters
+    out = torch.zeros(L + 1, u.shape[1], v.shape[1], dtype=torch.float32, device=u.device)
+    u_pieces = torch.where(plan.inside, u[plan.token].float(), 0)
+    v_pieces = torch.where(plan.inside, v[plan.token].float(), 0)
+    out.index_add_(0, plan.piece_adapter, torch.bmm(u_pieces.transpose(1, 2), v_pieces))
+    return out[:L]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+
+def _tokens_2d(op: str, arg: str, t: Tensor, features: Optional[int] = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        _fail(op, f"{arg} must be a Tensor, got {type(t).__name__}")
+    if t.dim() < 1:
+        _fail(op, f"{arg} must have at least 1 dimension (features last), got a 0-D tensor")
+    if features is not None and t.shape[-1] != features:
+        _fail(op, f"{arg} has {t.shape[-1]} features but {features} were expected")
+    return t.reshape(-1, t.shape[-1])
+
+
+def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,
+                token_adapter: Optional[Tensor] = None, seg_indptr: Optional[Tensor] = None,
+                seg_adapter: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """t [S, M, r_max] fp32: t[s, i] = scalings[a_i] * x_i lora_a[s][a_i]^T over a_i's rank, 0 elsewhere.
+
+    x [..., K] (M = the product of its leading dims); lora_a: a stack [L, r_max, K] or a list of
+    S of them (packed slices); scalings float [L]; ranks int [L] (each <= r_max). One index
+    form: token_adapter [M], or seg_indptr [S+1] with seg_adapter [S] (over the flattened
+    tokens); -1 means base only. Not differentiable (multi_lora_linear is).
+    """
+    op = "lora_shrink"
+    x2d = _tokens_2d(op, "x", x)
+    stacks = _as_stacks(op, "lora_a", lora_a)
+    L, r_max = _check_shrink(op, x2d, stacks)
+    _check_adapters(op, scalings, ranks, L, r_max, x.device)
+    index = _check_index(op, x2d.shape[0], L, token_adapter, seg_indptr, seg_adapter, x.device)
+    chosen = _backend.resolve_backend(op, backend, x.device)
+    if chosen == "reference":
+        return reference.multi_lora_shrink(x2d, stacks, scalings, ranks, token_adapter=index[0],
+                                           seg_indptr=index[1], seg_adapter=index[2])
+    return shrink_op(chosen)(x2d, stacks, scalings.to(torch.float32), ranks.to(torch.int32), *index)
+
+
+def lora_expand(y: Tensor, t: Tensor, lora_b: Stacks, ranks: Tensor, *,
+                slice_offsets: Optional[Sequence[int]] = None, token_adapter: Optional[Tensor] = None,
+                seg_indptr: Optional[Tensor] = None, seg_adapter: Optional[Tensor] = None,
+                backend: Optional[str] = None) -> Tensor:
+    """y[i, off_s : off_s + N_s] += t[s, i] lora_b[s][a_i]^T over a_i's rank, in place; returns y.
+
+    y [..., N] (its tokens must be viewable as [M, N]); t [S, M, r_max] fp32 (as lora_shrink
+    returns it); lora_b: a stack [L, N_s, r_max] or a list of S of them; slice_offsets: the
+    first column of each slice in y (default: packed from column 0). Rows whose adapter is -1
+    are left untouched. Not differentiable.
+    """
+    op = "lora_expand"
+    if not isinstance(y, Tensor) or y.dim() < 1:
+        _fail(op, f"y must be a Tensor with features last, got {y!r:.200}")
+    try:
+        y2d = y.view(-1, y.shape[-1])
+    except RuntimeError:
+        _fail(op, f"y (shape {tuple(y.shape)}, strides {y.stride()}) must be viewable as "
+                  f"[tokens, features] to be written in place")
+    _check_float(op, "y", y)
+    stacks = _as_stacks(op, "lora_b", lora_b)
+    L, r_max = stacks[0].shape[0], stacks[0].shape[2]
+    _check_pool(op, "lora_b", L, r_max)
+    _check_expand(op, y, stacks, L, r_max, "y")
+    t_shape = (len(stacks), y2d.shape[0], r_max)
+    if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != t_shape:
+        _fail(op, f"t must be float32 of shape ({len(stacks)}, {y2d.shape[0]}, {r_max}) = (slices, "
+                  f"y's tokens, r_max), got {getattr(t, 'dtype', type(t).__name__)} "
+                  f"{tuple(getattr(t, 'shape', ()))}")
+    if t.device != y.device:
+        _fail(op, f"t is on {t.device} but y is on {y.device}")
+    offsets = _check_slices(op, stacks, slice_offsets, y2d.shape[1], cover=False)
+    _check_adapters(op, None, ranks, L, r_max, y.device)
+    index = _check_index(op, y2d.shape[0], L, token_adapter, seg_indptr, seg_adapter, y.device)
+    chosen = _backend.resolve_backend(op, backend, y.device)
+    if chosen == "reference":
+        reference.multi_lora_expand(y2d, t, stacks, offsets, ranks, token_adapter=index[0],
+                                    seg_indptr=index[1], seg_adapter=index[2])
+    else:
+        expand_op(chosen)(y2d, t, stacks, offsets, ranks.to(torch.int32), *index)
+    return y
+
+
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Stacks,
+                      lora_b: Stacks, scalings: Tensor, ranks: Tensor, *,
+                      token_adapter: Optional[Tensor] = None, seg_indptr: Optional[Tensor] = None,
+                      seg_adapter: Optional[Tensor] = None,
+                      slice_offsets: Optional[Sequence[int]] = None,
+                      backend: Optional[str] = None) -> Tensor:
+    """y = x W^T + b + for every slice s: y[:, off_s : off_s + N_s] += t_s B_s[a_i]^T, with
+    t_s = scalings[a_i] * x A_s[a_i]^T over a_i's rank; one fused op.
+
+    x [..., K]; weight [N, K]; bias [N] or None; lora_a: [L, r_max, K] or a list of S of them;
+    lora_b: [L, N_s, r_max] or a list of S of them, whose columns start at `slice_offsets`
+    (default: packed from column 0) and together tile the N output columns; scalings float [L];
+    ranks int [L]; one index form over the flattened tokens (-1: base only). All floating operands
+    share x's dtype (float32, float16, bfloat16) and device. Differentiable for x, lora_a and
+    lora_b: each adapter's gradient is the one it would get trained alone on its own tokens
+    (and for weight and bias, if they require grad).
+    """
+    op = "multi_lora_linear"
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        _fail(op, f"weight must be a 2-D Tensor [N, K], got {weight!r:.200}")
+    N, K = weight.shape
+    x2d = _tokens_2d(op, "x", x, K)
+    _check_like(op, "weight", weight, x2d)
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (N,):
+            _fail(op, f"bias must have shape ({N},), got {tuple(getattr(bias, 'shape', ()))}")
+        _check_like(op, "bias", bias, x2d)
+    a_stacks = _as_stacks(op, "lora_a", lora_a)
+    b_stacks = _as_stacks(op, "lora_b", lora_b)
+    if len(a_stacks) != len(b_stacks):
+        _fail(op, f"lora_a has {len(a_stacks)} slices but lora_b has {len(b_stacks)}")
+    L, r_max = _check_shrink(op, x2d, a_stacks)
+    _check_expand(op, x2d, b_stacks, L, r_max, "x")
+    offsets = _check_slices(op, b_stacks, slice_offsets, N, cover=True)
+    _check_adapters(op, scalings, ranks, L, r_max, x.device)
+    index = _check_index(op, x2d.shape[0], L, token_adapter, seg_indptr, seg_adapter, x.device)
+    chosen = _backend.resolve_backend(op, backend, x.device)
+    if chosen == "reference":
+        y2d = reference.multi_lora_linear(x2d, weight, bias, a_stacks, b_stacks, offsets, scalings,
+                                          ranks, token_adapter=index[0], seg_indptr=index[1],
+                                          seg_adapter=index[2])
+    else:
+        y2d, _ = linear_fwd_op(chosen)(x2d, weight, bias, a_stacks, b_stacks, offsets,
+                                       scalings.to(torch.float32), ranks.to(torch.int32), *index)
+    return y2d.reshape(*x.shape[:-1], N)

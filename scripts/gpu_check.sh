@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine (H100/H200, torch 2.11+cu130, no network): build the
+# extension, run the whole test suite (CUDA tests included), compute-sanitizer memcheck on a
+# fast subset of the CUDA tests, and the GPU benchmark suite; results and a summary under $OUT.
+# Every phase runs under `timeout` with what is left of an overall deadline (~9 minutes), so
+# the script always ends, and says which phases passed, failed or ran out of time. A phase
+# that ran out of time can be run alone in a second call on the still-warm machine (it keeps
+# the build): PHASES="sanitize" or PHASES="bench" with GPU_CHECK_TOTAL_S=560.
+#
+#   bash scripts/gpu_check.sh                                    # all phases
+#   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
+#   PHASES="build bench" BENCH_ARGS="--suite full" GPU_CHECK_TOTAL_S=560 bash scripts/gpu_check.sh
+#
+# Settings (environment): PHASES (default "build test sanitize bench"), GPU_CHECK_TOTAL_S (540),
+# PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
+# SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
+#
+# Files under $OUT (the device tool returns at most 8): log.txt (everything), summary.md,
+# env.txt, pytest-junit.xml, and the benchmark's <date>_<device>_<commit>_gpu.{json,md,png}, named
+# as benchmarks/results/ keeps them.
+set -u -o pipefail
+
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
+export OUT=${OUT:-$PWD/gpu_check_out}
+export GPU_CHECK_START=${GPU_CHECK_START:-$(date +%s)}
+export GPU_CHECK_TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
+export PHASES=${PHASES:-"build test sanitize bench"}
+export PY=${PYTHON:-python3}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+# Memcheck sees an out-of-bounds access only past the edge of an allocation: without the caching
+# allocator every tensor is its own allocation. CUDA graphs need that allocator: no graph tests.
+# The CUDA backend's tests (ids "cuda-cuda"), less the slow ones: large sizes, opcheck, PEFT
+# models, torch.compile. The multi-adapter ops go first (their out-of-range index test included).
+export SANITIZER_SELECT=${SANITIZER_SELECT:-"cuda-cuda and not graph and not compile and not at_size and not opcheck and not peft"}
+export BENCH_ARGS=${BENCH_ARGS:-}
+export PYTEST_WORKERS=${PYTEST_WORKERS:-4}   # test processes sharing the GPU (pytest-xdist)
+export WORK=${WORK:-$(mktemp -d)}   # per-phase outputs the summary greps (not sent back)
+
+left() { echo $(( GPU_CHECK_START + GPU_CHECK_TOTAL_S - $(date +%s) )); }
+
+commit_id() {
+  if [[ -n "${LORA_OPS_COMMIT:-}" ]]; then echo "$LORA_OPS_COMMIT"
+  else git rev-parse HEAD 2>/dev/null || echo unknown; fi
+}
+
+phase_env() {
+  {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $LORA_OPS_COMMIT"
+    echo "host: $(uname -a)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv || true
+    nvidia-smi || true
+    command -v nvcc && nvcc --version | tail -2
+    command -v compute-sanitizer && compute-sanitizer --version | tail -1
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], sys.executable); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print('triton', triton.__version__)"
+    "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|peft|transformers|pytest|pytest-benchmark|pytest-timeout|ninja|matplotlib|numpy|setuptools) " || true
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS PHASES=$PHASES"
+  } > "$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
+
+phase_build() {
+  # In place, so `import lora_ops` from the repository root finds lora_ops/_C*.so; ninja keeps
+  # build/ between calls on a warm machine, so a rebuild compiles only what changed.
+  "$PY" setup.py build_ext --inplace || return 1
+  "$PY" - <<'EOF'
+import lora_ops
+info = lora_ops.build_info()
+print("build_info:", info)
+print("available_backends:", lora_ops.available_backends())
+if not info.get("compiled") or not info.get("with_cuda"):
+    raise SystemExit("build: lora_ops._C did not load with its CUDA kernels")
+EOF
+}
+
+phase_test() {
+  # pytest-timeout and pytest-xdist are on the GPU machine's image; use them where present.
+  local extra=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
+  (( PYTEST_WORKERS > 1 )) && "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$PYTEST_WORKERS")
+  "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 ${extra[@]+"${extra[@]}"} \
+    --junitxml="$OUT/pytest-junit.xml" 2>&1 | tee "$WORK/test.txt"
+}
+
+phase_sanitize() {
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [[ ! -x "$sanitizer" ]]; then echo "compute-sanitizer not found" | tee "$WORK/sanitize.txt"; return 3; fi
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 99 \
+    --report-api-errors no --print-limit 20 --target-processes all \
+    "$PY" -m pytest tests/test_multi_lora_ops.py tests -q -rfEs -x -p no:cacheprovider -m cuda \
+    -k "$SANITIZER_SELECT" \
+    2>&1 | tee "$WORK/sanitize.txt"
+}
+
+phase_bench() {
+  # The engine checkpoints its JSON after every job and starts no job past its budget; if
+  # `timeout` still has to stop it, the summary is rebuilt from the last checkpoint.
+  local budget=$(( $(left) - 60 ))
+  (( budget > 360 )) && budget=360
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+  "$PY" -m lora_ops.bench --suite gpu --time-budget "$budget" --warmup-ms 10 --rep-ms 40 \
+    --out-dir "$OUT" $BENCH_ARGS
+}
+
+# A phase runs as this script in a child process, so that `timeout` can stop it and all it started.
+if [[ "${1:-}" == __phase ]]; then
+  "phase_$2"
+  exit $?
+fi
+
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+TEE_PID=$!
+export LORA_OPS_COMMIT=$(commit_id)
+declare -A STATUS TAKEN
+ORDER=()
+
+# run_phase NAME CAP_S RESERVE_S: run phase NAME under min(CAP_S, time left - RESERVE_S), the
+# reserve being what the later phases need at least.
+run_phase() {
+  local name=$1 cap=$2 reserve=$3 limit t0 rc
+  ORDER+=("$name")
+  limit=$(( $(left) - reserve ))
+  (( limit > cap )) && limit=$cap
+  if (( limit < 20 )); then
+    STATUS[$name]="skipped: no time left"; TAKEN[$name]=0
+    echo "=== $name: skipped, no time left"; return 0
+  fi
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+  t0=$(date +%s)
+  timeout --kill-after=15 "$limit" bash "$SELF" __phase "$name"; rc=$?
+  TAKEN[$name]=$(( $(date +%s) - t0 ))
+  case $rc in
+    0) STATUS[$name]="ok" ;;
+    124|137) STATUS[$name]="timed out after ${limit}s" ;;
+    *) STATUS[$name]="failed (exit $rc)" ;;
+  esac
+  echo "=== $name: ${STATUS[$name]} in ${TAKEN[$name]}s"
+}
+
+wanted() { [[ " $PHASES " == *" $1 "* ]]; }
+
+echo "=== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $LORA_OPS_COMMIT, phases: $PHASES, budget ${GPU_CHECK_TOTAL_S}s"
+[[ "$LORA_OPS_COMMIT" == unknown ]] && echo "no .git here: pass LORA_OPS_COMMIT=<sha> to name the commit"
+run_phase env 30 0
+if wanted build; then
+  run_phase build 240 280
+  [[ "${STATUS[build]}" == ok ]] || echo "build did not succeed: what follows runs without the compiled backends"
+fi
+wanted test && run_phase test 150 220
+wanted sanitize && run_phase sanitize 100 170
+if wanted bench; then
+  run_phase bench 420 10
+  bench_json=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
+  if [[ -n "$bench_json" && "${STATUS[bench]}" != ok ]]; then
+    "$PY" -m lora_ops.bench --from-json "$bench_json" --summary "${bench_json%.json}.md" \
+      --plot "${bench_json%.json}.png" || true
+  fi
+fi
+rm -f "$OUT"/*.tmp
+
+pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" "$1" 2>/dev/null | tail -1; }
+{
+  echo "# lora_ops GPU check"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit: $LORA_OPS_COMMIT"
+  echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo unknown)"
+  echo "- $(grep -E '^torch ' "$OUT/env.txt" | head -1); $(grep -E '^triton ' "$OUT/env.txt" | head -1)"
+  echo "- wall time: $(( $(date +%s) - GPU_CHECK_START ))s of a ${GPU_CHECK_TOTAL_S}s budget"
+  echo
+  echo "| phase | status | seconds |"
+  echo "|---|---|---|"
+  for name in "${ORDER[@]}"; do echo "| $name | ${STATUS[$name]} | ${TAKEN[$name]} |"; done
+  echo
+  wanted test && echo "- pytest, whole suite: $(pytest_result "$WORK/test.txt")"
+  if wanted sanitize; then
+    echo "- memcheck on pytest -m cuda -k \"$SANITIZER_SELECT\": $(pytest_result "$WORK/sanitize.txt"); $(grep -E 'ERROR SUMMARY|not found' "$WORK/sanitize.txt" 2>/dev/null | tail -1)"
+    grep -q "Device not supported" "$WORK/sanitize.txt" 2>/dev/null && echo "- compute-sanitizer refused this device (seen before on gVisor machines)"
+  fi
+  echo
+  bench_md=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
+  bench_md=${bench_md%.json}.md
+  if [[ -f "$bench_md" ]]; then cat "$bench_md"; else echo "(no benchmark results)"; fi
+} > "$OUT/summary.md"
+echo "=== gpu_check done in $(( $(date +%s) - GPU_CHECK_START ))s; summary in $OUT/summary.md"
+overall=0
+for name in "${ORDER[@]}"; do
+  printf '%-9s %s\n' "$name" "${STATUS[$name]}"
+  [[ "${STATUS[$name]}" == ok ]] || overall=1
+done
+exec >&- 2>&-
+wait "$TEE_PID"
+exit $overall

@@ -1,0 +1,990 @@
+// Every lora_ops::cpu entry point against naive double-precision loops: odd shapes, fp32 / fp16 /
+// bf16, dropout on and off, both adapter-index forms, -1 and out-of-range adapters, NaN past an
+// adapter's rank, packed slices, strided adapter stacks, and the invalid-argument returns.
+//
+// Inputs are small multiples of 1/64, exact in every dtype, so the oracle sees the very values
+// the kernel sees. A result passes when |got - want| <= tol * mag, where mag is the sum of the
+// magnitudes of every term of that output and tol covers the dtype's rounding (output and
+// saved intermediates) plus fp32 accumulation over the depth.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/dtype.h"
+#include "lora_ops/dropout_hash.h"
+#include "lora_ops/kernels.h"
+
+namespace {
+
+using lora_ops::AdapterStack;
+namespace cpu = lora_ops::cpu;
+
+int g_failures = 0;
+int g_checks = 0;
+
+void fail(const std::string& what) {
+  ++g_failures;
+  if (g_failures <= 30) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+}
+
+void expect(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) fail(what);
+}
+
+void expect_status(lora_status_t got, lora_status_t want, const std::string& what) {
+  expect(got == want, what + ": status " + std::to_string(got) + ", expected " +
+                          std::to_string(want));
+}
+
+const char* dtype_name(lora_dtype_t d) {
+  return d == LORA_DTYPE_F32 ? "f32" : d == LORA_DTYPE_F16 ? "f16" : "bf16";
+}
+
+// Unit roundoff of a dtype's storage.
+double unit_roundoff(lora_dtype_t d) {
+  return d == LORA_DTYPE_F32 ? std::ldexp(1.0, -24)
+                             : d == LORA_DTYPE_F16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+}
+
+// Tolerance relative to the magnitude sum: a few roundings to the dtype plus fp32 accumulation.
+double rel_tol(lora_dtype_t d, int64_t depth) {
+  return 4.0 * unit_roundoff(d) + static_cast<double>(depth + 8) * std::ldexp(1.0, -23);
+}
+
+size_t dtype_size(lora_dtype_t d) { return d == LORA_DTYPE_F32 ? 4 : 2; }
+
+// A dtype-encoded buffer read and written as doubles.
+struct Buffer {
+  lora_dtype_t dtype = LORA_DTYPE_F32;
+  std::vector<unsigned char> bytes;
+
+  Buffer() = default;
+  Buffer(lora_dtype_t d, size_t n) : dtype(d), bytes(n * dtype_size(d), 0) {}
+
+  size_t size() const { return bytes.size() / dtype_size(dtype); }
+  void* ptr() { return bytes.empty() ? nullptr : bytes.data(); }
+  const void* ptr() const { return bytes.empty() ? nullptr : bytes.data(); }
+
+  double get(size_t i) const {
+    switch (dtype) {
+      case LORA_DTYPE_F32: {
+        float f;
+        std::memcpy(&f, &bytes[i * 4], 4);
+        return f;
+      }
+      case LORA_DTYPE_F16: {
+        cpu::Half h;
+        std::memcpy(&h, &bytes[i * 2], 2);
+        return cpu::to_float(h);
+      }
+      default: {
+        cpu::BFloat16 b;
+        std::memcpy(&b, &bytes[i * 2], 2);
+        return cpu::to_float(b);
+      }
+    }
+  }
+
+  void set(size_t i, double v) {
+    const float f = static_cast<float>(v);
+    switch (dtype) {
+      case LORA_DTYPE_F32: std::memcpy(&bytes[i * 4], &f, 4); break;
+      case LORA_DTYPE_F16: {
+        const cpu::Half h = cpu::from_float<cpu::Half>(f);
+        std::memcpy(&bytes[i * 2], &h, 2);
+        break;
+      }
+      default: {
+        const cpu::BFloat16 b = cpu::from_float<cpu::BFloat16>(f);
+        std::memcpy(&bytes[i * 2], &b, 2);
+      }
+    }
+  }
+
+  void fill(double v) {
+    for (size_t i = 0; i < size(); ++i) set(i, v);
+  }
+};
+
+std::mt19937 g_rng(1234);
+
+// Multiples of 1/64 in [-1.5, 1.5]: exact in fp32, fp16 and bf16.
+double random_value() {
+  return static_cast<double>(std::uniform_int_distribution<int>(-96, 96)(g_rng)) / 64.0;
+}
+
+Buffer random_buffer(lora_dtype_t d, size_t n) {
+  Buffer b(d, n);
+  for (size_t i = 0; i < n; ++i) b.set(i, random_value());
+  return b;
+}
+
+std::vector<float> random_floats(size_t n) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = static_cast<float>(random_value());
+  return v;
+}
+
+bool close(double got, double want, double mag, double tol) {
+  if (std::isnan(want)) return std::isnan(got);
+  return std::fabs(got - want) <= tol * mag + 1e-30;
+}
+
+// Compares got[i] with want[i] under tol * mag[i]; reports the first few mismatches.
+void expect_close(const std::string& what, size_t n, const std::function<double(size_t)>& got,
+                  const std::vector<double>& want, const std::vector<double>& mag, double tol) {
+  int reported = 0;
+  bool ok = true;
+  for (size_t i = 0; i < n; ++i) {
+    if (!close(got(i), want[i], mag[i], tol)) {
+      ok = false;
+      if (reported++ < 3) {
+        std::fprintf(stderr, "  %s[%zu]: got %.9g want %.9g (mag %.3g, tol %.3g)\n", what.c_str(),
+                     i, got(i), want[i], mag[i], tol * mag[i]);
+      }
+    }
+  }
+  expect(ok, what);
+}
+
+bool keep(const lora_dropout_t& d, int64_t row, int64_t col) {
+  return d.threshold == 0 ||
+         lora_dropout_keep(d.seed32, d.threshold, static_cast<uint32_t>(row),
+                           static_cast<uint32_t>(col)) != 0;
+}
+
+lora_dropout_t make_dropout(double p, uint32_t seed32) {
+  lora_dropout_t d;
+  d.seed32 = seed32;
+  d.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
+  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  return d;
+}
+
+const lora_dropout_t kOff = {0u, 0u, 1.0f};
+
+// ---- dtype conversions against an independent rounding oracle ---------------------------------
+
+// v rounded to nearest even in a binary format with `digits` significand bits, smallest normal
+// exponent emin and largest finite value max_finite (beyond it: inf).
+double round_to_format(double v, int digits, int emin, double max_finite) {
+  if (std::isnan(v) || v == 0.0 || std::isinf(v)) return v;
+  int e;
+  std::frexp(std::fabs(v), &e);  // |v| in [2^(e-1), 2^e)
+  const int exponent = std::max(e - 1, emin);
+  const double ulp = std::ldexp(1.0, exponent - (digits - 1));
+  const double r = std::nearbyint(v / ulp) * ulp;
+  return std::fabs(r) > max_finite ? std::copysign(INFINITY, v) : r;
+}
+
+double half_bits_value(uint16_t h) {
+  const int exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  const double sign = (h & 0x8000) ? -1.0 : 1.0;
+  if (exp == 0x1f) return mant ? NAN : sign * INFINITY;
+  if (exp == 0) return sign * std::ldexp(mant, -24);
+  return sign * std::ldexp(1024 + mant, exp - 25);
+}
+
+void test_conversions() {
+  const double half_max = 65504.0, bf16_max = std::ldexp(255.0, 120);
+  bool decode_ok = true, encode_ok = true;
+  std::vector<float> probes;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const double want = half_bits_value(static_cast<uint16_t>(h));
+    const double got = cpu::half_to_float(static_cast<uint16_t>(h));
+    if (!(std::isnan(want) ? std::isnan(got) : (got == want && std::signbit(got) == std::signbit(want)))) {
+      decode_ok = false;
+    }
+    // The value itself, and the midpoint to the next value: a tie that must round to even.
+    const double next = half_bits_value(static_cast<uint16_t>(h + 1));
+    probes.push_back(static_cast<float>(want));
+    if (std::isfinite(want) && std::isfinite(next) && (h & 0x7fff) != 0x7bff) {
+      probes.push_back(static_cast<float>((want + next) / 2));
+    }
+  }
+  expect(decode_ok, "half_to_float over every fp16 value");
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 400000; ++i) {
+    float f;
+    const uint32_t u = bits(g_rng);
+    std::memcpy(&f, &u, 4);
+    probes.push_back(f);
+  }
+  for (float f : {65504.0f, 65519.99f, 65520.0f, 1e30f, 5.9604645e-8f, 2.9802322e-8f,
+                  2.9802326e-8f, 6.1035156e-5f, 6.1032e-5f, -0.0f, INFINITY, -INFINITY, NAN}) {
+    probes.push_back(f);
+  }
+  for (float f : probes) {
+    const double want_h = round_to_format(f, 11, -14, half_max);
+    const double got_h = half_bits_value(cpu::float_to_half(f));
+    const double want_b = round_to_format(f, 8, -126, bf16_max);
+    const double got_b = cpu::bf16_to_float(cpu::float_to_bf16(f));
+    const bool h_ok = std::isnan(want_h) ? std::isnan(got_h)
+                                         : got_h == want_h && std::signbit(got_h) == std::signbit(f);
+    const bool b_ok = std::isnan(want_b) ? std::isnan(got_b)
+                                         : got_b == want_b && std::signbit(got_b) == std::signbit(f);
+    if (!h_ok || !b_ok) {
+      if (encode_ok) {
+        std::fprintf(stderr, "  convert %.9g: half %.9g (want %.9g), bf16 %.9g (want %.9g)\n", f,
+                     got_h, want_h, got_b, want_b);
+      }
+      encode_ok = false;
+    }
+  }
+  expect(encode_ok, "float_to_half / float_to_bf16 round to nearest even");
+}
+
+// ---- builtin_gemm -----------------------------------------------------------------------------
+
+void test_builtin_gemm_case(lora_dtype_t dt, bool b_is_nk, int64_t m, int64_t n, int64_t k,
+                            float beta) {
+  const int64_t lda = k + 3, ldb = (b_is_nk ? k : n) + 2, ldc = n + 5;
+  const Buffer a = random_buffer(dt, static_cast<size_t>(m * lda));
+  const Buffer b = random_buffer(dt, static_cast<size_t>((b_is_nk ? n : k) * ldb));
+  Buffer c = random_buffer(dt, static_cast<size_t>(m * ldc));
+  if (beta == 0.0f) c.fill(NAN);  // beta == 0 must not read C
+  std::vector<double> want(m * n), mag(m * n);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0, sa = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const double bv = b_is_nk ? b.get(j * ldb + p) : b.get(p * ldb + j);
+        s += a.get(i * lda + p) * bv;
+        sa += std::fabs(a.get(i * lda + p) * bv);
+      }
+      const double c0 = beta == 0.0f ? 0.0 : c.get(i * ldc + j);
+      want[i * n + j] = s + beta * c0;
+      mag[i * n + j] = sa + std::fabs(beta * c0);
+    }
+  }
+  const Buffer pad_before = c;
+  const cpu::Gemm gemm = cpu::builtin_gemm();
+  gemm.fn(gemm.ctx, dt, b_is_nk, m, n, k, a.ptr(), lda, b.ptr(), ldb, beta, c.ptr(), ldc);
+  const std::string name = std::string("builtin_gemm ") + dtype_name(dt) +
+                           (b_is_nk ? " nk " : " kn ") + std::to_string(m) + "x" +
+                           std::to_string(n) + "x" + std::to_string(k) +
+                           " beta=" + std::to_string(beta);
+  expect_close(name, static_cast<size_t>(m * n),
+               [&](size_t e) { return c.get((e / n) * ldc + e % n); }, want, mag,
+               rel_tol(dt, k));
+  bool pad_ok = true;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = n; j < ldc; ++j) {
+      const double before = pad_before.get(i * ldc + j), after = c.get(i * ldc + j);
+      pad_ok &= (std::isnan(before) && std::isnan(after)) || before == after;
+    }
+  }
+  expect(pad_ok, name + ": columns past n untouched");
+}
+
+void test_builtin_gemm() {
+  for (lora_dtype_t dt : {LORA_DTYPE_F32, LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
+    for (bool nk : {true, false}) {
+      test_builtin_gemm_case(dt, nk, 1, 1, 1, 0.0f);
+      test_builtin_gemm_case(dt, nk, 7, 13, 5, 0.0f);
+      test_builtin_gemm_case(dt, nk, 5, 9, 0, 0.0f);    // k = 0: C = 0
+      test_builtin_gemm_case(dt, nk, 5, 9, 0, -0.5f);   // k = 0: C = beta C
+      test_builtin_gemm_case(dt, nk, 37, 45, 300, 1.0f);
+      test_builtin_gemm_case(dt, nk, 3, 600, 70, -0.5f);
+      test_builtin_gemm_case(dt, nk, 4, 70, 600, 0.0f);
+    }
+  }
+  test_builtin_gemm_case(LORA_DTYPE_F32, true, 401, 290, 530, 0.0f);
+  test_builtin_gemm_case(LORA_DTYPE_F32, false, 401, 290, 530, 0.25f);
+  // m == 0 or n == 0 must not touch anything (NULL pointers included).
+  const cpu::Gemm gemm = cpu::builtin_gemm();
+  gemm.fn(gemm.ctx, LORA_DTYPE_F32, true, 0, 5, 5, nullptr, 5, nullptr, 5, 0.0f, nullptr, 5);
+  gemm.fn(gemm.ctx, LORA_DTYPE_F32, true, 5, 0, 5, nullptr, 5, nullptr, 5, 0.0f, nullptr, 0);
+}
+
+// ---- single adapter ---------------------------------------------------------------------------
+
+struct LinearCase {
+  lora_dtype_t dtype;
+  int64_t M, N, K, r;
+  double p;
+  bool bias;
+  int64_t x_pad;  // ldx = K + x_pad
+};
+
+std::string case_name(const char* op, const LinearCase& c) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "%s %s M=%lld N=%lld K=%lld r=%lld p=%.2f bias=%d ldx=K+%lld",
+                op, dtype_name(c.dtype), static_cast<long long>(c.M),
+                static_cast<long long>(c.N), static_cast<long long>(c.K),
+                static_cast<long long>(c.r), c.p, c.bias ? 1 : 0,
+                static_cast<long long>(c.x_pad));
+  return buf;
+}
+
+void test_linear_case(const LinearCase& c) {
+  const lora_dtype_t dt = c.dtype;
+  const int64_t M = c.M, N = c.N, K = c.K, r = c.r, ldx = K + c.x_pad;
+  const lora_dropout_t drop = c.p > 0 ? make_dropout(c.p, 0x9e3779b9u ^ static_cast<uint32_t>(M))
+                                      : kOff;
+  const float scaling = 0.75f;
+  const Buffer x = random_buffer(dt, static_cast<size_t>(M * ldx));
+  const Buffer w = random_buffer(dt, static_cast<size_t>(N * K));
+  const Buffer bias = c.bias ? random_buffer(dt, static_cast<size_t>(N)) : Buffer(dt, 0);
+  const Buffer a = random_buffer(dt, static_cast<size_t>(r * K));
+  const Buffer b = random_buffer(dt, static_cast<size_t>(N * r));
+  const Buffer dy = random_buffer(dt, static_cast<size_t>(M * N));
+
+  auto xd = [&](int64_t i, int64_t k) {  // drop(x) in double
+    return keep(drop, i, k) ? x.get(i * ldx + k) * static_cast<double>(drop.keep_scale) : 0.0;
+  };
+
+  // Forward oracle.
+  std::vector<double> s_ref(M * r), s_mag(M * r), y_ref(M * N), y_mag(M * N);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < r; ++j) {
+      double s = 0, sa = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        s += xd(i, k) * a.get(j * K + k);
+        sa += std::fabs(xd(i, k) * a.get(j * K + k));
+      }
+      s_ref[i * r + j] = s;
+      s_mag[i * r + j] = sa;
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      double y = c.bias ? bias.get(n) : 0.0, ya = std::fabs(y);
+      for (int64_t k = 0; k < K; ++k) {
+        y += x.get(i * ldx + k) * w.get(n * K + k);
+        ya += std::fabs(x.get(i * ldx + k) * w.get(n * K + k));
+      }
+      for (int64_t j = 0; j < r; ++j) {
+        y += scaling * s_ref[i * r + j] * b.get(n * r + j);
+        ya += std::fabs(scaling * b.get(n * r + j)) * s_mag[i * r + j];
+      }
+      y_ref[i * N + n] = y;
+      y_mag[i * N + n] = ya;
+    }
+  }
+  Buffer s(dt, static_cast<size_t>(M * r)), y(dt, static_cast<size_t>(M * N));
+  y.fill(NAN);  // every element must be written
+  const lora_status_t st = cpu::lora_linear_fwd(
+      dt, M, N, K, r, x.ptr(), ldx, w.ptr(), c.bias ? bias.ptr() : nullptr, a.ptr(), b.ptr(),
+      scaling, drop, s.ptr(), y.ptr(), cpu::builtin_gemm());
+  expect_status(st, LORA_OK, case_name("fwd", c));
+  expect_close(case_name("fwd S", c), s_ref.size(), [&](size_t e) { return s.get(e); }, s_ref,
+               s_mag, rel_tol(dt, K));
+  expect_close(case_name("fwd y", c), y_ref.size(), [&](size_t e) { return y.get(e); }, y_ref,
+               y_mag, rel_tol(dt, K + r));
+
+  // Backward oracle; S saved is the kernel's own (what autograd hands back).
+  std::vector<double> ds(M * r), ds_mag(M * r);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < r; ++j) {
+      double v = 0, va = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        v += dy.get(i * N + n) * b.get(n * r + j);
+        va += std::fabs(dy.get(i * N + n) * b.get(n * r + j));
+      }
+      ds[i * r + j] = scaling * v;
+      ds_mag[i * r + j] = std::fabs(scaling) * va;
+    }
+  }
+  std::vector<double> dx_ref(M * K), dx_mag(M * K), da_ref(r * K), da_mag(r * K), db_ref(N * r),
+      db_mag(N * r);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      double v = 0, va = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        v += dy.get(i * N + n) * w.get(n * K + k);
+        va += std::fabs(dy.get(i * N + n) * w.get(n * K + k));
+      }
+      double adapter = 0, adapter_mag = 0;
+      for (int64_t j = 0; j < r; ++j) {
+        adapter += ds[i * r + j] * a.get(j * K + k);
+        adapter_mag += ds_mag[i * r + j] * std::fabs(a.get(j * K + k));
+      }
+      const double ks = keep(drop, i, k) ? static_cast<double>(drop.keep_scale) : 0.0;
+      dx_ref[i * K + k] = v + ks * adapter;
+      dx_mag[i * K + k] = va + ks * adapter_mag;
+    }
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t k = 0; k < K; ++k) {
+      double v = 0, va = 0;
+      for (int64_t i = 0; i < M; ++i) {
+        v += ds[i * r + j] * xd(i, k);
+        va += ds_mag[i * r + j] * std::fabs(xd(i, k));
+      }
+      da_ref[j * K + k] = v;
+      da_mag[j * K + k] = va;
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < r; ++j) {
+      double v = 0, va = 0;
+      for (int64_t i = 0; i < M; ++i) {
+        v += dy.get(i * N + n) * s.get(i * r + j);
+        va += std::fabs(dy.get(i * N + n) * s.get(i * r + j));
+      }
+      db_ref[n * r + j] = scaling * v;
+      db_mag[n * r + j] = std::fabs(scaling) * va;
+    }
+  }
+  Buffer dx(dt, static_cast<size_t>(M * K)), da(dt, static_cast<size_t>(r * K)),
+      db(dt, static_cast<size_t>(N * r));
+  dx.fill(NAN);
+  da.fill(NAN);
+  db.fill(NAN);
+  expect_status(cpu::lora_linear_bwd(dt, M, N, K, r, dy.ptr(), x.ptr(), ldx, w.ptr(), a.ptr(),
+                                     b.ptr(), s.ptr(), scaling, drop, dx.ptr(), da.ptr(), db.ptr(),
+                                     cpu::builtin_gemm()),
+                LORA_OK, case_name("bwd", c));
+  expect_close(case_name("bwd dx", c), dx_ref.size(), [&](size_t e) { return dx.get(e); },
+               dx_ref, dx_mag, rel_tol(dt, N + r));
+  expect_close(case_name("bwd d_lora_a", c), da_ref.size(), [&](size_t e) { return da.get(e); },
+               da_ref, da_mag, rel_tol(dt, M + N));
+  expect_close(case_name("bwd d_lora_b", c), db_ref.size(), [&](size_t e) { return db.get(e); },
+               db_ref, db_mag, rel_tol(dt, M));
+
+  // Each output alone: the others stay NULL and the wanted one is unchanged.
+  Buffer da_only(dt, static_cast<size_t>(r * K)), db_only(dt, static_cast<size_t>(N * r));
+  expect_status(cpu::lora_linear_bwd(dt, M, N, K, r, dy.ptr(), x.ptr(), ldx, nullptr, nullptr,
+                                     b.ptr(), nullptr, scaling, drop, nullptr, da_only.ptr(),
+                                     nullptr, cpu::Gemm{nullptr, nullptr}),
+                LORA_OK, case_name("bwd d_lora_a only", c));
+  expect(da_only.bytes == da.bytes, case_name("bwd d_lora_a only matches", c));
+  expect_status(cpu::lora_linear_bwd(dt, M, N, K, r, dy.ptr(), nullptr, ldx, nullptr, nullptr,
+                                     nullptr, s.ptr(), scaling, drop, nullptr, nullptr,
+                                     db_only.ptr(), cpu::Gemm{nullptr, nullptr}),
+                LORA_OK, case_name("bwd d_lora_b only", c));
+  expect(db_only.bytes == db.bytes, case_name("bwd d_lora_b only matches", c));
+}
+
+void test_linear() {
+  for (lora_dtype_t dt : {LORA_DTYPE_F32, LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
+    for (double p : {0.0, 0.3}) {
+      test_linear_case({dt, 1, 1, 1, 1, p, true, 0});
+      test_linear_case({dt, 7, 13, 19, 5, p, true, 3});
+      test_linear_case({dt, 37, 50, 300, 17, p, false, 0});
+      test_linear_case({dt, 3, 70, 90, 257, p, true, 1});
+    }
+  }
+  // At most 4 rows (or a rank of at most 4 for d_lora_a) stream B instead of packing it.
+  test_linear_case({LORA_DTYPE_BF16, 4, 300, 600, 9, 0.2, true, 5});
+  test_linear_case({LORA_DTYPE_F16, 200, 30, 70, 3, 0.2, true, 0});
+  test_linear_case({LORA_DTYPE_F32, 389, 300, 600, 16, 0.1, true, 0});
+  test_linear_case({LORA_DTYPE_BF16, 389, 300, 600, 16, 0.1, true, 0});
+  test_linear_case({LORA_DTYPE_F32, 9, 11, 13, 0, 0.0, true, 0});  // no adapter rank at all
+}
+
+// Dropped elements of x never reach S or d_lora_a, even when they are NaN.
+void test_dropout_masks_nan() {
+  const int64_t M = 23, K = 41, N = 9, r = 4;
+  const lora_dropout_t drop = make_dropout(0.5, 77u);
+  Buffer x = random_buffer(LORA_DTYPE_F32, M * K);
+  int dropped = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (!keep(drop, i, k)) {
+        x.set(i * K + k, NAN);
+        ++dropped;
+      }
+    }
+  }
+  expect(dropped > M * K / 4, "dropout p=0.5 drops about half");
+  const Buffer a = random_buffer(LORA_DTYPE_F32, r * K), b = random_buffer(LORA_DTYPE_F32, N * r);
+  const Buffer w(LORA_DTYPE_F32, N * K), dy = random_buffer(LORA_DTYPE_F32, M * N);
+  Buffer s(LORA_DTYPE_F32, M * r), y(LORA_DTYPE_F32, M * N), da(LORA_DTYPE_F32, r * K);
+  expect_status(cpu::lora_linear_fwd(LORA_DTYPE_F32, M, N, K, r, x.ptr(), K, w.ptr(), nullptr,
+                                     a.ptr(), b.ptr(), 1.0f, drop, s.ptr(), y.ptr(),
+                                     cpu::builtin_gemm()),
+                LORA_OK, "fwd with NaN in dropped x");
+  bool finite = true;
+  for (size_t e = 0; e < s.size(); ++e) finite &= std::isfinite(s.get(e));
+  expect(finite, "S is finite when every NaN of x is dropped");
+  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, M, N, K, r, dy.ptr(), x.ptr(), K, nullptr,
+                                     nullptr, b.ptr(), nullptr, 1.0f, drop, nullptr, da.ptr(),
+                                     nullptr, cpu::Gemm{nullptr, nullptr}),
+                LORA_OK, "bwd with NaN in dropped x");
+  finite = true;
+  for (size_t e = 0; e < da.size(); ++e) finite &= std::isfinite(da.get(e));
+  expect(finite, "d_lora_a is finite when every NaN of x is dropped");
+}
+
+// M = 0: nothing read, forward writes nothing, the weight gradients are zero.
+void test_linear_empty() {
+  const int64_t N = 6, K = 5, r = 3;
+  Buffer a = random_buffer(LORA_DTYPE_BF16, r * K), b = random_buffer(LORA_DTYPE_BF16, N * r);
+  Buffer w = random_buffer(LORA_DTYPE_BF16, N * K);
+  expect_status(cpu::lora_linear_fwd(LORA_DTYPE_BF16, 0, N, K, r, nullptr, K, w.ptr(), nullptr,
+                                     a.ptr(), b.ptr(), 1.0f, kOff, nullptr, nullptr,
+                                     cpu::builtin_gemm()),
+                LORA_OK, "fwd M=0");
+  Buffer da(LORA_DTYPE_BF16, r * K), db(LORA_DTYPE_BF16, N * r);
+  da.fill(NAN);
+  db.fill(NAN);
+  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_BF16, 0, N, K, r, nullptr, nullptr, K, w.ptr(),
+                                     a.ptr(), b.ptr(), nullptr, 1.0f, kOff, nullptr, da.ptr(),
+                                     db.ptr(), cpu::builtin_gemm()),
+                LORA_OK, "bwd M=0");
+  bool zeros = true;
+  for (size_t e = 0; e < da.size(); ++e) zeros &= da.get(e) == 0.0;
+  for (size_t e = 0; e < db.size(); ++e) zeros &= db.get(e) == 0.0;
+  expect(zeros, "bwd M=0 gives zero d_lora_a and d_lora_b");
+}
+
+// Same bits whatever the thread count: each output has one owner and a fixed summation order.
+void test_thread_count_invariance() {
+#ifdef _OPENMP
+  const int64_t M = 300, N = 270, K = 520, r = 24;
+  const lora_dropout_t drop = make_dropout(0.2, 5u);
+  const Buffer x = random_buffer(LORA_DTYPE_BF16, M * K), w = random_buffer(LORA_DTYPE_BF16, N * K);
+  const Buffer a = random_buffer(LORA_DTYPE_BF16, r * K), b = random_buffer(LORA_DTYPE_BF16, N * r);
+  Buffer s1(LORA_DTYPE_BF16, M * r), y1(LORA_DTYPE_BF16, M * N);
+  Buffer s2(LORA_DTYPE_BF16, M * r), y2(LORA_DTYPE_BF16, M * N);
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(),
+                       b.ptr(), 0.5f, drop, s1.ptr(), y1.ptr(), cpu::builtin_gemm());
+  omp_set_num_threads(threads > 1 ? threads : 2);
+  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(),
+                       b.ptr(), 0.5f, drop, s2.ptr(), y2.ptr(), cpu::builtin_gemm());
+  omp_set_num_threads(threads);
+  expect(s1.bytes == s2.bytes && y1.bytes == y2.bytes, "fwd bitwise equal on 1 and 2+ threads");
+#endif
+}
+
+void test_linear_invalid() {
+  const Buffer x = random_buffer(LORA_DTYPE_F32, 64), w = random_buffer(LORA_DTYPE_F32, 64);
+  Buffer s(LORA_DTYPE_F32, 64), y(LORA_DTYPE_F32, 64);
+  const cpu::Gemm g = cpu::builtin_gemm();
+  auto fwd = [&](lora_dtype_t dt, int64_t M, int64_t N, int64_t K, int64_t r, const void* xp,
+                 int64_t ldx, const void* wp, void* yp, const cpu::Gemm& gemm) {
+    return cpu::lora_linear_fwd(dt, M, N, K, r, xp, ldx, wp, nullptr, w.ptr(), w.ptr(), 1.0f,
+                                kOff, s.ptr(), yp, gemm);
+  };
+  const lora_status_t bad = LORA_ERR_INVALID_ARGUMENT;
+  expect_status(fwd(LORA_DTYPE_F32, -1, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(), g), bad, "fwd M<0");
+  expect_status(fwd(LORA_DTYPE_F32, 2, 2, 2, -2, x.ptr(), 2, w.ptr(), y.ptr(), g), bad, "fwd r<0");
+  expect_status(fwd(LORA_DTYPE_F32, 2, 2, 2, 2, nullptr, 2, w.ptr(), y.ptr(), g), bad,
+                "fwd x NULL");
+  expect_status(fwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), 2, nullptr, y.ptr(), g), bad,
+                "fwd weight NULL");
+  expect_status(fwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), 2, w.ptr(), nullptr, g), bad,
+                "fwd y NULL");
+  expect_status(fwd(LORA_DTYPE_F32, 2, 2, 4, 2, x.ptr(), 3, w.ptr(), y.ptr(), g), bad,
+                "fwd ldx < K");
+  expect_status(fwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(),
+                    cpu::Gemm{nullptr, nullptr}),
+                bad, "fwd gemm NULL");
+  expect_status(fwd(static_cast<lora_dtype_t>(3), 2, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(), g),
+                bad, "fwd unknown dtype");
+  expect_status(fwd(LORA_DTYPE_F32, 1, 2, 4, 2, x.ptr(), 0, w.ptr(), y.ptr(), g), LORA_OK,
+                "fwd one row, any ldx");
+  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, nullptr, x.ptr(), 2, w.ptr(),
+                                     w.ptr(), w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr,
+                                     nullptr, g),
+                bad, "bwd dy NULL");
+  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), nullptr, 2, w.ptr(),
+                                     w.ptr(), w.ptr(), s.ptr(), 1.0f, kOff, nullptr, y.ptr(),
+                                     nullptr, g),
+                bad, "bwd x NULL with d_lora_a wanted");
+  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(),
+                                     w.ptr(), w.ptr(), nullptr, 1.0f, kOff, nullptr, nullptr,
+                                     y.ptr(), g),
+                bad, "bwd s_saved NULL with d_lora_b wanted");
+  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(),
+                                     w.ptr(), w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr,
+                                     nullptr, cpu::Gemm{nullptr, nullptr}),
+                bad, "bwd gemm NULL with dx wanted");
+}
+
+// ---- multi-adapter ----------------------------------------------------------------------------
+
+// L adapters of heterogeneous rank; every element past an adapter's rank is NaN.
+struct MultiAdapters {
+  int64_t L, r_max, num_slices, K;
+  std::vector<int64_t> widths, offsets;
+  std::vector<int32_t> ranks;
+  std::vector<float> scalings;
+  std::vector<Buffer> a;  // per slice [L, r_max, K], or [L, K, r_max] when a_transposed
+  std::vector<Buffer> b;  // per slice [L, width, r_max]
+  bool a_transposed = false;
+  int64_t b_col_stride = 1;  // 2: B stored with a gap after every rank element (generic path)
+};
+
+MultiAdapters make_adapters(lora_dtype_t dt, int64_t L, int64_t r_max, int64_t K,
+                            std::vector<int64_t> widths, bool a_transposed,
+                            int64_t b_col_stride) {
+  MultiAdapters m;
+  m.L = L;
+  m.r_max = r_max;
+  m.K = K;
+  m.num_slices = static_cast<int64_t>(widths.size());
+  m.widths = widths;
+  m.a_transposed = a_transposed;
+  m.b_col_stride = b_col_stride;
+  int64_t off = 0;
+  for (int64_t w : widths) {
+    m.offsets.push_back(off);
+    off += w;
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    // Ranks 0, r_max and values between; a rank-0 adapter behaves as -1.
+    const int32_t rank = l == 0 ? static_cast<int32_t>(r_max)
+                                : static_cast<int32_t>((l * 7 + 3) % (r_max + 1));
+    m.ranks.push_back(rank);
+    m.scalings.push_back(0.5f + 0.25f * static_cast<float>(l % 3));
+  }
+  for (int64_t s = 0; s < m.num_slices; ++s) {
+    Buffer a = random_buffer(dt, L * r_max * K);
+    Buffer b = random_buffer(dt, L * widths[s] * r_max * b_col_stride);
+    for (size_t e = 0; e < b.size(); ++e) {
+      if (e % b_col_stride != 0) b.set(e, NAN);  // the gaps of a strided B are never read
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t j = m.ranks[l]; j < r_max; ++j) {
+        for (int64_t k = 0; k < K; ++k) {
+          a.set(a_transposed ? (l * K + k) * r_max + j : (l * r_max + j) * K + k, NAN);
+        }
+        for (int64_t n = 0; n < widths[s]; ++n) {
+          b.set(((l * widths[s] + n) * r_max + j) * b_col_stride, NAN);
+        }
+      }
+    }
+    m.a.push_back(std::move(a));
+    m.b.push_back(std::move(b));
+  }
+  return m;
+}
+
+double a_elem(const MultiAdapters& m, int64_t s, int64_t l, int64_t j, int64_t k) {
+  return m.a[s].get(m.a_transposed ? (l * m.K + k) * m.r_max + j : (l * m.r_max + j) * m.K + k);
+}
+
+double b_elem(const MultiAdapters& m, int64_t s, int64_t l, int64_t n, int64_t j) {
+  return m.b[s].get(((l * m.widths[s] + n) * m.r_max + j) * m.b_col_stride);
+}
+
+std::vector<AdapterStack> a_stacks(const MultiAdapters& m) {
+  std::vector<AdapterStack> out;
+  for (const Buffer& a : m.a) {
+    if (m.a_transposed) {
+      out.push_back(AdapterStack{a.ptr(), m.K * m.r_max, 1, m.r_max});
+    } else {
+      out.push_back(AdapterStack{a.ptr(), m.r_max * m.K, m.K, 1});
+    }
+  }
+  return out;
+}
+
+std::vector<AdapterStack> b_stacks(const MultiAdapters& m) {
+  std::vector<AdapterStack> out;
+  for (int64_t s = 0; s < m.num_slices; ++s) {
+    out.push_back(AdapterStack{m.b[s].ptr(), m.widths[s] * m.r_max * m.b_col_stride,
+                               m.r_max * m.b_col_stride, m.b_col_stride});
+  }
+  return out;
+}
+
+// Adapter of each row in both index forms. Segments group equal neighbours of `token`.
+struct Index {
+  std::vector<int32_t> token;
+  std::vector<int32_t> seg_indptr, seg_adapter;
+
+  lora_adapter_index_t tokens() const {
+    return lora_adapter_index_t{token.empty() ? nullptr : token.data(), nullptr, nullptr, 0};
+  }
+  lora_adapter_index_t segments() const {
+    return lora_adapter_index_t{nullptr, seg_indptr.data(),
+                                seg_adapter.empty() ? nullptr : seg_adapter.data(),
+                                static_cast<int64_t>(seg_adapter.size())};
+  }
+};
+
+// Runs of random length with adapters drawn from [-1, L+1] plus a far out-of-range value.
+Index make_index(int64_t M, int64_t L) {
+  Index idx;
+  idx.seg_indptr.push_back(0);
+  std::uniform_int_distribution<int> run_len(1, 5), adapter(-1, static_cast<int>(L) + 1);
+  int64_t i = 0;
+  while (i < M) {
+    const int64_t len = std::min<int64_t>(run_len(g_rng), M - i);
+    const int32_t a = (g_rng() % 11 == 0) ? 1000000 : adapter(g_rng);
+    for (int64_t t = 0; t < len; ++t) idx.token.push_back(a);
+    idx.seg_adapter.push_back(a);
+    i += len;
+    idx.seg_indptr.push_back(static_cast<int32_t>(i));
+  }
+  return idx;
+}
+
+// The adapter a token really uses (-1: none), as every kernel must read the index.
+int64_t effective_adapter(const MultiAdapters& m, int32_t a) {
+  return (a >= 0 && a < m.L && m.ranks[a] > 0) ? a : -1;
+}
+
+std::string multi_name(const char* op, lora_dtype_t dt, int64_t M, const MultiAdapters& m,
+                       bool segments) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "%s %s M=%lld K=%lld L=%lld r_max=%lld slices=%lld %s%s%s", op,
+                dtype_name(dt), static_cast<long long>(M), static_cast<long long>(m.K),
+                static_cast<long long>(m.L), static_cast<long long>(m.r_max),
+                static_cast<long long>(m.num_slices), segments ? "segments" : "tokens",
+                m.a_transposed ? " a^T-view" : "", m.b_col_stride != 1 ? " b-strided" : "");
+  return buf;
+}
+
+// t = shrink oracle: t[s, i, j] = scaling * x[i] . A_s[a][j] for j < rank, else 0.
+void shrink_oracle(const MultiAdapters& m, const Index& idx, const Buffer& x, int64_t M,
+                   int64_t ldx, std::vector<double>& t, std::vector<double>& mag) {
+  t.assign(m.num_slices * M * m.r_max, 0.0);
+  mag.assign(t.size(), 0.0);
+  for (int64_t s = 0; s < m.num_slices; ++s) {
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t a = effective_adapter(m, idx.token[i]);
+      if (a < 0) continue;
+      for (int64_t j = 0; j < m.ranks[a]; ++j) {
+        double v = 0, va = 0;
+        for (int64_t k = 0; k < m.K; ++k) {
+          v += x.get(i * ldx + k) * a_elem(m, s, a, j, k);
+          va += std::fabs(x.get(i * ldx + k) * a_elem(m, s, a, j, k));
+        }
+        t[(s * M + i) * m.r_max + j] = m.scalings[a] * v;
+        mag[(s * M + i) * m.r_max + j] = std::fabs(m.scalings[a]) * va;
+      }
+    }
+  }
+}
+
+void test_multi_case(lora_dtype_t dt, int64_t M, int64_t K, int64_t L, int64_t r_max,
+                     std::vector<int64_t> widths, bool a_transposed, int64_t b_col_stride) {
+  const MultiAdapters m = make_adapters(dt, L, r_max, K, widths, a_transposed, b_col_stride);
+  const Index idx = make_index(M, L);
+  const int64_t ldx = K + 2;
+  const Buffer x = random_buffer(dt, M * ldx);
+  const std::vector<AdapterStack> as = a_stacks(m), bs = b_stacks(m);
+  int64_t N = 0;
+  for (int64_t w : widths) N += w;
+  const int64_t ldy = N + 3;
+
+  std::vector<double> t_ref, t_mag;
+  shrink_oracle(m, idx, x, M, ldx, t_ref, t_mag);
+
+  for (bool segments : {false, true}) {
+    const lora_adapter_index_t index = segments ? idx.segments() : idx.tokens();
+    // shrink
+    std::vector<float> t(m.num_slices * M * r_max, NAN);
+    expect_status(cpu::multi_lora_shrink(dt, M, K, L, r_max, m.num_slices, x.ptr(), ldx,
+                                         as.data(), m.scalings.data(), m.ranks.data(), index,
+                                         t.empty() ? nullptr : t.data()),
+                  LORA_OK, multi_name("shrink", dt, M, m, segments));
+    expect_close(multi_name("shrink t", dt, M, m, segments), t.size(),
+                 [&](size_t e) { return static_cast<double>(t[e]); }, t_ref, t_mag,
+                 rel_tol(dt, K));
+
+    // expand: from a t with NaN past every rank (never read) into a padded y
+    std::vector<float> t_in = random_floats(m.num_slices * M * r_max);
+    for (int64_t s = 0; s < m.num_slices; ++s) {
+      for (int64_t i = 0; i < M; ++i) {
+        const int64_t a = effective_adapter(m, idx.token[i]);
+        for (int64_t j = a < 0 ? 0 : m.ranks[a]; j < r_max; ++j) {
+          t_in[(s * M + i) * r_max + j] = NAN;
+        }
+      }
+    }
+    const Buffer y0 = random_buffer(dt, M * ldy);
+    Buffer y = y0;
+    std::vector<double> y_ref(M * ldy), y_mag(M * ldy);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t a = effective_adapter(m, idx.token[i]);
+      for (int64_t c = 0; c < ldy; ++c) {
+        y_ref[i * ldy + c] = y0.get(i * ldy + c);
+        y_mag[i * ldy + c] = std::fabs(y0.get(i * ldy + c));
+      }
+      if (a < 0) continue;
+      for (int64_t s = 0; s < m.num_slices; ++s) {
+        for (int64_t n = 0; n < widths[s]; ++n) {
+          double v = 0, va = 0;
+          for (int64_t j = 0; j < m.ranks[a]; ++j) {
+            v += t_in[(s * M + i) * r_max + j] * b_elem(m, s, a, n, j);
+            va += std::fabs(t_in[(s * M + i) * r_max + j] * b_elem(m, s, a, n, j));
+          }
+          y_ref[i * ldy + m.offsets[s] + n] += v;
+          y_mag[i * ldy + m.offsets[s] + n] += va;
+        }
+      }
+    }
+    expect_status(cpu::multi_lora_expand(dt, M, L, r_max, m.num_slices,
+                                         t_in.empty() ? nullptr : t_in.data(), bs.data(),
+                                         m.offsets.data(), m.widths.data(), m.ranks.data(),
+                                         index, y.ptr(), ldy),
+                  LORA_OK, multi_name("expand", dt, M, m, segments));
+    expect_close(multi_name("expand y", dt, M, m, segments), y_ref.size(),
+                 [&](size_t e) { return y.get(e); }, y_ref, y_mag, rel_tol(dt, r_max));
+    bool idle_untouched = true;
+    for (int64_t i = 0; i < M; ++i) {
+      if (effective_adapter(m, idx.token[i]) >= 0) continue;
+      idle_untouched &= std::memcmp(&y.bytes[i * ldy * dtype_size(dt)],
+                                    &y0.bytes[i * ldy * dtype_size(dt)],
+                                    ldy * dtype_size(dt)) == 0;
+    }
+    expect(idle_untouched, multi_name("expand leaves rows without adapter bit-identical", dt, M,
+                                      m, segments));
+
+    // fused layer: y = x W^T + b + multi-adapter term, slices tiling [0, N)
+    const Buffer w = random_buffer(dt, N * K), bias = random_buffer(dt, N);
+    std::vector<double> f_ref(M * N), f_mag(M * N);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t a = effective_adapter(m, idx.token[i]);
+      for (int64_t s = 0; s < m.num_slices; ++s) {
+        for (int64_t n = 0; n < widths[s]; ++n) {
+          const int64_t col = m.offsets[s] + n;
+          double v = bias.get(col), va = std::fabs(v);
+          for (int64_t k = 0; k < K; ++k) {
+            v += x.get(i * ldx + k) * w.get(col * K + k);
+            va += std::fabs(x.get(i * ldx + k) * w.get(col * K + k));
+          }
+          if (a >= 0) {
+            for (int64_t j = 0; j < m.ranks[a]; ++j) {
+              v += t_ref[(s * M + i) * r_max + j] * b_elem(m, s, a, n, j);
+              va += t_mag[(s * M + i) * r_max + j] * std::fabs(b_elem(m, s, a, n, j));
+            }
+          }
+          f_ref[i * N + col] = v;
+          f_mag[i * N + col] = va;
+        }
+      }
+    }
+    std::vector<float> t_ws(m.num_slices * M * r_max, NAN);
+    Buffer yf(dt, M * N);
+    yf.fill(NAN);
+    expect_status(cpu::multi_lora_linear_fwd(dt, M, N, K, L, r_max, m.num_slices, x.ptr(), ldx,
+                                             w.ptr(), bias.ptr(), as.data(), bs.data(),
+                                             m.offsets.data(), m.widths.data(),
+                                             m.scalings.data(), m.ranks.data(), index,
+                                             t_ws.empty() ? nullptr : t_ws.data(), yf.ptr(),
+                                             cpu::builtin_gemm()),
+                  LORA_OK, multi_name("linear_fwd", dt, M, m, segments));
+    expect_close(multi_name("linear_fwd y", dt, M, m, segments), f_ref.size(),
+                 [&](size_t e) { return yf.get(e); }, f_ref, f_mag, rel_tol(dt, K + r_max));
+    expect_close(multi_name("linear_fwd t", dt, M, m, segments), t_ws.size(),
+                 [&](size_t e) { return static_cast<double>(t_ws[e]); }, t_ref, t_mag,
+                 rel_tol(dt, K));
+  }
+}
+
+void test_multi() {
+  for (lora_dtype_t dt : {LORA_DTYPE_F32, LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
+    test_multi_case(dt, 1, 7, 2, 3, {5}, false, 1);
+    test_multi_case(dt, 29, 33, 5, 8, {17, 9, 9}, false, 1);
+    test_multi_case(dt, 64, 300, 9, 20, {40, 24}, true, 2);
+  }
+  test_multi_case(LORA_DTYPE_F32, 133, 70, 4, 64, {300}, false, 1);
+  test_multi_case(LORA_DTYPE_BF16, 520, 270, 3, 16, {100, 60, 60}, false, 1);
+  test_multi_case(LORA_DTYPE_F32, 0, 7, 3, 4, {5, 6}, false, 1);
+  test_multi_case(LORA_DTYPE_F16, 40, 50, 300, 4, {8}, false, 1);  // many adapters, few rows
+  test_multi_case(LORA_DTYPE_F32, 11, 13, 1, 0, {7}, false, 1);    // r_max = 0
+}
+
+void test_multi_invalid() {
+  const int64_t M = 4, K = 8, L = 2, r_max = 4;
+  const Buffer x = random_buffer(LORA_DTYPE_F32, M * K), w = random_buffer(LORA_DTYPE_F32, 64);
+  const Buffer a = random_buffer(LORA_DTYPE_F32, L * r_max * K);
+  const Buffer b = random_buffer(LORA_DTYPE_F32, L * 8 * r_max);
+  Buffer y(LORA_DTYPE_F32, M * 8);
+  std::vector<float> t(LORA_MAX_SLICES * M * r_max), scal = {1.0f, 1.0f};
+  std::vector<int32_t> ranks = {4, 2}, tok = {0, 1, -1, 0}, indptr = {0, 2, 4}, sa = {0, 1};
+  std::vector<AdapterStack> as(LORA_MAX_SLICES + 1, AdapterStack{a.ptr(), r_max * K, K, 1});
+  std::vector<AdapterStack> bs(LORA_MAX_SLICES + 1, AdapterStack{b.ptr(), 8 * r_max, r_max, 1});
+  const lora_adapter_index_t by_token{tok.data(), nullptr, nullptr, 0};
+  const lora_adapter_index_t by_seg{nullptr, indptr.data(), sa.data(), 2};
+  const lora_status_t bad = LORA_ERR_INVALID_ARGUMENT;
+
+  auto shrink = [&](int64_t num_slices, const int32_t* rk, lora_adapter_index_t index,
+                    const void* xp) {
+    return cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, L, r_max, num_slices, xp, K, as.data(),
+                                  scal.data(), rk, index, t.data());
+  };
+  expect_status(shrink(1, ranks.data(), by_token, x.ptr()), LORA_OK, "shrink valid tokens");
+  expect_status(shrink(1, ranks.data(), by_seg, x.ptr()), LORA_OK, "shrink valid segments");
+  expect_status(shrink(0, ranks.data(), by_token, x.ptr()), bad, "shrink 0 slices");
+  expect_status(shrink(LORA_MAX_SLICES + 1, ranks.data(), by_token, x.ptr()),
+                LORA_ERR_UNSUPPORTED, "shrink too many slices");
+  expect_status(shrink(1, ranks.data(), by_token, nullptr), bad, "shrink x NULL");
+  expect_status(shrink(1, nullptr, by_token, x.ptr()), bad, "shrink ranks NULL");
+  std::vector<int32_t> big_rank = {5, 2}, neg_rank = {-1, 2};
+  expect_status(shrink(1, big_rank.data(), by_token, x.ptr()), bad, "shrink rank > r_max");
+  expect_status(shrink(1, neg_rank.data(), by_token, x.ptr()), bad, "shrink rank < 0");
+  expect_status(shrink(1, ranks.data(), lora_adapter_index_t{nullptr, nullptr, nullptr, 0},
+                       x.ptr()),
+                bad, "shrink no index");
+  expect_status(shrink(1, ranks.data(), lora_adapter_index_t{tok.data(), indptr.data(),
+                                                             sa.data(), 2},
+                       x.ptr()),
+                bad, "shrink both index forms");
+  std::vector<int32_t> short_indptr = {0, 2, 3}, falling = {0, 3, 2, 4}, late_start = {1, 2, 4};
+  expect_status(shrink(1, ranks.data(),
+                       lora_adapter_index_t{nullptr, short_indptr.data(), sa.data(), 2}, x.ptr()),
+                bad, "shrink segments ending before M");
+  std::vector<int32_t> sa3 = {0, 1, 0};
+  expect_status(shrink(1, ranks.data(),
+                       lora_adapter_index_t{nullptr, falling.data(), sa3.data(), 3}, x.ptr()),
+                bad, "shrink decreasing seg_indptr");
+  expect_status(shrink(1, ranks.data(),
+                       lora_adapter_index_t{nullptr, late_start.data(), sa.data(), 2}, x.ptr()),
+                bad, "shrink seg_indptr[0] != 0");
+  expect_status(shrink(1, ranks.data(), lora_adapter_index_t{nullptr, indptr.data(), nullptr, 2},
+                       x.ptr()),
+                bad, "shrink seg_adapter NULL");
+  expect_status(cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, L, r_max, 1, x.ptr(), K - 1,
+                                       as.data(), scal.data(), ranks.data(), by_token, t.data()),
+                bad, "shrink ldx < K");
+
+  std::vector<int64_t> off = {0, 4}, wid = {4, 4}, overlap = {0, 3};
+  auto expand = [&](int64_t num_slices, const int64_t* o, const int64_t* wd, int64_t ldy) {
+    return cpu::multi_lora_expand(LORA_DTYPE_F32, M, L, r_max, num_slices, t.data(), bs.data(), o,
+                                  wd, ranks.data(), by_token, y.ptr(), ldy);
+  };
+  expect_status(expand(2, off.data(), wid.data(), 8), LORA_OK, "expand valid");
+  expect_status(expand(2, overlap.data(), wid.data(), 8), bad, "expand overlapping slices");
+  expect_status(expand(2, off.data(), wid.data(), 7), bad, "expand slice past ldy");
+  expect_status(expand(2, nullptr, wid.data(), 8), bad, "expand slice_offset NULL");
+  expect_status(expand(0, off.data(), wid.data(), 8), bad, "expand 0 slices");
+
+  auto fused = [&](int64_t N, const int64_t* o, const int64_t* wd, const cpu::Gemm& g) {
+    return cpu::multi_lora_linear_fwd(LORA_DTYPE_F32, M, N, K, L, r_max, 2, x.ptr(), K, w.ptr(),
+                                      nullptr, as.data(), bs.data(), o, wd, scal.data(),
+                                      ranks.data(), by_token, t.data(), y.ptr(), g);
+  };
+  expect_status(fused(8, off.data(), wid.data(), cpu::builtin_gemm()), LORA_OK,
+                "linear_fwd valid");
+  expect_status(fused(9, off.data(), wid.data(), cpu::builtin_gemm()), bad,
+                "linear_fwd slices not covering N");
+  std::vector<int64_t> gap = {0, 5}, gap_w = {4, 4};
+  expect_status(fused(8, gap.data(), gap_w.data(), cpu::builtin_gemm()), bad,
+                "linear_fwd slices with a gap, the last past N");
+  expect_status(fused(8, off.data(), wid.data(), cpu::Gemm{nullptr, nullptr}), bad,
+                "linear_fwd gemm NULL");
+}
+
+}  // namespace
+
+int main() {
+  test_conversions();
+  test_builtin_gemm();
+  test_linear();
+  test_dropout_masks_nan();
+  test_linear_empty();
+  test_thread_count_invariance();
+  test_linear_invalid();
+  test_multi();
+  test_multi_invalid();
+  std::printf("test_cpu_kernels: %d checks, %d failed\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,73 @@
+"""The `lora-ops` command: demo (quick), bench (arguments handed over), info, python -m lora_ops."""
+import importlib.metadata
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from lora_ops.cli import main
+
+
+def test_info_reports_versions_device_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert importlib.metadata.version("torch") in out
+    assert "backends:" in out and "reference" in out
+
+
+def test_info_json_is_machine_readable(capsys):
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["torch"] == importlib.metadata.version("torch")
+    assert "reference" in report["backends"]["cpu"]
+    assert "compiled" in report["build"]
+
+
+def test_bench_hands_its_arguments_to_lora_ops_bench(monkeypatch):
+    seen = []
+    fake = types.ModuleType("lora_ops.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "lora_ops.bench", fake)
+    assert main(["bench", "--ops", "lora_linear", "--json", "out.json"]) == 0
+    assert seen == [["--ops", "lora_linear", "--json", "out.json"]]
+
+
+def test_bench_lists_its_cases(capsys):
+    assert main(["bench", "--list", "--suite", "quick"]) == 0
+    assert "lora_linear" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_demo_quick_runs_checks_and_saves_peft_adapters(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out and "All checks passed." in out
+    for name in ("add1", "add3", "add5"):
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA"
+        assert (tmp_path / name / "adapter_model.safetensors").is_file()
+
+
+def test_demo_unknown_device_is_a_clear_error(capsys):
+    assert main(["demo", "--quick", "--device", "tpu"]) == 2
+    assert "not supported" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "lora_ops", "info"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "backends:" in result.stdout

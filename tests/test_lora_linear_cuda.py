@@ -1,0 +1,40 @@
+"""GPU-only checks of lora_linear: the decode and GEMM paths at realistic sizes, and CUDA graphs.
+Skipped without a GPU (the parity tests of test_lora_linear.py also cover cuda/triton there)."""
+import pytest
+import torch
+
+import lora_ops
+from tests.helpers import DTYPES, backend_params
+from tests.test_lora_linear import check_parity, make_operands
+
+pytestmark = pytest.mark.cuda
+GPU_BACKENDS = backend_params(("cuda", "triton"), devices=("cuda",))
+
+
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 4, 16, 17, 130, 1000])
+@pytest.mark.parametrize("K,N,r", [(256, 512, 16), (1000, 264, 64), (520, 1032, 128)])
+def test_parity_at_size(device, backend, dtype, M, K, N, r):
+    x, w, b, a, bb = make_operands((M,), K, N, r, dtype, device)
+    check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5, p=0.1, seed=M)
+
+
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+@pytest.mark.parametrize("M", [1, 64])
+def test_cuda_graph_capture_and_replay(device, backend, M):
+    x, w, b, a, bb = make_operands((M,), 256, 384, 16, torch.bfloat16, device)
+    run = lambda inp: lora_ops.lora_linear(inp, w, b, a, bb, 2.0, dropout_p=0.1, training=True,
+                                           seed=5, backend=backend)
+    static_x = x.clone()
+    run(static_x)  # warm up: compile, cuBLAS handles, autotuning
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run(static_x)
+    for _ in range(2):
+        fresh = torch.randn_like(x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_y, run(fresh))

@@ -1,0 +1,544 @@
+"""Multi-adapter ops (lora_shrink, lora_expand, multi_lora_linear) on every backend against the
+fp64 reference: adapter popularity, odd token counts, mixed ranks, -1 tokens, packed slices,
+both index forms, gradients; opcheck; errors; what an out-of-range index does on the device."""
+import math
+from dataclasses import dataclass, replace
+from typing import List, Optional
+
+import pytest
+import torch
+
+from lora_ops import multi_lora
+from lora_ops.multi_lora import (lora_expand, lora_shrink, multi_lora_linear,
+                                 segments_from_token_adapter)
+from lora_ops.reference import multi_lora as ref
+from tests.helpers import DTYPES, assert_close_scaled, backend_params
+
+KERNEL_BACKENDS = ("cuda", "triton", "cpu")
+# MAIN: the compiled and reference backends on CPU, every backend on a GPU. KERNELS_FULL: the
+# dtype x popularity matrix, kernels only (the reference is the oracle there). Triton on CPU
+# runs in its interpreter, so it gets the few small tests further down.
+MAIN = backend_params(("cuda", "cpu", "reference"), devices=("cpu",)) + \
+    backend_params(("cuda", "triton", "reference"), devices=("cuda",))
+KERNELS_FULL = backend_params(("cuda", "cpu"), devices=("cpu",)) + \
+    backend_params(("cuda", "triton"), devices=("cuda",))
+TRITON_CPU = backend_params(("triton",), devices=("cpu",))
+KERNELS = backend_params(KERNEL_BACKENDS)
+
+DISTRIBUTIONS = ("distinct", "uniform", "zipf1.5", "identical", "skewed")
+MIXED_RANKS = (1, 8, 16, 64, 128)
+
+
+def adapter_popularity(dist: str, M: int, L: int, gen: torch.Generator) -> torch.Tensor:
+    """Adapter of every token (int64 [M]) for punica's popularity distributions."""
+    if M == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if dist == "distinct":
+        return torch.randperm(L, generator=gen)[:M] if M <= L else torch.arange(M) % L
+    if dist == "uniform":
+        return torch.randint(0, L, (M,), generator=gen)
+    if dist == "zipf1.5":
+        weights = 1.0 / torch.arange(1, L + 1, dtype=torch.float64) ** 1.5
+        return torch.multinomial(weights, M, replacement=True, generator=gen)
+    if dist == "identical":
+        return torch.full((M,), int(torch.randint(0, L, (1,), generator=gen)))
+    if dist == "skewed":  # half the tokens on one adapter, the rest uniform
+        idx = torch.randint(0, L, (M,), generator=gen)
+        return torch.where(torch.rand(M, generator=gen) < 0.5, 0, idx)
+    raise ValueError(dist)
+
+
+def runs_as_segments(token_adapter: torch.Tensor):
+    """The segment form of the same per-token indices without reordering tokens: one segment
+    per run of equal indices, after an empty one, which the kernels must accept."""
+    values = token_adapter.tolist()
+    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    indptr = torch.tensor([0] + starts + [len(values)], dtype=torch.int32)
+    return indptr, torch.tensor([-1] + [values[s] for s in starts], dtype=torch.int32)
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_a: List[torch.Tensor]
+    lora_b: List[torch.Tensor]
+    offsets: List[int]
+    scalings: torch.Tensor
+    ranks: torch.Tensor
+    token_adapter: torch.Tensor
+
+    def to(self, dtype=None, device=None):
+        move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        return replace(self, x=move(self.x), weight=move(self.weight), bias=move(self.bias),
+                       lora_a=[move(a) for a in self.lora_a], lora_b=[move(b) for b in self.lora_b],
+                       scalings=self.scalings.to(device), ranks=self.ranks.to(device),
+                       token_adapter=self.token_adapter.to(device))
+
+    def index(self, form: str):
+        if form == "token":
+            return {"token_adapter": self.token_adapter}
+        indptr, adapters = runs_as_segments(self.token_adapter.cpu())
+        device = self.token_adapter.device
+        return {"seg_indptr": indptr.to(device), "seg_adapter": adapters.to(device)}
+
+
+def make_problem(M: int, dist: str = "uniform", *, K: int = 40, widths=(24,), gaps=None, tail=0,
+                 L: Optional[int] = None, rank_choices=MIXED_RANKS, base_only: float = 0.1,
+                 seed: int = 0) -> Problem:
+    """An fp64 CPU problem; padding past each adapter's rank is NaN (it must never be read).
+    `gaps` (columns before each slice) and `tail` (after the last) leave columns no slice
+    covers, which expand accepts and the fused layer does not."""
+    gen = torch.Generator().manual_seed(seed)
+    L = L or (max(M, 1) if dist == "distinct" else 6)
+    r_max = max(rank_choices)
+    ranks = torch.tensor([rank_choices[i % len(rank_choices)] for i in range(L)], dtype=torch.int32)
+    ranks = ranks[torch.randperm(L, generator=gen)]
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    lora_a, lora_b, offsets, col = [], [], [], 0
+    for width, gap in zip(widths, gaps or [0] * len(widths)):
+        a = randn(L, r_max, K) / math.sqrt(K)
+        b = randn(L, width, r_max) / math.sqrt(r_max)
+        for l, r in enumerate(ranks.tolist()):
+            a[l, r:] = float("nan")
+            b[l, :, r:] = float("nan")
+        lora_a.append(a)
+        lora_b.append(b)
+        col += gap
+        offsets.append(col)
+        col += width
+    N = col + tail
+    token_adapter = adapter_popularity(dist, M, L, gen)
+    token_adapter[torch.rand(M, generator=gen) < base_only] = -1
+    return Problem(x=randn(M, K), weight=randn(N, K) / math.sqrt(K), bias=randn(N),
+                   lora_a=lora_a, lora_b=lora_b, offsets=offsets,
+                   scalings=torch.rand(L, generator=gen, dtype=torch.float64) + 0.5,
+                   ranks=ranks, token_adapter=token_adapter.to(torch.int32))
+
+
+def oracle_shrink(p: Problem) -> torch.Tensor:
+    return ref.multi_lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter)
+
+
+def oracle_linear(p: Problem) -> torch.Tensor:
+    return ref.multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings,
+                                 p.ranks, token_adapter=p.token_adapter)
+
+
+def run_shrink(p: Problem, backend, form="token"):
+    return lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, backend=backend, **p.index(form))
+
+
+def run_expand(p: Problem, y, t, backend, form="token"):
+    return lora_expand(y, t, p.lora_b, p.ranks, slice_offsets=p.offsets, backend=backend, **p.index(form))
+
+
+def run_linear(p: Problem, backend, form="token"):
+    return multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scalings, p.ranks,
+                             slice_offsets=p.offsets, backend=backend, **p.index(form))
+
+
+def check_shrink_expand(p64: Problem, device, backend, dtype, form):
+    p = p64.to(dtype, device)
+    t = run_shrink(p, backend, form)
+    t64 = oracle_shrink(p64)
+    assert t.dtype == torch.float32
+    assert_close_scaled(t, t64, run_shrink(p, "reference"), dtype, "shrink")
+    y0 = torch.randn(p.x.shape[0], p.weight.shape[0], dtype=dtype, device=device)
+    # The same t for every path, so expand is judged on its own.
+    y = run_expand(p, y0.clone(), t, backend, form)
+    y64 = ref.multi_lora_expand(y0.double(), t.double(), p64.lora_b, p64.offsets, p64.ranks,
+                                token_adapter=p64.token_adapter)
+    y_lowp = ref.multi_lora_expand(y0.clone(), t, p.lora_b, p.offsets, p.ranks,
+                                   token_adapter=p.token_adapter)
+    assert_close_scaled(y, y64, y_lowp, dtype, "expand")
+    base_rows = (p.token_adapter == -1).cpu()
+    assert torch.equal(y[base_rows.to(device)], y0[base_rows.to(device)]), "expand touched a -1 row"
+
+
+@pytest.mark.parametrize("device,backend", KERNELS_FULL)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_shrink_expand_match_reference(device, backend, dtype, dist):
+    check_shrink_expand(make_problem(133, dist, widths=(24, 8, 8), tail=3), device, backend, dtype, "token")
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+@pytest.mark.parametrize("M", [0, 1, 7, 133])
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_index_forms_and_odd_token_counts(device, backend, M, form):
+    p = make_problem(M, "zipf1.5", widths=(16, 8), gaps=(2, 5))
+    check_shrink_expand(p, device, backend, torch.float16, form)
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_rank_up_to_256(device, backend):
+    p = make_problem(19, "uniform", K=24, L=3, rank_choices=(256, 3, 200))
+    check_shrink_expand(p, device, backend, torch.float32, "segment")
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_linear_matches_reference(device, backend, dtype, form):
+    # Slices in another order than their columns (v | q | k), tiling the output.
+    p64 = replace(make_problem(133, "skewed", widths=(24, 8, 8)), offsets=[16, 0, 8])
+    p = p64.to(dtype, device)
+    y = run_linear(p, backend, form)
+    assert y.dtype == dtype
+    assert_close_scaled(y, oracle_linear(p64), run_linear(p, "reference", form), dtype, "linear")
+
+
+def linear_grads(p: Problem, backend, form, dy):
+    """Gradients of x, lora_a[s]..., lora_b[s]...; backend "oracle": the reference's autograd
+    on p as it is (fp64)."""
+    x = p.x.detach().requires_grad_()
+    a = [t.detach().requires_grad_() for t in p.lora_a]
+    b = [t.detach().requires_grad_() for t in p.lora_b]
+    if backend == "oracle":
+        y = ref.multi_lora_linear(x, p.weight, p.bias, a, b, p.offsets, p.scalings, p.ranks,
+                                  **p.index(form))
+    else:
+        y = multi_lora_linear(x, p.weight, p.bias, a, b, p.scalings, p.ranks, slice_offsets=p.offsets,
+                              backend=backend, **p.index(form))
+    y.backward(dy)
+    return [x.grad] + [t.grad for t in a] + [t.grad for t in b]
+
+
+def without_padding(p: Problem, grads):
+    """Gradients restricted to each adapter's rank (past it they must be exactly zero)."""
+    S = len(p.lora_a)
+    keep = torch.arange(p.lora_a[0].shape[1], device=p.ranks.device)[None, :] < p.ranks.long()[:, None]
+    out = [grads[0]]
+    for g in grads[1:1 + S]:
+        assert (g[~keep] == 0).all(), "gradient past an adapter's rank"
+        out.append(torch.where(keep[:, :, None], g, 0))
+    for g in grads[1 + S:]:
+        assert (g.transpose(1, 2)[~keep] == 0).all(), "gradient past an adapter's rank"
+        out.append(torch.where(keep[:, None, :], g, 0))
+    return out
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_linear_gradients_match_reference(device, backend, dtype, form):
+    p64 = make_problem(133, "zipf1.5", widths=(16, 8), rank_choices=(1, 8, 16, 32))
+    p = p64.to(dtype, device)
+    dy64 = torch.randn(133, p64.weight.shape[0], dtype=torch.float64)
+    got = without_padding(p, linear_grads(p, backend, form, dy64.to(dtype=dtype, device=device)))
+    want = without_padding(p64, linear_grads(p64, "oracle", "token", dy64))
+    lowp = without_padding(p, linear_grads(p, "reference", form, dy64.to(dtype=dtype, device=device)))
+    for i, (g, w, l) in enumerate(zip(got, want, lowp)):
+        assert_close_scaled(g, w, l, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_zero_tokens_forward_and_backward(device, backend):
+    p = make_problem(0, "uniform", widths=(8, 4)).to(torch.float32, device)
+    dx, *d_stacks = linear_grads(p, backend, "segment", torch.zeros(0, 12, device=device))
+    assert dx.shape == (0, 40) and all((g == 0).all() for g in d_stacks)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(("cpu", "cuda", "reference")))
+def test_gradients_equal_training_each_adapter_alone(device, backend):
+    """Several adapters trained in one batch get, each, the gradient of training it alone on its
+    own tokens with a plain single-adapter LoRA layer."""
+    p64 = make_problem(61, "uniform", L=4, rank_choices=(2, 5, 8), widths=(12,))
+    p = p64.to(torch.float32, device)
+    dy = torch.randn(61, p.weight.shape[0], device=device)
+    dx, da, db = linear_grads(p, backend, "token", dy)
+    for l in range(4):
+        rows = (p.token_adapter == l).nonzero().flatten()
+        r, s = int(p.ranks[l]), float(p.scalings[l])
+        x = p.x[rows].detach().requires_grad_()
+        a = p.lora_a[0][l, :r].detach().requires_grad_()
+        b = p.lora_b[0][l, :, :r].detach().requires_grad_()
+        y = x @ p.weight.t() + p.bias
+        y = torch.cat([y[:, :12] + s * (x @ a.t()) @ b.t(), y[:, 12:]], dim=1)
+        y.backward(dy[rows])
+        torch.testing.assert_close(dx[rows], x.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(da[l, :r], a.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(db[l, :, :r], b.grad, rtol=1e-4, atol=1e-5)
+    base = (p.token_adapter == -1).nonzero().flatten()
+    torch.testing.assert_close(dx[base], dy[base] @ p.weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", KERNELS)
+def test_out_of_range_indices_mean_base_only_on_the_device(device, backend):
+    """The ops check no index values (that would sync a GPU): an adapter index outside [-1, L)
+    means base only and is never dereferenced."""
+    p = op_problem(device)
+    M = p.x.shape[0]
+    wild = torch.tensor([3, 0, -2, 1, 2**31 - 1, 2], dtype=torch.int32, device=device)
+    y, t = multi_lora.linear_fwd_op(backend)(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets,
+                                             p.scalings, p.ranks, wild)
+    want = ref.multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings,
+                                 p.ranks, token_adapter=wild)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert (t[:, (wild < 0) | (wild >= 3)] == 0).all()
+    seg_indptr = torch.tensor([0, 1, 3, 3, M], dtype=torch.int32, device=device)
+    seg_adapter = torch.tensor([2, 5, -7, 1], dtype=torch.int32, device=device)
+    t = multi_lora.shrink_op(backend)(p.x, p.lora_a, p.scalings, p.ranks, None, seg_indptr, seg_adapter)
+    y = p.x.new_zeros(M, p.weight.shape[0])
+    multi_lora.expand_op(backend)(y, t, p.lora_b, p.offsets, p.ranks, None, seg_indptr, seg_adapter)
+    per_token = ref.adapter_of_token(M, 3, seg_indptr=seg_indptr, seg_adapter=seg_adapter)
+    assert per_token.tolist() == [2, -1, -1, 1, 1, 1]
+    want = ref.multi_lora_expand(p.x.new_zeros(M, p.weight.shape[0]),
+                                 oracle_shrink(replace(p, token_adapter=per_token)),
+                                 p.lora_b, p.offsets, p.ranks, token_adapter=per_token)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", KERNELS)
+def test_ranks_outside_0_r_max(device, backend):
+    """The CPU op rejects them (it reads ranks on the host anyway); on a GPU they are clamped
+    into [0, r_max], never read past."""
+    p = op_problem(device)
+    ranks = torch.tensor([4, 99, -5], dtype=torch.int32, device=device)
+    fwd = multi_lora.linear_fwd_op(backend)
+    args = (p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings, ranks, p.token_adapter)
+    if backend == "cpu":
+        message = r"multi_lora_linear_fwd: ranks must lie in \[0, r_max=4\], got values from -5 to 99"
+        with pytest.raises(ValueError, match=message):
+            fwd(*args)
+        return
+    y, _ = fwd(*args)
+    want = ref.multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings,
+                                 ranks.clamp(0, 4), token_adapter=p.token_adapter)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_from_token_adapter():
+    L = 5
+    token_adapter = torch.tensor([3, -1, 0, 3, 9, 1, 3, 0, -4, 1], dtype=torch.int32)
+    perm, seg_indptr, seg_adapter = segments_from_token_adapter(token_adapter, L)
+    assert perm.dtype == torch.int64 and seg_indptr.dtype == seg_adapter.dtype == torch.int32
+    assert seg_indptr.shape == (L + 2,) and seg_adapter.tolist() == [0, 1, 2, 3, 4, -1]
+    assert seg_indptr[0] == 0 and seg_indptr[-1] == len(token_adapter)
+    sorted_adapters = ref.adapter_of_token(10, L, token_adapter)[perm]
+    assert sorted_adapters.tolist() == [0, 0, 1, 1, 3, 3, 3, -1, -1, -1]
+    for s, a in enumerate(seg_adapter.tolist()):
+        assert (sorted_adapters[seg_indptr[s]:seg_indptr[s + 1]] == a).all()
+    assert perm[sorted_adapters == 3].tolist() == [0, 3, 6], "not stable"
+    empty = segments_from_token_adapter(torch.zeros(0, dtype=torch.int64), 2)
+    assert empty[0].shape == (0,) and empty[1].tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_sorted_segments_give_the_token_form_result(device, backend):
+    p = make_problem(40, "uniform").to(torch.float32, device)
+    perm, seg_indptr, seg_adapter = segments_from_token_adapter(p.token_adapter, len(p.ranks))
+    t_sorted = lora_shrink(p.x[perm], p.lora_a, p.scalings, p.ranks, seg_indptr=seg_indptr,
+                           seg_adapter=seg_adapter, backend=backend)
+    torch.testing.assert_close(t_sorted[:, perm.argsort()], run_shrink(p, backend), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("M", [0, 1, 63, 64, 65, 200])
+def test_per_adapter_gram_matches_a_loop(M):
+    """The fixed-shape tiled formulation of the weight gradients, across tile boundaries."""
+    L = 7
+    adapter = torch.randint(-1, L, (M,))
+    adapter[: M // 2] = 2  # one adapter spanning several tiles
+    u, v = torch.randn(M, 3, dtype=torch.float64), torch.randn(M, 5, dtype=torch.float64)
+    want = torch.zeros(L, 3, 5, dtype=torch.float64)
+    for i, a in enumerate(adapter.tolist()):
+        if a >= 0:
+            want[a] += u[i][:, None] * v[i][None, :]
+    got = multi_lora.per_adapter_gram(u, v, multi_lora.gram_plan(adapter, L))
+    assert got.dtype == torch.float32  # accumulates in fp32 whatever the input
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton in its interpreter on CPU: few, small cases (CUDA runs the full matrix above)
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU)
+@pytest.mark.parametrize("dtype,dist,form", [(torch.float32, "uniform", "token"),
+                                             (torch.float16, "zipf1.5", "segment"),
+                                             (torch.bfloat16, "distinct", "token")], ids=str)
+def test_triton_interpreted(device, backend, dtype, dist, form):
+    p = make_problem(9, dist, K=32, widths=(16, 8), gaps=(0, 3), tail=2, rank_choices=(1, 8, 16))
+    check_shrink_expand(p, device, backend, dtype, form)
+    p = make_problem(9, dist, K=32, widths=(16, 8), rank_choices=(1, 8, 16))
+    pl = p.to(dtype, device)
+    assert_close_scaled(run_linear(pl, backend, form), oracle_linear(p), run_linear(pl, "reference", form),
+                        dtype, "linear")
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU)
+def test_triton_interpreted_gradients(device, backend):
+    p64 = make_problem(7, "uniform", K=16, widths=(8,), L=3, rank_choices=(2, 4))
+    dy64 = torch.randn(7, p64.weight.shape[0], dtype=torch.float64)
+    p = p64.to(torch.float32, device)
+    got = without_padding(p, linear_grads(p, backend, "token", dy64.float()))
+    want = without_padding(p64, linear_grads(p64, "oracle", "token", dy64))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops: opcheck (schema, fake impl, autograd registration, AOT dispatch) and errors
+
+def op_problem(device):
+    p = make_problem(6, "uniform", K=8, widths=(4, 3), L=3, rank_choices=(1, 2, 4)).to(torch.float32, device)
+    return replace(p, lora_a=[torch.nan_to_num(a) for a in p.lora_a],
+                   lora_b=[torch.nan_to_num(b) for b in p.lora_b], scalings=p.scalings.float())
+
+
+@pytest.mark.parametrize("device,backend", KERNELS)
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_opcheck(device, backend, form):
+    if (device, backend, form) == ("cpu", "triton", "segment"):
+        pytest.skip("the interpreter makes it slow; the token form covers the Triton ops' schemas "
+                    "on CPU, and both forms run on a GPU")
+    p = op_problem(device)
+    index = p.index(form)
+    idx = (index.get("token_adapter"), index.get("seg_indptr"), index.get("seg_adapter"))
+    torch.library.opcheck(multi_lora.shrink_op(backend), (p.x, p.lora_a, p.scalings, p.ranks, *idx))
+    t = multi_lora.shrink_op(backend)(p.x, p.lora_a, p.scalings, p.ranks, *idx)
+    y = torch.randn(6, p.weight.shape[0], device=device)
+    torch.library.opcheck(multi_lora.expand_op(backend), (y, t, p.lora_b, p.offsets, p.ranks, *idx))
+    # With gradients (the autograd formula traced with dynamic shapes) once; it is the slow one.
+    if form == "token":
+        for leaf in [p.x, *p.lora_a, *p.lora_b]:
+            leaf.requires_grad_()
+    torch.library.opcheck(multi_lora.linear_fwd_op(backend),
+                          (p.x, p.weight, p.bias if form == "token" else None, p.lora_a, p.lora_b,
+                           p.offsets, p.scalings, p.ranks, *idx))
+
+
+def test_errors_name_op_argument_and_what_was_seen():
+    p = op_problem("cpu")
+    L = len(p.ranks)
+    cases = [
+        (dict(token_adapter=torch.tensor([0, 1, 2, 3, 0, 0], dtype=torch.int32)),
+         r"token_adapter values must lie in \[-1, 3\).*from 0 to 3"),
+        (dict(token_adapter=torch.tensor([0, -2, 0, 0, 0, 0])), r"from -2 to 0"),
+        (dict(token_adapter=torch.zeros(5, dtype=torch.int32)), r"token_adapter must have shape \(6,\)"),
+        (dict(token_adapter=torch.zeros(6)), "token_adapter must be int32 or int64"),
+        (dict(token_adapter=None), "give exactly one index form"),
+        (dict(seg_indptr=torch.tensor([0, 6]), seg_adapter=torch.tensor([0])), "give exactly one index form"),
+        (dict(token_adapter=None, seg_indptr=torch.tensor([0, 6])), "needs both seg_indptr and seg_adapter"),
+        (dict(token_adapter=None, seg_indptr=torch.tensor([0, 4, 3, 6]), seg_adapter=torch.tensor([0, 1, 2])),
+         "seg_indptr must start at 0, never decrease"),
+        (dict(token_adapter=None, seg_indptr=torch.tensor([0, 5]), seg_adapter=torch.tensor([0])),
+         "end at the token count 6"),
+        (dict(token_adapter=None, seg_indptr=torch.tensor([0, 6]), seg_adapter=torch.tensor([0, 1])),
+         r"seg_indptr must have shape \(3,\)"),
+        (dict(ranks=torch.tensor([1, 5, 2], dtype=torch.int32)), r"ranks must lie in \[0, r_max=4\].*from 1 to 5"),
+        (dict(ranks=torch.tensor([1, 2], dtype=torch.int32)), r"ranks must have shape \(3,\)"),
+        (dict(ranks=torch.ones(3)), "ranks must be int32 or int64"),
+        (dict(scalings=torch.ones(3, dtype=torch.int32)), "scalings must be a floating-point tensor"),
+        (dict(lora_a=[p.lora_a[0], p.lora_a[1][:2]]), r"lora_a\[1\] must have shape \(3, 4, 8\)"),
+        (dict(lora_a=[p.lora_a[0], p.lora_a[1][:, :3]]), r"lora_a\[1\] must have shape \(3, 4, 8\)"),
+        (dict(lora_b=[p.lora_b[0], p.lora_b[1][:, :, :3]]), r"lora_b\[1\] must have shape \(3, N_slice, 4\)"),
+        (dict(lora_b=[p.lora_b[0]]), "lora_a has 2 slices but lora_b has 1"),
+        (dict(lora_a=[p.lora_a[0].double(), p.lora_a[1]]), r"lora_a\[0\] has dtype torch.float64 but x has torch.float32"),
+        (dict(lora_b=[p.lora_b[0], p.lora_b[1].to("meta")]), r"lora_b\[1\] is on meta"),
+        (dict(lora_a=[p.lora_a[0][0]]), r"lora_a\[0\] must be 3-D"),
+        (dict(lora_a=[p.lora_a[0][:0], p.lora_a[1][:0]]), "lora_a holds no adapters"),
+        (dict(lora_a=[]), "lora_a must be a Tensor or a non-empty list"),
+        (dict(slice_offsets=[0, 2]), "without overlapping"),
+        (dict(slice_offsets=[0, p.weight.shape[0] - 2]), "without overlapping"),
+        (dict(slice_offsets=[0]), "slice_offsets has 1 entries but lora_b has 2"),
+        (dict(weight=torch.randn(9, 8), bias=None), "slices .* must tile the 9 output columns"),
+        (dict(x=torch.randn(6, 9)), "x has 9 features but 8 were expected"),
+        (dict(x=torch.randn(6, 8, dtype=torch.float64)), "weight has dtype torch.float32 but x has torch.float64"),
+        (dict(bias=torch.randn(3)), rf"bias must have shape \({p.weight.shape[0]},\)"),
+    ]
+    for override, message in cases:
+        args = dict(x=p.x, weight=p.weight, bias=p.bias, lora_a=p.lora_a, lora_b=p.lora_b,
+                    scalings=p.scalings, ranks=p.ranks, token_adapter=p.token_adapter,
+                    slice_offsets=p.offsets) | override
+        with pytest.raises(ValueError, match=r"^multi_lora_linear: .*" + message):
+            multi_lora_linear(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("lora_a"),
+                              args.pop("lora_b"), args.pop("scalings"), args.pop("ranks"), **args)
+    assert L == 3
+
+
+def test_shrink_and_expand_errors():
+    p = op_problem("cpu")
+    with pytest.raises(ValueError, match=r"^lora_shrink: x has dtype torch.int64"):
+        lora_shrink(torch.zeros(6, 8, dtype=torch.int64), p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter)
+    t = lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter)
+    y = torch.zeros(6, p.weight.shape[0])
+    with pytest.raises(ValueError, match=r"^lora_expand: t must be float32 of shape \(2, 6, 4\)"):
+        lora_expand(y, t[:, :5], p.lora_b, p.ranks, token_adapter=p.token_adapter)
+    with pytest.raises(ValueError, match=r"^lora_expand: y .* must be viewable"):
+        lora_expand(torch.zeros(2, p.weight.shape[0], 3).transpose(1, 2), t, p.lora_b, p.ranks,
+                    token_adapter=p.token_adapter)
+    with pytest.raises(ValueError, match=r"^lora_expand: lora_b\[0\] has dtype torch.float16 but y has torch.float32"):
+        lora_expand(y, t, [b.half() for b in p.lora_b], p.ranks, token_adapter=p.token_adapter)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter, backend="cuda")
+
+
+@pytest.mark.parametrize("device,backend", backend_params(("cpu",), devices=("cpu",)))
+def test_compiled_ops_check_their_input(device, backend):
+    """The C++ ops check shapes, dtypes and index forms themselves, naming op and argument."""
+    p = op_problem(device)
+    shrink = multi_lora.shrink_op(backend)
+    with pytest.raises(ValueError, match=r"multi_lora_shrink: lora_a\[1\] stacks 2 adapters but lora_a\[0\] stacks 3"):
+        shrink(p.x, [p.lora_a[0], p.lora_a[1][:2]], p.scalings, p.ranks, p.token_adapter)
+    with pytest.raises(ValueError, match="multi_lora_shrink: give exactly one index form"):
+        shrink(p.x, p.lora_a, p.scalings, p.ranks, p.token_adapter, torch.tensor([0, 6]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"multi_lora_shrink: ranks must have shape \[3\]"):
+        shrink(p.x, p.lora_a, p.scalings, p.ranks[:2], p.token_adapter)
+    t = shrink(p.x, p.lora_a, p.scalings, p.ranks, p.token_adapter)
+    y = torch.zeros(6, p.weight.shape[0])
+    with pytest.raises(ValueError, match="multi_lora_expand: y must have unit column stride"):
+        multi_lora.expand_op(backend)(y[:, ::2], t, p.lora_b, [0, 4], p.ranks, p.token_adapter)
+    with pytest.raises(ValueError, match="multi_lora_expand: slices .* without overlapping"):
+        multi_lora.expand_op(backend)(y, t, p.lora_b, [0, 3], p.ranks, p.token_adapter)
+    with pytest.raises(ValueError, match=r"multi_lora_linear_fwd: lora_b\[0\] has dtype"):
+        multi_lora.linear_fwd_op(backend)(p.x, p.weight, p.bias, p.lora_a, [p.lora_b[0].half(), p.lora_b[1]],
+                                          p.offsets, p.scalings, p.ranks, p.token_adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: CUDA graphs (skipped without a GPU)
+
+@pytest.mark.parametrize("device,backend", backend_params(("cuda", "triton"), devices=("cuda",)))
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_cuda_graph_replays_with_new_indices(device, backend, form):
+    """Captured once, replayed with new adapter indices written into the captured tensors:
+    nothing on the hot path syncs with the host or sizes memory from the indices."""
+    dtype = torch.bfloat16
+    p = make_problem(64, "uniform", K=256, widths=(128, 32, 32), L=8).to(dtype, device)
+    p = replace(p, lora_a=[torch.nan_to_num(a) for a in p.lora_a],
+                lora_b=[torch.nan_to_num(b) for b in p.lora_b])
+    static_x, static_index = p.x.clone(), p.token_adapter.clone()
+
+    def step():
+        if form == "token":
+            index = {"token_adapter": static_index}
+            x = static_x
+        else:
+            perm, seg_indptr, seg_adapter = segments_from_token_adapter(static_index, len(p.ranks))
+            index = {"seg_indptr": seg_indptr, "seg_adapter": seg_adapter}
+            x = static_x[perm]
+        y = multi_lora_linear(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scalings, p.ranks,
+                              slice_offsets=p.offsets, backend=backend, **index)
+        return y if form == "token" else y[perm.argsort()]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        new_index = torch.randint(-1, len(p.ranks), (64,), generator=gen, dtype=torch.int32)
+        static_index.copy_(new_index)
+        static_x.copy_(torch.randn(64, 256, generator=gen).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        q = replace(p, x=static_x.clone(), token_adapter=new_index.to(device))
+        assert_close_scaled(static_y, oracle_linear(q.to(torch.float64)), run_linear(q, "reference"),
+                            dtype, "graph replay")

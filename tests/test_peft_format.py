@@ -1,0 +1,205 @@
+"""PEFT's adapter files both ways, with real PEFT on small transformers models, and their errors."""
+import json
+
+import pytest
+import torch
+
+import lora_ops.model as lm
+from lora_ops.modules import LoRALinear
+from lora_ops.multi_lora_module import MultiLoRALinear, mixed_batch
+from tests.tiny_models import (assert_unchanged, logits, randomize_adapters, snapshot, tiny_bert, tiny_llama,
+                               token_batch)
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+LLAMA_ADAPTER = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3})
+
+
+def save_with_peft(model, directory, safe=True, **config):
+    """A PEFT adapter with random (non-zero) B, saved by PEFT itself."""
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **config))
+    peft_model.save_pretrained(str(directory), safe_serialization=safe)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("build, config", [
+    (tiny_llama, LLAMA_ADAPTER),
+    (tiny_llama, dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True)),
+    (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["o_proj", "up_proj"], layers_to_transform=[1],
+                      exclude_modules=["model.layers.1.mlp.up_proj"])),
+    (tiny_bert, dict(r=4, lora_alpha=16, target_modules=r".*attention\.self\.(query|value)", lora_dropout=0.1)),
+], ids=["llama-patterns", "llama-all-linear-rslora", "llama-layers-exclude", "bert-regex"])
+def test_peft_save_then_lora_ops_load_gives_peft_logits(tmp_path, build, config):
+    peft_model = save_with_peft(build(), tmp_path, **config)
+    ids = token_batch()
+    model = lm.load_adapter(build(), tmp_path)
+    torch.testing.assert_close(logits(model, ids), logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+    peft_layers = {name.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+                   for name, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    ours = {name: (m.r, m.scaling) for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert ours == peft_layers
+    assert {m.lora_dropout for m in model.modules() if isinstance(m, LoRALinear)} == \
+        {config.get("lora_dropout", 0.0)}
+
+
+def test_lora_ops_save_then_peft_load_gives_the_same_logits(tmp_path):
+    model = lm.inject(tiny_llama(), "all-linear", 4, 8, rank_pattern={"k_proj": 2, "model.layers.1.mlp.up_proj": 6},
+                      alpha_pattern={"o_proj": 5})
+    randomize_adapters(model)
+    ids = token_batch()
+    lm.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(peft_model, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    peft_ranks = {name.removeprefix("base_model.model."): m.r["default"]
+                  for name, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert peft_ranks == lm.lora_summary(model).ranks
+
+
+def test_lora_ops_save_then_load_round_trip_with_rslora(tmp_path):
+    model = lm.inject(tiny_bert(), ["query", "key", "output.dense"], 3, 6, use_rslora=True, lora_dropout=0.05)
+    randomize_adapters(model)
+    lm.save_adapter(model, tmp_path / "nested" / "dir")
+    loaded = lm.load_adapter(tiny_bert(), tmp_path / "nested" / "dir")
+    ids = token_batch()
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
+    assert lm.lora_summary(loaded).ranks == lm.lora_summary(model).ranks
+    assert all(m.use_rslora and m.lora_dropout == 0.05 for m in loaded.modules() if isinstance(m, LoRALinear))
+
+
+def test_legacy_bin_adapter_loads(tmp_path):
+    peft_model = save_with_peft(tiny_llama(), tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"], safe=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    ids = token_batch()
+    torch.testing.assert_close(logits(lm.load_adapter(tiny_llama(), tmp_path), ids), logits(peft_model, ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapters_serves_a_mixed_batch_like_each_single_adapter(tmp_path):
+    configs = {"qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+               "mlp": dict(r=2, lora_alpha=2, target_modules=["up_proj", "down_proj", "q_proj"], use_rslora=True),
+               "wide": dict(r=8, lora_alpha=4, target_modules="all-linear", rank_pattern={"o_proj": 3})}
+    for index, (name, config) in enumerate(configs.items()):
+        save_with_peft(tiny_llama(), tmp_path / name, **config)
+    served = lm.load_adapters(tiny_llama(), {name: tmp_path / name for name in configs})
+    assert isinstance(served.model.layers[0].self_attn.q_proj, MultiLoRALinear)
+    assert isinstance(served.model.layers[0].mlp.gate_proj, MultiLoRALinear)  # only "wide" targets it
+    ids = token_batch(batch=6, length=5)
+    names = ["qv", "wide", None, "mlp", "qv", "wide"]
+    with mixed_batch(served, names):
+        mixed = logits(served, ids)
+    for row, name in enumerate(names):
+        single = tiny_llama() if name is None else lm.load_adapter(tiny_llama(), tmp_path / name)
+        torch.testing.assert_close(mixed[row], logits(single, ids[row:row + 1])[0], rtol=1e-4, atol=1e-4)
+
+
+def write_adapter(tmp_path, **config_changes):
+    """A valid lora_ops-saved adapter of tiny_llama, with fields of its config changed."""
+    model = lm.inject(tiny_llama(), ["q_proj", "v_proj"], 4, 8)
+    randomize_adapters(model)
+    lm.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(config_changes)
+    path.write_text(json.dumps(config))
+    return tmp_path
+
+
+def replace_tensors(directory, change):
+    from safetensors.torch import load_file, save_file
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def corrupt(kind):
+    def apply(tmp_path):
+        directory = write_adapter(tmp_path)
+        if kind == "no-config":
+            (directory / "adapter_config.json").unlink()
+        elif kind == "no-weights":
+            (directory / "adapter_model.safetensors").unlink()
+        elif kind == "bad-json":
+            (directory / "adapter_config.json").write_text("{'r': 4,")
+        elif kind == "json-list":
+            (directory / "adapter_config.json").write_text("[1, 2]")
+        elif kind == "truncated-weights":
+            path = directory / "adapter_model.safetensors"
+            path.write_bytes(path.read_bytes()[:100])
+        elif kind == "wrong-shape":
+            replace_tensors(directory, lambda t: t.update({
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 31)}))
+        elif kind == "missing-half":
+            replace_tensors(directory, lambda t: t.pop(
+                "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
+        elif kind == "foreign-tensor":
+            replace_tensors(directory, lambda t: t.update({
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)}))
+        elif kind == "integer-tensor":
+            replace_tensors(directory, lambda t: t.update({
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32, dtype=torch.int32)}))
+        return directory
+    return apply
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda p: p / "does-not-exist", FileNotFoundError, "no adapter directory"),
+    (corrupt("no-config"), FileNotFoundError, "has no adapter_config.json"),
+    (corrupt("no-weights"), FileNotFoundError, "has no adapter_model.safetensors"),
+    (corrupt("bad-json"), ValueError, "is not valid JSON"),
+    (corrupt("json-list"), ValueError, "must hold a JSON object"),
+    (corrupt("truncated-weights"), ValueError, "not a valid safetensors file"),
+    (corrupt("wrong-shape"), ValueError, r"q_proj.lora_A.weight has shape \(4, 31\).*need \(4, 32\)"),
+    (corrupt("missing-half"), ValueError, "has no lora_B.weight for module 'model.layers.1.self_attn.v_proj'"),
+    (corrupt("foreign-tensor"), ValueError, "lora_magnitude_vector"),
+    (corrupt("integer-tensor"), ValueError, "must be floating point"),
+    (lambda p: write_adapter(p, peft_type="IA3"), ValueError, "peft_type is 'IA3'"),
+    (lambda p: write_adapter(p, use_dora=True), ValueError, "use_dora=True is a PEFT feature"),
+    (lambda p: write_adapter(p, r=0), ValueError, "r must be a positive int"),
+    (lambda p: write_adapter(p, r=2), ValueError, r"has shape \(4, 32\) but r=2"),
+    (lambda p: write_adapter(p, target_modules=["q_proj"]), ValueError, "has weights for '.*v_proj'"),
+    (lambda p: write_adapter(p, target_modules=["q_proj", "v_proj", "k_proj"]), ValueError,
+     "targets '.*k_proj' but the weights file has no tensors"),
+    (lambda p: write_adapter(p, target_modules=["attention"]), ValueError, "matches no module"),
+    (lambda p: write_adapter(p, target_modules=["embed_tokens"]), TypeError, "has type Embedding"),
+    (lambda p: write_adapter(p, rank_pattern={"q_proj": "big"}), ValueError, "rank_pattern"),
+], ids=["no-dir", "no-config", "no-weights", "bad-json", "json-list", "truncated", "wrong-shape", "missing-half",
+        "foreign-tensor", "integer-tensor", "not-lora", "dora", "bad-r", "r-mismatch", "untargeted-weights",
+        "target-without-weights", "target-matches-nothing", "target-not-linear", "bad-rank-pattern"])
+def test_bad_adapter_files_raise_clearly_and_leave_the_model_unchanged(tmp_path, make, error, message):
+    directory = make(tmp_path)
+    for load in (lambda m: lm.load_adapter(m, directory), lambda m: lm.load_adapters(m, {"a": directory})):
+        model = tiny_llama()
+        before = snapshot(model)
+        with pytest.raises(error, match=message):
+            load(model)
+        assert_unchanged(model, before)
+
+
+def test_adapter_for_another_model_is_refused(tmp_path):
+    save_with_peft(tiny_llama(hidden_size=48), tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"])
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"has shape \(4, 48\)"):
+        lm.load_adapter(model, tmp_path)
+    assert_unchanged(model, before)
+
+
+def test_loading_onto_layers_that_hold_adapters_is_refused(tmp_path):
+    directory = write_adapter(tmp_path)
+    model = lm.inject(tiny_llama(), ["q_proj"], 4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already holds a LoRA adapter"):
+        lm.load_adapter(model, directory)
+    assert_unchanged(model, before)
+
+
+def test_save_adapter_without_lora_layers_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="has no LoRALinear layers"):
+        lm.save_adapter(tiny_llama(), tmp_path)
+    assert not any(tmp_path.iterdir())
