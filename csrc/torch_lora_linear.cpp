@@ -36,8 +36,7 @@ Dims check_operands(const char* op, const at::Tensor& x, const at::Tensor& weigh
   check_size(op, "lora_b", lora_b, 0, d.N, "weight's row count");
   check_size(op, "lora_b", lora_b, 1, d.r, "the rank (lora_a rows)");
   for (auto [name, t] : {std::pair{"weight", &weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b}}) {
-    check_same_dtype(op, name, *t, x);
-    check_same_device(op, name, *t, x);
+    check_matches(op, name, *t, x);
   }
   return d;
 }
@@ -46,8 +45,7 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int6
   if (!bias) return;
   check_dim(kFwd, "bias", *bias, 1);
   check_size(kFwd, "bias", *bias, 0, N, "weight's row count");
-  check_same_dtype(kFwd, "bias", *bias, x);
-  check_same_device(kFwd, "bias", *bias, x);
+  check_matches(kFwd, "bias", *bias, x);
 }
 
 struct FwdArgs {
@@ -91,8 +89,7 @@ BwdArgs prepare_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   check_size(kBwd, "s", s, 0, a.d.M, "x's row count");
   check_size(kBwd, "s", s, 1, a.d.r, "the rank");
   for (auto [name, t] : {std::pair{"dy", &dy}, {"s", &s}}) {
-    check_same_dtype(kBwd, name, *t, x);
-    check_same_device(kBwd, name, *t, x);
+    check_matches(kBwd, name, *t, x);
   }
   a.dropout = make_dropout(kBwd, dropout_p, seed);
   a.dy = dy.contiguous();
@@ -118,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor
       to_lora_dtype(kFwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.x.data_ptr(), a.x.stride(0),
       a.weight.data_ptr(), a.bias.defined() ? a.bias.data_ptr() : nullptr, a.lora_a.data_ptr(),
       a.lora_b.data_ptr(), static_cast<float>(scaling), a.dropout, a.s.data_ptr(),
-      a.y.data_ptr(), aten_cpu_gemm()));
+      a.y.data_ptr(), cpu_base_gemm(to_lora_dtype(kFwd, "x", x))));
   return {a.y, a.s};
 }
 
@@ -131,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
       to_lora_dtype(kBwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.dy.data_ptr(), a.x.data_ptr(),
       a.x.stride(0), a.weight.data_ptr(), a.lora_a.data_ptr(), a.lora_b.data_ptr(),
       a.s.data_ptr(), static_cast<float>(scaling), a.dropout, ptr_or_null(a.dx, mask[0]),
-      ptr_or_null(a.da, mask[1]), ptr_or_null(a.db, mask[2]), aten_cpu_gemm()));
+      ptr_or_null(a.da, mask[1]), ptr_or_null(a.db, mask[2]), cpu_base_gemm(to_lora_dtype(kBwd, "x", x))));
   return {a.dx, a.da, a.db};
 }
 

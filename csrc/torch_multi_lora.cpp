@@ -39,15 +39,6 @@ constexpr const char* kLinear = "multi_lora_linear_fwd";
 using OptTensor = std::optional<at::Tensor>;
 
 // `what` names the tensor the others must match ("x" or "y").
-void check_matches(const char* op, const std::string& arg, const at::Tensor& t,
-                   const at::Tensor& like, const char* what) {
-  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), op, ": ", arg, " has dtype ",
-                    t.scalar_type(), " but ", what, " has ", like.scalar_type(),
-                    "; all operands must share one dtype");
-  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", arg, " is on ", t.device(), " but ",
-                    what, " is on ", like.device());
-}
-
 // A 1-D tensor of `length` on like's device; integer (int32/int64) or floating.
 at::Tensor checked_vector(const char* op, const char* arg, const at::Tensor& t, int64_t length,
                           const at::Tensor& like, const char* what, bool integer) {
@@ -359,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(
       a.x.stride(0), a.weight.data_ptr(), ptr_or_null(a.bias), a.lora_a.views.data(),
       a.lora_b.views.data(), a.offsets.data(), a.widths.data(), a.scalings.data_ptr<float>(),
       a.ranks.data_ptr<int32_t>(), a.index.view(), a.t.data_ptr<float>(), a.y.data_ptr(),
-      aten_cpu_gemm()));
+      cpu_base_gemm(to_lora_dtype(kLinear, "x", x))));
   return {a.y, a.t};
 }
 

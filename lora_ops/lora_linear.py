@@ -79,7 +79,8 @@ def _bwd_fake(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output
 def _triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_fwd
-    return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    with torch.cuda.device_of(x):  # Triton launches on the current device
+        return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
 @torch.library.custom_op("lora_ops::triton_lora_linear_bwd", mutates_args=())
@@ -87,7 +88,8 @@ def _triton_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: T
                 scaling: float, dropout_p: float, seed: int,
                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_bwd
-    return lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, tuple(output_mask))
+    with torch.cuda.device_of(x):
+        return lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, tuple(output_mask))
 
 
 def _setup_context(ctx, inputs, output):

@@ -211,7 +211,8 @@ def _triton_shrink(x: Tensor, lora_a: List[Tensor], scalings: Tensor, ranks: Ten
                    seg_adapter: Optional[Tensor] = None) -> Tensor:
     from lora_ops.triton.multi_lora import multi_lora_shrink
     scalings, ranks, index = _kernel_args(scalings, ranks, token_adapter, seg_indptr, seg_adapter)
-    return multi_lora_shrink(x, lora_a, scalings, ranks, **index)
+    with torch.cuda.device_of(x):  # Triton launches on the current device
+        return multi_lora_shrink(x, lora_a, scalings, ranks, **index)
 
 
 @torch.library.custom_op("lora_ops::triton_multi_lora_expand", mutates_args=("y",))
@@ -220,7 +221,8 @@ def _triton_expand(y: Tensor, t: Tensor, lora_b: List[Tensor], slice_offsets: Li
                    seg_indptr: Optional[Tensor] = None, seg_adapter: Optional[Tensor] = None) -> None:
     from lora_ops.triton.multi_lora import multi_lora_expand
     _, ranks, index = _kernel_args(None, ranks, token_adapter, seg_indptr, seg_adapter)
-    multi_lora_expand(y, t, lora_b, slice_offsets, ranks, **index)
+    with torch.cuda.device_of(y):
+        multi_lora_expand(y, t, lora_b, slice_offsets, ranks, **index)
 
 
 @torch.library.custom_op("lora_ops::triton_multi_lora_linear_fwd", mutates_args=())
@@ -231,9 +233,10 @@ def _triton_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
                        seg_adapter: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from lora_ops.triton.multi_lora import multi_lora_expand, multi_lora_shrink
     scalings, ranks, index = _kernel_args(scalings, ranks, token_adapter, seg_indptr, seg_adapter)
-    t = multi_lora_shrink(x, lora_a, scalings, ranks, **index)
-    y = F.linear(x, weight, bias)
-    multi_lora_expand(y, t, lora_b, slice_offsets, ranks, **index)
+    with torch.cuda.device_of(x):
+        t = multi_lora_shrink(x, lora_a, scalings, ranks, **index)
+        y = F.linear(x, weight, bias)
+        multi_lora_expand(y, t, lora_b, slice_offsets, ranks, **index)
     return y, t
 
 

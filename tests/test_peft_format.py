@@ -71,6 +71,16 @@ def test_lora_ops_save_then_load_round_trip_with_rslora(tmp_path):
     assert all(m.use_rslora and m.lora_dropout == 0.05 for m in loaded.modules() if isinstance(m, LoRALinear))
 
 
+def test_keys_without_the_peft_prefix_load_the_same(tmp_path):
+    model = lm.inject(tiny_llama(), ["q_proj", "up_proj"], 4, 8)
+    randomize_adapters(model)
+    lm.save_adapter(model, tmp_path)
+    replace_tensors(tmp_path, lambda t: t.update({k.removeprefix("base_model.model."): t.pop(k) for k in list(t)}))
+    ids = token_batch()
+    torch.testing.assert_close(logits(lm.load_adapter(tiny_llama(), tmp_path), ids), logits(model, ids),
+                               rtol=0, atol=0)
+
+
 def test_legacy_bin_adapter_loads(tmp_path):
     peft_model = save_with_peft(tiny_llama(), tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"], safe=False)
     assert (tmp_path / "adapter_model.bin").is_file()

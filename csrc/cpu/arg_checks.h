@@ -10,7 +10,9 @@ namespace lora_ops::cpu {
 inline bool present(const void* p, int64_t elements) { return p != nullptr || elements == 0; }
 
 // Rows must not overlap; a single row may have any stride.
-inline bool row_stride_ok(int64_t ld, int64_t rows, int64_t cols) { return rows <= 1 || ld >= cols; }
+inline bool row_stride_ok(int64_t ld, int64_t rows, int64_t cols) {
+  return rows <= 1 || ld >= cols;
+}
 
 inline bool non_negative(int64_t a, int64_t b = 0, int64_t c = 0, int64_t d = 0) {
   return a >= 0 && b >= 0 && c >= 0 && d >= 0;

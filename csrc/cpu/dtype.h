@@ -102,9 +102,12 @@ inline BFloat16 from_float<BFloat16>(float f) {
 template <class Fn>
 lora_status_t dispatch_dtype(lora_dtype_t dtype, Fn&& fn) {
   switch (dtype) {
-    case LORA_DTYPE_F32: return fn(float{});
-    case LORA_DTYPE_F16: return fn(Half{});
-    case LORA_DTYPE_BF16: return fn(BFloat16{});
+    case LORA_DTYPE_F32:
+      return fn(float{});
+    case LORA_DTYPE_F16:
+      return fn(Half{});
+    case LORA_DTYPE_BF16:
+      return fn(BFloat16{});
   }
   return LORA_ERR_INVALID_ARGUMENT;
 }

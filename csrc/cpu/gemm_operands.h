@@ -45,8 +45,8 @@ inline void load_span_dropout(float* __restrict dst, const T* __restrict src, in
 template <class T>
 inline float dropout_value(const T& v, const lora_dropout_t& dropout, int64_t row, int64_t col) {
   if (dropout.threshold == 0) return to_float(v);
-  const bool keep = lora_dropout_keep(dropout.seed32, dropout.threshold,
-                                      static_cast<uint32_t>(row), static_cast<uint32_t>(col));
+  const bool keep = lora_dropout_keep(dropout.seed32, dropout.threshold, static_cast<uint32_t>(row),
+                                      static_cast<uint32_t>(col));
   return keep_or_zero(keep, to_float(v) * dropout.keep_scale);
 }
 
@@ -85,14 +85,7 @@ struct OperandA {
       alignas(64) float span[kKC];
       for (int64_t r = 0; r < kMR; ++r) {
         if (r < count) {
-          const int64_t src_row = row(i + r);
-          const T* src = data + src_row * stride_i + k0;
-          if (dropout.threshold != 0) {
-            load_span_dropout(span, src, kc, dropout, static_cast<uint32_t>(src_row),
-                              static_cast<uint32_t>(k0));
-          } else {
-            load_span(span, src, kc);
-          }
+          load_rows(span, i + r, 1, k0, kc);
           for (int64_t p = 0; p < kc; ++p) dst[p * kMR + r] = span[p];
         } else {
           for (int64_t p = 0; p < kc; ++p) dst[p * kMR + r] = 0.0f;
@@ -109,10 +102,10 @@ struct OperandA {
     }
     for (int64_t p = 0; p < kc; ++p) {
       for (int64_t r = 0; r < kMR; ++r) {
-        dst[p * kMR + r] =
-            r < count ? dropout_value(data[row(i + r) * stride_i + (k0 + p) * stride_k], dropout,
-                                      row(i + r), k0 + p)
-                      : 0.0f;
+        dst[p * kMR + r] = r < count
+                               ? dropout_value(data[row(i + r) * stride_i + (k0 + p) * stride_k],
+                                               dropout, row(i + r), k0 + p)
+                               : 0.0f;
       }
     }
   }
@@ -149,13 +142,7 @@ struct OperandB {
     if (stride_j == 1) {
       for (int64_t p = 0; p < kc; ++p) {
         float* out = dst + p * kNR;
-        const T* src = data + (k0 + p) * stride_k + j;
-        if (dropout.threshold != 0) {
-          load_span_dropout(out, src, count, dropout, static_cast<uint32_t>(k0 + p),
-                            static_cast<uint32_t>(j));
-        } else {
-          load_span(out, src, count);
-        }
+        load_along_j(out, k0 + p, j, count);
         for (int64_t c = count; c < kNR; ++c) out[c] = 0.0f;
       }
       return;
@@ -164,7 +151,7 @@ struct OperandB {
       alignas(64) float span[kKC];
       for (int64_t c = 0; c < kNR; ++c) {
         if (c < count) {
-          load_span(span, data + (j + c) * stride_j + k0, kc);
+          load_along_k(span, j + c, k0, kc);
           for (int64_t p = 0; p < kc; ++p) dst[p * kNR + c] = span[p];
         } else {
           for (int64_t p = 0; p < kc; ++p) dst[p * kNR + c] = 0.0f;
@@ -174,10 +161,9 @@ struct OperandB {
     }
     for (int64_t p = 0; p < kc; ++p) {
       for (int64_t c = 0; c < kNR; ++c) {
-        dst[p * kNR + c] =
-            c < count ? dropout_value(data[(k0 + p) * stride_k + (j + c) * stride_j], dropout,
-                                      k0 + p, j + c)
-                      : 0.0f;
+        dst[p * kNR + c] = c < count ? dropout_value(data[(k0 + p) * stride_k + (j + c) * stride_j],
+                                                     dropout, k0 + p, j + c)
+                                     : 0.0f;
       }
     }
   }

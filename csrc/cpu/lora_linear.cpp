@@ -82,10 +82,10 @@ lora_status_t fwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* x, int64_
 }
 
 template <class T>
-lora_status_t bwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* dy, const T* x,
-                  int64_t ldx, const void* weight, const T* lora_a, const T* lora_b,
-                  const T* s_saved, float scaling, lora_dropout_t dropout, T* dx, T* d_lora_a,
-                  T* d_lora_b, lora_dtype_t dtype, const Gemm& gemm) {
+lora_status_t bwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* dy, const T* x, int64_t ldx,
+                  const void* weight, const T* lora_a, const T* lora_b, const T* s_saved,
+                  float scaling, lora_dropout_t dropout, T* dx, T* d_lora_a, T* d_lora_b,
+                  lora_dtype_t dtype, const Gemm& gemm) {
   lora_status_t status = LORA_OK;
   if (d_lora_b != nullptr) {
     status = parallel_gemm(OperandA<T>{dy, 1, N}, OperandB<T>{s_saved, r, 1},
@@ -133,10 +133,9 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
   if (gemm.fn == nullptr && M * N * K > 0) return LORA_ERR_INVALID_ARGUMENT;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return fwd<T>(M, N, K, r, static_cast<const T*>(x), ldx, weight,
-                  static_cast<const T*>(bias), static_cast<const T*>(lora_a),
-                  static_cast<const T*>(lora_b), scaling, dropout, static_cast<T*>(s_out),
-                  static_cast<T*>(y), dtype, gemm);
+    return fwd<T>(M, N, K, r, static_cast<const T*>(x), ldx, weight, static_cast<const T*>(bias),
+                  static_cast<const T*>(lora_a), static_cast<const T*>(lora_b), scaling, dropout,
+                  static_cast<T*>(s_out), static_cast<T*>(y), dtype, gemm);
   });
 }
 
@@ -149,10 +148,10 @@ lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
   const bool want_dx = dx != nullptr, want_da = d_lora_a != nullptr;
   const bool want_db = d_lora_b != nullptr, want_ds = want_dx || want_da;
   // Inputs are needed only by the outputs asked for.
-  if (!present(dy, (want_ds || want_db) ? M * N : 0) ||
-      !present(x, want_da ? M * K : 0) || (want_da && !row_stride_ok(ldx, M, K)) ||
-      !present(weight, want_dx ? N * K : 0) || !present(lora_a, want_dx ? r * K : 0) ||
-      !present(lora_b, want_ds ? N * r : 0) || !present(s_saved, want_db ? M * r : 0)) {
+  if (!present(dy, (want_ds || want_db) ? M * N : 0) || !present(x, want_da ? M * K : 0) ||
+      (want_da && !row_stride_ok(ldx, M, K)) || !present(weight, want_dx ? N * K : 0) ||
+      !present(lora_a, want_dx ? r * K : 0) || !present(lora_b, want_ds ? N * r : 0) ||
+      !present(s_saved, want_db ? M * r : 0)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   if (want_dx && gemm.fn == nullptr && M * N * K > 0) return LORA_ERR_INVALID_ARGUMENT;

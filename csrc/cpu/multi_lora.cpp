@@ -66,17 +66,18 @@ struct GroupTile {
   int64_t i0, m, j0, n;
 };
 
-// Tiles of every (slice, group) GEMM; cols(slice, group) is its column count.
-template <class ColsFn>
+// Tiles of every (slice, group) GEMM; cols(slice, group) is its column count, streamed(slice,
+// group) whether it streams B (see packed_gemm.h).
+template <class ColsFn, class StreamedFn>
 std::vector<GroupTile> plan_group_tiles(const AdapterGroups& groups, int64_t num_slices,
-                                        ColsFn&& cols, int threads) {
+                                        ColsFn&& cols, StreamedFn&& streamed, int threads) {
   std::vector<GroupTile> tiles;
   for (int64_t s = 0; s < num_slices; ++s) {
     for (int64_t g = 0; g < static_cast<int64_t>(groups.groups.size()); ++g) {
       const int64_t m = groups.groups[g].end - groups.groups[g].begin;
       const int64_t n = cols(s, g);
       if (n == 0) continue;
-      const TileGrid grid = plan_tiles(m, n, threads);
+      const TileGrid grid = plan_tiles(m, n, threads, max_tile_n(streamed(s, g)));
       for (int64_t i0 = 0; i0 < m; i0 += grid.tile_m) {
         for (int64_t j0 = 0; j0 < n; j0 += grid.tile_n) {
           tiles.push_back(GroupTile{s, g, i0, std::min(grid.tile_m, m - i0), j0,
@@ -107,23 +108,27 @@ template <class T>
 lora_status_t shrink(int64_t M, int64_t K, int64_t r_max, int64_t num_slices, const T* x,
                      int64_t ldx, const AdapterStack* lora_a, const float* scalings,
                      const int32_t* ranks, const AdapterGroups& groups, float* t) {
+  // B(k, j) = A_s[a][j][k]: the adapter's first `rank` rows, never the ones past it.
+  const auto a_t = [&](int64_t s, int64_t adapter) {
+    return OperandB<T>{adapter_data<T>(lora_a[s], adapter), lora_a[s].stride_col,
+                       lora_a[s].stride_row};
+  };
+  const auto streamed = [&](int64_t s, int64_t g) {
+    const AdapterGroup& group = groups.groups[g];
+    return streams_b(group.end - group.begin, a_t(s, group.adapter));
+  };
   const bool threaded = worth_threads(M, num_slices * r_max, K);
   const std::vector<GroupTile> tiles = plan_group_tiles(
-      groups, num_slices, [&](int64_t, int64_t g) -> int64_t {
-        return ranks[groups.groups[g].adapter];
-      },
+      groups, num_slices,
+      [&](int64_t, int64_t g) -> int64_t { return ranks[groups.groups[g].adapter]; }, streamed,
       threaded ? max_threads() : 1);
   const bool ok = run_tiles(tiles, threaded, [&](const GroupTile& tile) {
     const AdapterGroup& group = groups.groups[tile.group];
-    const AdapterStack& stack = lora_a[tile.slice];
     const int64_t* rows = groups.rows.data() + group.begin;
-    // B(k, j) = A_s[a][j][k]: the adapter's first `rank` rows, never the ones past it.
-    const OperandB<T> a_t{adapter_data<T>(stack, group.adapter), stack.stride_col,
-                          stack.stride_row};
     const StoreShrink out{t + tile.slice * M * r_max, r_max, rows, scalings[group.adapter],
                           ranks[group.adapter]};
-    return gemm_tile(OperandA<T>{x, ldx, 1, rows}, a_t, out, tile.i0, tile.m, tile.j0, tile.n,
-                     K, group.end - group.begin <= kSmallM);
+    return gemm_tile(OperandA<T>{x, ldx, 1, rows}, a_t(tile.slice, group.adapter), out, tile.i0,
+                     tile.m, tile.j0, tile.n, K, streamed(tile.slice, tile.group));
   });
   for (int64_t s = 0; s < num_slices; ++s) {
     for (int64_t p = groups.idle_begin; p < M; ++p) {
@@ -137,26 +142,30 @@ lora_status_t shrink(int64_t M, int64_t K, int64_t r_max, int64_t num_slices, co
 template <class T>
 lora_status_t expand(int64_t M, int64_t r_max, int64_t num_slices, const float* t,
                      const AdapterStack* lora_b, const int64_t* slice_offset,
-                     const int64_t* slice_width, const int32_t* ranks,
-                     const AdapterGroups& groups, T* y, int64_t ldy, const T* bias,
-                     bool overwrite) {
+                     const int64_t* slice_width, const int32_t* ranks, const AdapterGroups& groups,
+                     T* y, int64_t ldy, const T* bias, bool overwrite) {
+  // B(k, n) = B_s[a][n][k] for k < rank: the depth of this GEMM is the adapter's own rank.
+  const auto b_t = [&](int64_t s, int64_t adapter) {
+    return OperandB<T>{adapter_data<T>(lora_b[s], adapter), lora_b[s].stride_col,
+                       lora_b[s].stride_row};
+  };
+  const auto streamed = [&](int64_t s, int64_t g) {
+    const AdapterGroup& group = groups.groups[g];
+    return streams_b(group.end - group.begin, b_t(s, group.adapter));
+  };
   int64_t total_width = 0;
   for (int64_t s = 0; s < num_slices; ++s) total_width += slice_width[s];
   const bool threaded = worth_threads(M, total_width, r_max);
   const std::vector<GroupTile> tiles = plan_group_tiles(
-      groups, num_slices, [&](int64_t s, int64_t) { return slice_width[s]; },
+      groups, num_slices, [&](int64_t s, int64_t) { return slice_width[s]; }, streamed,
       threaded ? max_threads() : 1);
   const bool ok = run_tiles(tiles, threaded, [&](const GroupTile& tile) {
     const AdapterGroup& group = groups.groups[tile.group];
-    const AdapterStack& stack = lora_b[tile.slice];
     const int64_t* rows = groups.rows.data() + group.begin;
-    // B(k, n) = B_s[a][n][k] for k < rank: the depth of this GEMM is the adapter's own rank.
-    const OperandB<T> b_t{adapter_data<T>(stack, group.adapter), stack.stride_col,
-                          stack.stride_row};
     const StoreExpand<T> out{y, ldy, rows, slice_offset[tile.slice], bias, overwrite};
-    return gemm_tile(OperandA<float>{t + tile.slice * M * r_max, r_max, 1, rows}, b_t, out,
-                     tile.i0, tile.m, tile.j0, tile.n, ranks[group.adapter],
-                     group.end - group.begin <= kSmallM);
+    return gemm_tile(OperandA<float>{t + tile.slice * M * r_max, r_max, 1, rows},
+                     b_t(tile.slice, group.adapter), out, tile.i0, tile.m, tile.j0, tile.n,
+                     ranks[group.adapter], streamed(tile.slice, tile.group));
   });
   return ok ? LORA_OK : LORA_ERR_UNSUPPORTED;
 }
@@ -215,32 +224,37 @@ bool slices_valid(const int64_t* offset, const int64_t* width, int64_t num_slice
   return true;
 }
 
-lora_status_t check_shrink_args(int64_t M, int64_t K, int64_t L, int64_t r_max,
-                                int64_t num_slices, const void* x, int64_t ldx,
-                                const AdapterStack* lora_a, const float* scalings,
-                                const int32_t* ranks, const float* t) {
+lora_status_t check_shrink_args(int64_t M, int64_t K, int64_t L, int64_t r_max, int64_t num_slices,
+                                const void* x, int64_t ldx, const AdapterStack* lora_a,
+                                const float* scalings, const int32_t* ranks, const float* t) {
   if (!non_negative(M, K, L, r_max) || !row_stride_ok(ldx, M, K)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   const lora_status_t slices = check_slice_count(num_slices);
   if (slices != LORA_OK) return slices;
-  if (!present(x, M * K) || !present(t, num_slices * M * r_max) ||
-      !present(scalings, L) || !ranks_valid(ranks, L, r_max) ||
-      !stacks_present(lora_a, num_slices, L, r_max, nullptr, K)) {
+  if (!present(x, M * K) || !present(t, num_slices * M * r_max) || !present(scalings, L) ||
+      !ranks_valid(ranks, L, r_max) || !stacks_present(lora_a, num_slices, L, r_max, nullptr, K)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   return LORA_OK;
 }
 
+// n_exact >= 0: the fused layer's N, which the slices must tile; else the slices must fit in a
+// row of y (any width for a single row).
 lora_status_t check_expand_args(int64_t M, int64_t L, int64_t r_max, int64_t num_slices,
                                 const float* t, const AdapterStack* lora_b,
                                 const int64_t* slice_offset, const int64_t* slice_width,
-                                const int32_t* ranks, const void* y, int64_t ldy,
-                                int64_t n_exact) {
+                                const int32_t* ranks, const void* y, int64_t ldy, int64_t n_exact) {
   if (!non_negative(M, L, r_max)) return LORA_ERR_INVALID_ARGUMENT;
   const lora_status_t slices = check_slice_count(num_slices);
   if (slices != LORA_OK) return slices;
-  if (!slices_valid(slice_offset, slice_width, num_slices, n_exact >= 0 ? n_exact : M > 1 ? ldy : -1)) {
+  int64_t limit = -1;
+  if (n_exact >= 0) {
+    limit = n_exact;
+  } else if (M > 1) {
+    limit = ldy;
+  }
+  if (!slices_valid(slice_offset, slice_width, num_slices, limit)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   int64_t total_width = 0;
@@ -257,12 +271,12 @@ lora_status_t check_expand_args(int64_t M, int64_t L, int64_t r_max, int64_t num
 
 }  // namespace
 
-lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_t L,
-                                int64_t r_max, int64_t num_slices, const void* x, int64_t ldx,
+lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_t L, int64_t r_max,
+                                int64_t num_slices, const void* x, int64_t ldx,
                                 const AdapterStack* lora_a, const float* scalings,
                                 const int32_t* ranks, lora_adapter_index_t index, float* t) {
-  lora_status_t status = check_shrink_args(M, K, L, r_max, num_slices, x, ldx, lora_a,
-                                           scalings, ranks, t);
+  lora_status_t status =
+      check_shrink_args(M, K, L, r_max, num_slices, x, ldx, lora_a, scalings, ranks, t);
   if (status != LORA_OK) return status;
   try {
     AdapterGroups groups;
@@ -270,8 +284,8 @@ lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_
     if (status != LORA_OK) return status;
     return dispatch_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
-      return shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a,
-                       scalings, ranks, groups, t);
+      return shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a, scalings,
+                       ranks, groups, t);
     });
   } catch (const std::bad_alloc&) {
     return LORA_ERR_UNSUPPORTED;
@@ -292,25 +306,25 @@ lora_status_t multi_lora_expand(lora_dtype_t dtype, int64_t M, int64_t L, int64_
     if (status != LORA_OK) return status;
     return dispatch_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
-      return expand<T>(M, r_max, num_slices, t, lora_b, slice_offset, slice_width, ranks,
-                       groups, static_cast<T*>(y), ldy, nullptr, /*overwrite=*/false);
+      return expand<T>(M, r_max, num_slices, t, lora_b, slice_offset, slice_width, ranks, groups,
+                       static_cast<T*>(y), ldy, nullptr, /*overwrite=*/false);
     });
   } catch (const std::bad_alloc&) {
     return LORA_ERR_UNSUPPORTED;
   }
 }
 
-lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
-                                    int64_t L, int64_t r_max, int64_t num_slices, const void* x,
-                                    int64_t ldx, const void* weight, const void* bias,
+lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t L,
+                                    int64_t r_max, int64_t num_slices, const void* x, int64_t ldx,
+                                    const void* weight, const void* bias,
                                     const AdapterStack* lora_a, const AdapterStack* lora_b,
                                     const int64_t* slice_offset, const int64_t* slice_width,
                                     const float* scalings, const int32_t* ranks,
                                     lora_adapter_index_t index, float* t_workspace, void* y,
                                     const Gemm& gemm) {
   if (N < 0) return LORA_ERR_INVALID_ARGUMENT;
-  lora_status_t status = check_shrink_args(M, K, L, r_max, num_slices, x, ldx, lora_a,
-                                           scalings, ranks, t_workspace);
+  lora_status_t status =
+      check_shrink_args(M, K, L, r_max, num_slices, x, ldx, lora_a, scalings, ranks, t_workspace);
   if (status != LORA_OK) return status;
   status = check_expand_args(M, L, r_max, num_slices, t_workspace, lora_b, slice_offset,
                              slice_width, ranks, y, N, N);
@@ -324,8 +338,8 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
     if (status != LORA_OK) return status;
     return dispatch_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
-      lora_status_t st = shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx,
-                                   lora_a, scalings, ranks, groups, t_workspace);
+      lora_status_t st = shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a,
+                                   scalings, ranks, groups, t_workspace);
       if (st != LORA_OK) return st;
       st = expand<T>(M, r_max, num_slices, t_workspace, lora_b, slice_offset, slice_width, ranks,
                      groups, static_cast<T*>(y), N, static_cast<const T*>(bias),

@@ -44,13 +44,13 @@ int max_threads() {
 #endif
 }
 
-TileGrid plan_tiles(int64_t m, int64_t n, int threads) {
+TileGrid plan_tiles(int64_t m, int64_t n, int threads, int64_t max_tile_n) {
   // Enough items to keep every thread busy with some balance, splitting columns first: a
   // narrower item only re-packs A (1/(2 tile_n) of its flops), a shorter one re-packs B.
   const int64_t wanted = threads > 1 ? 3 * int64_t{threads} : 1;
   constexpr int64_t kMinTileN = 64;
   constexpr int64_t kMinTileM = 4 * kMR;
-  int64_t tiles_n = ceil_div(n, kMaxTileN);
+  int64_t tiles_n = ceil_div(n, max_tile_n);
   int64_t tiles_m = ceil_div(m, kMaxTileM);
   if (tiles_m * tiles_n < wanted) {
     tiles_n = std::max(tiles_n, std::min(ceil_div(wanted, tiles_m), ceil_div(n, kMinTileN)));

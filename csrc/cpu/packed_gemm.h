@@ -18,15 +18,17 @@
 //       receives the finished sums C(i, j0 .. j0+n-1).
 //
 // A product of at most kSmallM rows (decode) uses each element of B too few times to pay for
-// packing it: B is streamed in place instead, through
+// packing it: when B's layout allows (streams_b), B is streamed in place instead, in long
+// contiguous runs the hardware prefetcher follows, through
 //   pack_b.layout()  BLayout::kAlongK when B(., j) is contiguous in k, kAlongJ when B(k, .) is
 //       contiguous in j (the row-major matrices of the kernels), kOther for anything else;
 //   pack_b.load_along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   B(k0 .. k0+kc-1, j);
 //   pack_b.load_along_j(float* dst, int64_t k, int64_t j0, int64_t n)    B(k, j0 .. j0+n-1);
 //   pack_a.load_rows(float* dst, int64_t i, int64_t rows, int64_t k0, int64_t kc)
 //       A(i .. i+rows-1, k0 .. k0+kc-1) as rows x kc, row-major.
-// Which path runs depends on the product's row count only, never on the thread count, so
-// results are bitwise the same on any number of threads.
+// Which path runs depends on the product's shape and B's layout only, never on the thread
+// count, and neither path's summation order depends on the tiling, so results are bitwise the
+// same on any number of threads.
 #ifndef LORA_OPS_CPU_PACKED_GEMM_H_
 #define LORA_OPS_CPU_PACKED_GEMM_H_
 
@@ -63,8 +65,10 @@ inline constexpr int64_t kMaxTileM = 384;  // rows of a work item, all sharing o
 inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
 
 inline constexpr int64_t kSmallM = 4;  // up to this many rows, B is streamed, not packed
-
-enum class BLayout { kAlongK, kAlongJ, kOther };
+// The streamed path fills the same scratch differently: depth blocks of kFewRowsKC (A's rows in
+// a_pack) and tiles up to kFewRowsMaxTileN wide (the sums in c_tile).
+inline constexpr int64_t kFewRowsKC = kMC * kKC / kSmallM;
+inline constexpr int64_t kFewRowsMaxTileN = kMaxTileM * kMaxTileN / kSmallM;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -90,7 +94,17 @@ inline bool worth_threads(int64_t m, int64_t n, int64_t k) {
 struct TileGrid {
   int64_t tile_m, tile_n, tiles_m, tiles_n;
 };
-TileGrid plan_tiles(int64_t m, int64_t n, int threads);
+TileGrid plan_tiles(int64_t m, int64_t n, int threads, int64_t max_tile_n);
+
+enum class BLayout { kAlongK, kAlongJ, kOther };
+
+// Whether a product of m rows streams B rather than packing it (see the top of this file).
+template <class PackB>
+bool streams_b(int64_t m, const PackB& pack_b) {
+  return m <= kSmallM && pack_b.layout() != BLayout::kOther;
+}
+
+inline int64_t max_tile_n(bool streamed) { return streamed ? kFewRowsMaxTileN : kMaxTileN; }
 
 inline VecF fmadd(VecF a, VecF b, VecF c) {
 #if defined(__FMA__) && defined(__AVX512F__)
@@ -107,9 +121,7 @@ inline VecF broadcast_lanes(float s, std::index_sequence<Lane...>) {
   return VecF{(static_cast<void>(Lane), s)...};
 }
 
-inline VecF broadcast(float s) {
-  return broadcast_lanes(s, std::make_index_sequence<kVecLen>{});
-}
+inline VecF broadcast(float s) { return broadcast_lanes(s, std::make_index_sequence<kVecLen>{}); }
 
 // c[kMR x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p a[p, :]^T b[p, :].
 inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
@@ -164,8 +176,8 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return total;
 }
 
-// The tile of a product of at most kSmallM rows, B streamed in place (B's layout is kAlongK or
-// kAlongJ): dot products along k, or rows of B scaled into the sums.
+// The tile of a product that streams B: dot products along k, or rows of B scaled into the
+// sums; m <= kSmallM, n <= kFewRowsMaxTileN.
 template <class PackA, class PackB, class Epilogue>
 void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
                         int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
@@ -175,8 +187,8 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
   float* __restrict b_line = ws.b_pack;  // kc (along k) or n (along j)
   std::fill(acc, acc + m * n, 0.0f);
   const bool along_k = pack_b.layout() == BLayout::kAlongK;
-  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-    const int64_t kc = std::min(kKC, k - k0);
+  for (int64_t k0 = 0; k0 < k; k0 += kFewRowsKC) {
+    const int64_t kc = std::min(kFewRowsKC, k - k0);
     pack_a.load_rows(a_rows, i0, m, k0, kc);
     if (along_k) {
       for (int64_t j = 0; j < n; ++j) {
@@ -197,15 +209,15 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
   for (int64_t r = 0; r < m; ++r) epilogue.store(i0 + r, j0, acc + r * n, n);
 }
 
-// C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; m <= kMaxTileM,
-// n <= kMaxTileN. `few_rows`: the whole product has at most kSmallM rows. False if the
-// thread's scratch could not be allocated.
+// C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; `streamed` is
+// streams_b() of the whole product; m <= kMaxTileM and n <= max_tile_n(streamed). False if
+// the thread's scratch could not be allocated.
 template <class PackA, class PackB, class Epilogue>
 bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue, int64_t i0,
-               int64_t m, int64_t j0, int64_t n, int64_t k, bool few_rows) {
+               int64_t m, int64_t j0, int64_t n, int64_t k, bool streamed) {
   const GemmScratch ws = thread_gemm_scratch();
   if (ws.c_tile == nullptr) return false;
-  if (few_rows && pack_b.layout() != BLayout::kOther) {
+  if (streamed) {
     gemm_tile_few_rows(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
     return true;
   }
@@ -240,7 +252,8 @@ lora_status_t parallel_gemm(const PackA& pack_a, const PackB& pack_b, const Epil
                             int64_t m, int64_t n, int64_t k) {
   if (m == 0 || n == 0) return LORA_OK;
   const bool threaded = worth_threads(m, n, k);
-  const TileGrid grid = plan_tiles(m, n, threaded ? max_threads() : 1);
+  const bool streamed = streams_b(m, pack_b);
+  const TileGrid grid = plan_tiles(m, n, threaded ? max_threads() : 1, max_tile_n(streamed));
   const int64_t items = grid.tiles_m * grid.tiles_n;
   int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (threaded && items > 1)
@@ -248,7 +261,7 @@ lora_status_t parallel_gemm(const PackA& pack_a, const PackB& pack_b, const Epil
     const int64_t i0 = item / grid.tiles_n * grid.tile_m;
     const int64_t j0 = item % grid.tiles_n * grid.tile_n;
     failed |= !gemm_tile(pack_a, pack_b, epilogue, i0, std::min(grid.tile_m, m - i0), j0,
-                         std::min(grid.tile_n, n - j0), k, m <= kSmallM);
+                         std::min(grid.tile_n, n - j0), k, streamed);
   }
   return failed ? LORA_ERR_UNSUPPORTED : LORA_OK;
 }

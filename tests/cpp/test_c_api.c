@@ -60,9 +60,9 @@ static const lora_dropout_t kNoDropout = {0u, 0u, 1.0f};
 
 /* A caller-supplied GEMM: naive loops, counting its calls. */
 static int user_gemm_calls = 0;
-static void user_gemm(void* ctx, lora_dtype_t dtype, int b_is_nk, int64_t m, int64_t n,
-                      int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
-                      float beta, void* c, int64_t ldc) {
+static void user_gemm(void* ctx, lora_dtype_t dtype, int b_is_nk, int64_t m, int64_t n, int64_t k,
+                      const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
+                      int64_t ldc) {
   const float* af = (const float*)a;
   const float* bf = (const float*)b;
   float* cf = (float*)c;
@@ -91,14 +91,26 @@ static void test_meta(void) {
   expect(lora_ops_status_string((lora_status_t)99) != NULL, "status string of an unknown code");
 }
 
+/* The CUDA kernels themselves are tested by test_cuda_kernels on a GPU; here, what holds on any
+ * machine: a build without CUDA refuses, a build with it rejects bad host-side arguments
+ * before touching a device. */
 static void test_cuda_entry_points(void) {
   lora_status_t st;
-  if (lora_ops_has_cuda()) return; /* exercised by test_cuda_kernels on a GPU */
-  expect(lora_ops_cuda_lora_linear_fwd_workspace_bytes(LORA_DTYPE_F32, 4, 4, 4, 2) == 0,
-         "no CUDA: workspace bytes 0");
-  st = lora_ops_cuda_lora_linear_fwd(LORA_DTYPE_F32, 1, 1, 1, 1, NULL, 1, NULL, NULL, NULL, NULL,
-                                     1.0f, kNoDropout, NULL, NULL, NULL, NULL, NULL, 0);
-  expect_status(st, LORA_ERR_UNSUPPORTED, "no CUDA: lora_ops_cuda_lora_linear_fwd");
+  const lora_adapter_index_t no_index = {NULL, NULL, NULL, 0};
+  if (!lora_ops_has_cuda()) {
+    expect(lora_ops_cuda_lora_linear_fwd_workspace_bytes(LORA_DTYPE_F32, 4, 4, 4, 2) == 0,
+           "no CUDA: workspace bytes 0");
+    st = lora_ops_cuda_lora_linear_fwd(LORA_DTYPE_F32, 1, 1, 1, 1, NULL, 1, NULL, NULL, NULL, NULL,
+                                       1.0f, kNoDropout, NULL, NULL, NULL, NULL, NULL, 0);
+    expect_status(st, LORA_ERR_UNSUPPORTED, "no CUDA: lora_ops_cuda_lora_linear_fwd");
+    return;
+  }
+  st = lora_ops_cuda_multi_lora_shrink(LORA_DTYPE_F32, 0, 4, 1, 2, 0, NULL, 4, NULL, NULL, NULL,
+                                       no_index, NULL, NULL);
+  expect_status(st, LORA_ERR_INVALID_ARGUMENT, "CUDA shrink with 0 slices");
+  st = lora_ops_cuda_multi_lora_expand(LORA_DTYPE_F32, 0, 1, 2, 1, NULL, NULL, NULL, NULL, NULL,
+                                       no_index, NULL, 4, NULL);
+  expect_status(st, LORA_ERR_INVALID_ARGUMENT, "CUDA expand with NULL stacks");
 }
 
 /* Forward and backward of one adapter, fp32, with bias, against the closed form. */
@@ -114,8 +126,7 @@ static void test_linear(const lora_cpu_gemm_t* gemm, const char* name) {
   float* dy = random_floats(M * N);
   float s[M * R], y[M * N], dx[M * K], da[R * K], db[N * R];
   double s_ref[M * R], s_mag[M * R], y_ref[M * N], y_mag[M * N], ds[M * R], ds_mag[M * R];
-  double dx_ref[M * K], dx_mag[M * K], da_ref[R * K], da_mag[R * K], db_ref[N * R],
-      db_mag[N * R];
+  double dx_ref[M * K], dx_mag[M * K], da_ref[R * K], da_mag[R * K], db_ref[N * R], db_mag[N * R];
   int i, j, k, n;
   char what[128];
 
@@ -239,20 +250,20 @@ static void test_linear_bf16(void) {
   uint16_t x[M * K], w[N * K], a[R * K], b[N * R], s[M * R], y[M * N];
   float xf[M * K], wf[N * K], af[R * K], bf[N * R];
   int i, j, k, n, ok = 1;
-#define ENCODE(dst, src, count)                      \
-  for (i = 0; i < (count); ++i) {                    \
-    uint32_t u;                                      \
-    (src)[i] = random_value();                       \
-    memcpy(&u, &(src)[i], 4);                        \
-    (dst)[i] = (uint16_t)(u >> 16);                  \
+#define ENCODE(dst, src, count)     \
+  for (i = 0; i < (count); ++i) {   \
+    uint32_t u;                     \
+    (src)[i] = random_value();      \
+    memcpy(&u, &(src)[i], 4);       \
+    (dst)[i] = (uint16_t)(u >> 16); \
   }
   ENCODE(x, xf, M * K)
   ENCODE(w, wf, N * K)
   ENCODE(a, af, R * K)
   ENCODE(b, bf, N * R)
 #undef ENCODE
-  expect_status(lora_ops_cpu_lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, R, x, K, w, NULL, a, b,
-                                             1.0f, kNoDropout, s, y, NULL),
+  expect_status(lora_ops_cpu_lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, R, x, K, w, NULL, a, b, 1.0f,
+                                             kNoDropout, s, y, NULL),
                 LORA_OK, "cpu_lora_linear_fwd bf16");
   for (i = 0; i < M; ++i) {
     for (n = 0; n < N; ++n) {
@@ -383,26 +394,26 @@ static void test_multi(void) {
     }
     expect(all_close(y, y_ref, y_mag, M * N, kTol), "expand matches");
 
-    expect_status(lora_ops_cpu_multi_lora_linear_fwd(LORA_DTYPE_F32, M, N, K, L, RMAX, S, x, K, w,
-                                                     bias, as, bs, offsets, widths, scalings,
-                                                     ranks, index, t, y, NULL),
-                  LORA_OK, what);
+    expect_status(
+        lora_ops_cpu_multi_lora_linear_fwd(LORA_DTYPE_F32, M, N, K, L, RMAX, S, x, K, w, bias, as,
+                                           bs, offsets, widths, scalings, ranks, index, t, y, NULL),
+        LORA_OK, what);
     expect(all_close(y, y_ref, y_mag, M * N, kTol), "linear_fwd matches");
   }
 
   user_gemm_calls = 0;
   {
     const lora_cpu_gemm_t gemm = {user_gemm, NULL};
-    expect_status(lora_ops_cpu_multi_lora_linear_fwd(LORA_DTYPE_F32, M, N, K, L, RMAX, S, x, K,
-                                                     w, bias, as, bs, offsets, widths, scalings,
-                                                     ranks, by_token, t, y, &gemm),
+    expect_status(lora_ops_cpu_multi_lora_linear_fwd(LORA_DTYPE_F32, M, N, K, L, RMAX, S, x, K, w,
+                                                     bias, as, bs, offsets, widths, scalings, ranks,
+                                                     by_token, t, y, &gemm),
                   LORA_OK, "multi-adapter linear_fwd, user GEMM");
     expect(user_gemm_calls == 1 && all_close(y, y_ref, y_mag, M * N, kTol),
            "multi-adapter linear_fwd runs its base GEMM through the user GEMM");
   }
 
-  expect_status(lora_ops_cpu_multi_lora_shrink(LORA_DTYPE_F32, M, K, L, RMAX, 0, x, K, as,
-                                               scalings, ranks, by_token, t),
+  expect_status(lora_ops_cpu_multi_lora_shrink(LORA_DTYPE_F32, M, K, L, RMAX, 0, x, K, as, scalings,
+                                               ranks, by_token, t),
                 LORA_ERR_INVALID_ARGUMENT, "shrink with 0 slices");
   expect_status(lora_ops_cpu_multi_lora_shrink(LORA_DTYPE_F32, M, K, L, RMAX, LORA_MAX_SLICES + 1,
                                                x, K, as, scalings, ranks, by_token, t),

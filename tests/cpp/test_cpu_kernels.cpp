@@ -42,8 +42,8 @@ void expect(bool ok, const std::string& what) {
 }
 
 void expect_status(lora_status_t got, lora_status_t want, const std::string& what) {
-  expect(got == want, what + ": status " + std::to_string(got) + ", expected " +
-                          std::to_string(want));
+  expect(got == want,
+         what + ": status " + std::to_string(got) + ", expected " + std::to_string(want));
 }
 
 const char* dtype_name(lora_dtype_t d) {
@@ -52,8 +52,9 @@ const char* dtype_name(lora_dtype_t d) {
 
 // Unit roundoff of a dtype's storage.
 double unit_roundoff(lora_dtype_t d) {
-  return d == LORA_DTYPE_F32 ? std::ldexp(1.0, -24)
-                             : d == LORA_DTYPE_F16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+  return d == LORA_DTYPE_F32   ? std::ldexp(1.0, -24)
+         : d == LORA_DTYPE_F16 ? std::ldexp(1.0, -11)
+                               : std::ldexp(1.0, -8);
 }
 
 // Tolerance relative to the magnitude sum: a few roundings to the dtype plus fp32 accumulation.
@@ -98,7 +99,9 @@ struct Buffer {
   void set(size_t i, double v) {
     const float f = static_cast<float>(v);
     switch (dtype) {
-      case LORA_DTYPE_F32: std::memcpy(&bytes[i * 4], &f, 4); break;
+      case LORA_DTYPE_F32:
+        std::memcpy(&bytes[i * 4], &f, 4);
+        break;
       case LORA_DTYPE_F16: {
         const cpu::Half h = cpu::from_float<cpu::Half>(f);
         std::memcpy(&bytes[i * 2], &h, 2);
@@ -158,9 +161,8 @@ void expect_close(const std::string& what, size_t n, const std::function<double(
 }
 
 bool keep(const lora_dropout_t& d, int64_t row, int64_t col) {
-  return d.threshold == 0 ||
-         lora_dropout_keep(d.seed32, d.threshold, static_cast<uint32_t>(row),
-                           static_cast<uint32_t>(col)) != 0;
+  return d.threshold == 0 || lora_dropout_keep(d.seed32, d.threshold, static_cast<uint32_t>(row),
+                                               static_cast<uint32_t>(col)) != 0;
 }
 
 lora_dropout_t make_dropout(double p, uint32_t seed32) {
@@ -202,7 +204,8 @@ void test_conversions() {
   for (uint32_t h = 0; h < 65536; ++h) {
     const double want = half_bits_value(static_cast<uint16_t>(h));
     const double got = cpu::half_to_float(static_cast<uint16_t>(h));
-    if (!(std::isnan(want) ? std::isnan(got) : (got == want && std::signbit(got) == std::signbit(want)))) {
+    if (!(std::isnan(want) ? std::isnan(got)
+                           : (got == want && std::signbit(got) == std::signbit(want)))) {
       decode_ok = false;
     }
     // The value itself, and the midpoint to the next value: a tie that must round to even.
@@ -220,8 +223,8 @@ void test_conversions() {
     std::memcpy(&f, &u, 4);
     probes.push_back(f);
   }
-  for (float f : {65504.0f, 65519.99f, 65520.0f, 1e30f, 5.9604645e-8f, 2.9802322e-8f,
-                  2.9802326e-8f, 6.1035156e-5f, 6.1032e-5f, -0.0f, INFINITY, -INFINITY, NAN}) {
+  for (float f : {65504.0f, 65519.99f, 65520.0f, 1e30f, 5.9604645e-8f, 2.9802322e-8f, 2.9802326e-8f,
+                  6.1035156e-5f, 6.1032e-5f, -0.0f, INFINITY, -INFINITY, NAN}) {
     probes.push_back(f);
   }
   for (float f : probes) {
@@ -229,10 +232,12 @@ void test_conversions() {
     const double got_h = half_bits_value(cpu::float_to_half(f));
     const double want_b = round_to_format(f, 8, -126, bf16_max);
     const double got_b = cpu::bf16_to_float(cpu::float_to_bf16(f));
-    const bool h_ok = std::isnan(want_h) ? std::isnan(got_h)
-                                         : got_h == want_h && std::signbit(got_h) == std::signbit(f);
-    const bool b_ok = std::isnan(want_b) ? std::isnan(got_b)
-                                         : got_b == want_b && std::signbit(got_b) == std::signbit(f);
+    const bool h_ok = std::isnan(want_h)
+                          ? std::isnan(got_h)
+                          : got_h == want_h && std::signbit(got_h) == std::signbit(f);
+    const bool b_ok = std::isnan(want_b)
+                          ? std::isnan(got_b)
+                          : got_b == want_b && std::signbit(got_b) == std::signbit(f);
     if (!h_ok || !b_ok) {
       if (encode_ok) {
         std::fprintf(stderr, "  convert %.9g: half %.9g (want %.9g), bf16 %.9g (want %.9g)\n", f,
@@ -274,9 +279,9 @@ void test_builtin_gemm_case(lora_dtype_t dt, bool b_is_nk, int64_t m, int64_t n,
                            (b_is_nk ? " nk " : " kn ") + std::to_string(m) + "x" +
                            std::to_string(n) + "x" + std::to_string(k) +
                            " beta=" + std::to_string(beta);
-  expect_close(name, static_cast<size_t>(m * n),
-               [&](size_t e) { return c.get((e / n) * ldc + e % n); }, want, mag,
-               rel_tol(dt, k));
+  expect_close(
+      name, static_cast<size_t>(m * n), [&](size_t e) { return c.get((e / n) * ldc + e % n); },
+      want, mag, rel_tol(dt, k));
   bool pad_ok = true;
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = n; j < ldc; ++j) {
@@ -292,8 +297,8 @@ void test_builtin_gemm() {
     for (bool nk : {true, false}) {
       test_builtin_gemm_case(dt, nk, 1, 1, 1, 0.0f);
       test_builtin_gemm_case(dt, nk, 7, 13, 5, 0.0f);
-      test_builtin_gemm_case(dt, nk, 5, 9, 0, 0.0f);    // k = 0: C = 0
-      test_builtin_gemm_case(dt, nk, 5, 9, 0, -0.5f);   // k = 0: C = beta C
+      test_builtin_gemm_case(dt, nk, 5, 9, 0, 0.0f);   // k = 0: C = 0
+      test_builtin_gemm_case(dt, nk, 5, 9, 0, -0.5f);  // k = 0: C = beta C
       test_builtin_gemm_case(dt, nk, 37, 45, 300, 1.0f);
       test_builtin_gemm_case(dt, nk, 3, 600, 70, -0.5f);
       test_builtin_gemm_case(dt, nk, 4, 70, 600, 0.0f);
@@ -319,10 +324,9 @@ struct LinearCase {
 
 std::string case_name(const char* op, const LinearCase& c) {
   char buf[160];
-  std::snprintf(buf, sizeof buf, "%s %s M=%lld N=%lld K=%lld r=%lld p=%.2f bias=%d ldx=K+%lld",
-                op, dtype_name(c.dtype), static_cast<long long>(c.M),
-                static_cast<long long>(c.N), static_cast<long long>(c.K),
-                static_cast<long long>(c.r), c.p, c.bias ? 1 : 0,
+  std::snprintf(buf, sizeof buf, "%s %s M=%lld N=%lld K=%lld r=%lld p=%.2f bias=%d ldx=K+%lld", op,
+                dtype_name(c.dtype), static_cast<long long>(c.M), static_cast<long long>(c.N),
+                static_cast<long long>(c.K), static_cast<long long>(c.r), c.p, c.bias ? 1 : 0,
                 static_cast<long long>(c.x_pad));
   return buf;
 }
@@ -330,8 +334,8 @@ std::string case_name(const char* op, const LinearCase& c) {
 void test_linear_case(const LinearCase& c) {
   const lora_dtype_t dt = c.dtype;
   const int64_t M = c.M, N = c.N, K = c.K, r = c.r, ldx = K + c.x_pad;
-  const lora_dropout_t drop = c.p > 0 ? make_dropout(c.p, 0x9e3779b9u ^ static_cast<uint32_t>(M))
-                                      : kOff;
+  const lora_dropout_t drop =
+      c.p > 0 ? make_dropout(c.p, 0x9e3779b9u ^ static_cast<uint32_t>(M)) : kOff;
   const float scaling = 0.75f;
   const Buffer x = random_buffer(dt, static_cast<size_t>(M * ldx));
   const Buffer w = random_buffer(dt, static_cast<size_t>(N * K));
@@ -372,14 +376,16 @@ void test_linear_case(const LinearCase& c) {
   }
   Buffer s(dt, static_cast<size_t>(M * r)), y(dt, static_cast<size_t>(M * N));
   y.fill(NAN);  // every element must be written
-  const lora_status_t st = cpu::lora_linear_fwd(
-      dt, M, N, K, r, x.ptr(), ldx, w.ptr(), c.bias ? bias.ptr() : nullptr, a.ptr(), b.ptr(),
-      scaling, drop, s.ptr(), y.ptr(), cpu::builtin_gemm());
+  const lora_status_t st =
+      cpu::lora_linear_fwd(dt, M, N, K, r, x.ptr(), ldx, w.ptr(), c.bias ? bias.ptr() : nullptr,
+                           a.ptr(), b.ptr(), scaling, drop, s.ptr(), y.ptr(), cpu::builtin_gemm());
   expect_status(st, LORA_OK, case_name("fwd", c));
-  expect_close(case_name("fwd S", c), s_ref.size(), [&](size_t e) { return s.get(e); }, s_ref,
-               s_mag, rel_tol(dt, K));
-  expect_close(case_name("fwd y", c), y_ref.size(), [&](size_t e) { return y.get(e); }, y_ref,
-               y_mag, rel_tol(dt, K + r));
+  expect_close(
+      case_name("fwd S", c), s_ref.size(), [&](size_t e) { return s.get(e); }, s_ref, s_mag,
+      rel_tol(dt, K));
+  expect_close(
+      case_name("fwd y", c), y_ref.size(), [&](size_t e) { return y.get(e); }, y_ref, y_mag,
+      rel_tol(dt, K + r));
 
   // Backward oracle; S saved is the kernel's own (what autograd hands back).
   std::vector<double> ds(M * r), ds_mag(M * r);
@@ -444,12 +450,15 @@ void test_linear_case(const LinearCase& c) {
                                      b.ptr(), s.ptr(), scaling, drop, dx.ptr(), da.ptr(), db.ptr(),
                                      cpu::builtin_gemm()),
                 LORA_OK, case_name("bwd", c));
-  expect_close(case_name("bwd dx", c), dx_ref.size(), [&](size_t e) { return dx.get(e); },
-               dx_ref, dx_mag, rel_tol(dt, N + r));
-  expect_close(case_name("bwd d_lora_a", c), da_ref.size(), [&](size_t e) { return da.get(e); },
-               da_ref, da_mag, rel_tol(dt, M + N));
-  expect_close(case_name("bwd d_lora_b", c), db_ref.size(), [&](size_t e) { return db.get(e); },
-               db_ref, db_mag, rel_tol(dt, M));
+  expect_close(
+      case_name("bwd dx", c), dx_ref.size(), [&](size_t e) { return dx.get(e); }, dx_ref, dx_mag,
+      rel_tol(dt, N + r));
+  expect_close(
+      case_name("bwd d_lora_a", c), da_ref.size(), [&](size_t e) { return da.get(e); }, da_ref,
+      da_mag, rel_tol(dt, M + N));
+  expect_close(
+      case_name("bwd d_lora_b", c), db_ref.size(), [&](size_t e) { return db.get(e); }, db_ref,
+      db_mag, rel_tol(dt, M));
 
   // Each output alone: the others stay NULL and the wanted one is unchanged.
   Buffer da_only(dt, static_cast<size_t>(r * K)), db_only(dt, static_cast<size_t>(N * r));
@@ -500,10 +509,10 @@ void test_dropout_masks_nan() {
   const Buffer a = random_buffer(LORA_DTYPE_F32, r * K), b = random_buffer(LORA_DTYPE_F32, N * r);
   const Buffer w(LORA_DTYPE_F32, N * K), dy = random_buffer(LORA_DTYPE_F32, M * N);
   Buffer s(LORA_DTYPE_F32, M * r), y(LORA_DTYPE_F32, M * N), da(LORA_DTYPE_F32, r * K);
-  expect_status(cpu::lora_linear_fwd(LORA_DTYPE_F32, M, N, K, r, x.ptr(), K, w.ptr(), nullptr,
-                                     a.ptr(), b.ptr(), 1.0f, drop, s.ptr(), y.ptr(),
-                                     cpu::builtin_gemm()),
-                LORA_OK, "fwd with NaN in dropped x");
+  expect_status(
+      cpu::lora_linear_fwd(LORA_DTYPE_F32, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(),
+                           b.ptr(), 1.0f, drop, s.ptr(), y.ptr(), cpu::builtin_gemm()),
+      LORA_OK, "fwd with NaN in dropped x");
   bool finite = true;
   for (size_t e = 0; e < s.size(); ++e) finite &= std::isfinite(s.get(e));
   expect(finite, "S is finite when every NaN of x is dropped");
@@ -521,10 +530,10 @@ void test_linear_empty() {
   const int64_t N = 6, K = 5, r = 3;
   Buffer a = random_buffer(LORA_DTYPE_BF16, r * K), b = random_buffer(LORA_DTYPE_BF16, N * r);
   Buffer w = random_buffer(LORA_DTYPE_BF16, N * K);
-  expect_status(cpu::lora_linear_fwd(LORA_DTYPE_BF16, 0, N, K, r, nullptr, K, w.ptr(), nullptr,
-                                     a.ptr(), b.ptr(), 1.0f, kOff, nullptr, nullptr,
-                                     cpu::builtin_gemm()),
-                LORA_OK, "fwd M=0");
+  expect_status(
+      cpu::lora_linear_fwd(LORA_DTYPE_BF16, 0, N, K, r, nullptr, K, w.ptr(), nullptr, a.ptr(),
+                           b.ptr(), 1.0f, kOff, nullptr, nullptr, cpu::builtin_gemm()),
+      LORA_OK, "fwd M=0");
   Buffer da(LORA_DTYPE_BF16, r * K), db(LORA_DTYPE_BF16, N * r);
   da.fill(NAN);
   db.fill(NAN);
@@ -549,11 +558,11 @@ void test_thread_count_invariance() {
   Buffer s2(LORA_DTYPE_BF16, M * r), y2(LORA_DTYPE_BF16, M * N);
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
-  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(),
-                       b.ptr(), 0.5f, drop, s1.ptr(), y1.ptr(), cpu::builtin_gemm());
+  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(),
+                       0.5f, drop, s1.ptr(), y1.ptr(), cpu::builtin_gemm());
   omp_set_num_threads(threads > 1 ? threads : 2);
-  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(),
-                       b.ptr(), 0.5f, drop, s2.ptr(), y2.ptr(), cpu::builtin_gemm());
+  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(),
+                       0.5f, drop, s2.ptr(), y2.ptr(), cpu::builtin_gemm());
   omp_set_num_threads(threads);
   expect(s1.bytes == s2.bytes && y1.bytes == y2.bytes, "fwd bitwise equal on 1 and 2+ threads");
 #endif
@@ -565,8 +574,8 @@ void test_linear_invalid() {
   const cpu::Gemm g = cpu::builtin_gemm();
   auto fwd = [&](lora_dtype_t dt, int64_t M, int64_t N, int64_t K, int64_t r, const void* xp,
                  int64_t ldx, const void* wp, void* yp, const cpu::Gemm& gemm) {
-    return cpu::lora_linear_fwd(dt, M, N, K, r, xp, ldx, wp, nullptr, w.ptr(), w.ptr(), 1.0f,
-                                kOff, s.ptr(), yp, gemm);
+    return cpu::lora_linear_fwd(dt, M, N, K, r, xp, ldx, wp, nullptr, w.ptr(), w.ptr(), 1.0f, kOff,
+                                s.ptr(), yp, gemm);
   };
   const lora_status_t bad = LORA_ERR_INVALID_ARGUMENT;
   expect_status(fwd(LORA_DTYPE_F32, -1, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(), g), bad, "fwd M<0");
@@ -579,25 +588,25 @@ void test_linear_invalid() {
                 "fwd y NULL");
   expect_status(fwd(LORA_DTYPE_F32, 2, 2, 4, 2, x.ptr(), 3, w.ptr(), y.ptr(), g), bad,
                 "fwd ldx < K");
-  expect_status(fwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(),
-                    cpu::Gemm{nullptr, nullptr}),
-                bad, "fwd gemm NULL");
-  expect_status(fwd(static_cast<lora_dtype_t>(3), 2, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(), g),
-                bad, "fwd unknown dtype");
+  expect_status(
+      fwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(), cpu::Gemm{nullptr, nullptr}),
+      bad, "fwd gemm NULL");
+  expect_status(fwd(static_cast<lora_dtype_t>(3), 2, 2, 2, 2, x.ptr(), 2, w.ptr(), y.ptr(), g), bad,
+                "fwd unknown dtype");
   expect_status(fwd(LORA_DTYPE_F32, 1, 2, 4, 2, x.ptr(), 0, w.ptr(), y.ptr(), g), LORA_OK,
                 "fwd one row, any ldx");
-  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, nullptr, x.ptr(), 2, w.ptr(),
-                                     w.ptr(), w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr,
-                                     nullptr, g),
-                bad, "bwd dy NULL");
-  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), nullptr, 2, w.ptr(),
-                                     w.ptr(), w.ptr(), s.ptr(), 1.0f, kOff, nullptr, y.ptr(),
-                                     nullptr, g),
-                bad, "bwd x NULL with d_lora_a wanted");
-  expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(),
-                                     w.ptr(), w.ptr(), nullptr, 1.0f, kOff, nullptr, nullptr,
-                                     y.ptr(), g),
-                bad, "bwd s_saved NULL with d_lora_b wanted");
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, nullptr, x.ptr(), 2, w.ptr(), w.ptr(),
+                           w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr, nullptr, g),
+      bad, "bwd dy NULL");
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), nullptr, 2, w.ptr(), w.ptr(),
+                           w.ptr(), s.ptr(), 1.0f, kOff, nullptr, y.ptr(), nullptr, g),
+      bad, "bwd x NULL with d_lora_a wanted");
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(), w.ptr(),
+                           w.ptr(), nullptr, 1.0f, kOff, nullptr, nullptr, y.ptr(), g),
+      bad, "bwd s_saved NULL with d_lora_b wanted");
   expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(),
                                      w.ptr(), w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr,
                                      nullptr, cpu::Gemm{nullptr, nullptr}),
@@ -619,8 +628,7 @@ struct MultiAdapters {
 };
 
 MultiAdapters make_adapters(lora_dtype_t dt, int64_t L, int64_t r_max, int64_t K,
-                            std::vector<int64_t> widths, bool a_transposed,
-                            int64_t b_col_stride) {
+                            std::vector<int64_t> widths, bool a_transposed, int64_t b_col_stride) {
   MultiAdapters m;
   m.L = L;
   m.r_max = r_max;
@@ -636,8 +644,8 @@ MultiAdapters make_adapters(lora_dtype_t dt, int64_t L, int64_t r_max, int64_t K
   }
   for (int64_t l = 0; l < L; ++l) {
     // Ranks 0, r_max and values between; a rank-0 adapter behaves as -1.
-    const int32_t rank = l == 0 ? static_cast<int32_t>(r_max)
-                                : static_cast<int32_t>((l * 7 + 3) % (r_max + 1));
+    const int32_t rank =
+        l == 0 ? static_cast<int32_t>(r_max) : static_cast<int32_t>((l * 7 + 3) % (r_max + 1));
     m.ranks.push_back(rank);
     m.scalings.push_back(0.5f + 0.25f * static_cast<float>(l % 3));
   }
@@ -780,13 +788,13 @@ void test_multi_case(lora_dtype_t dt, int64_t M, int64_t K, int64_t L, int64_t r
     const lora_adapter_index_t index = segments ? idx.segments() : idx.tokens();
     // shrink
     std::vector<float> t(m.num_slices * M * r_max, NAN);
-    expect_status(cpu::multi_lora_shrink(dt, M, K, L, r_max, m.num_slices, x.ptr(), ldx,
-                                         as.data(), m.scalings.data(), m.ranks.data(), index,
+    expect_status(cpu::multi_lora_shrink(dt, M, K, L, r_max, m.num_slices, x.ptr(), ldx, as.data(),
+                                         m.scalings.data(), m.ranks.data(), index,
                                          t.empty() ? nullptr : t.data()),
                   LORA_OK, multi_name("shrink", dt, M, m, segments));
-    expect_close(multi_name("shrink t", dt, M, m, segments), t.size(),
-                 [&](size_t e) { return static_cast<double>(t[e]); }, t_ref, t_mag,
-                 rel_tol(dt, K));
+    expect_close(
+        multi_name("shrink t", dt, M, m, segments), t.size(),
+        [&](size_t e) { return static_cast<double>(t[e]); }, t_ref, t_mag, rel_tol(dt, K));
 
     // expand: from a t with NaN past every rank (never read) into a padded y
     std::vector<float> t_in = random_floats(m.num_slices * M * r_max);
@@ -820,22 +828,22 @@ void test_multi_case(lora_dtype_t dt, int64_t M, int64_t K, int64_t L, int64_t r
         }
       }
     }
-    expect_status(cpu::multi_lora_expand(dt, M, L, r_max, m.num_slices,
-                                         t_in.empty() ? nullptr : t_in.data(), bs.data(),
-                                         m.offsets.data(), m.widths.data(), m.ranks.data(),
-                                         index, y.ptr(), ldy),
-                  LORA_OK, multi_name("expand", dt, M, m, segments));
-    expect_close(multi_name("expand y", dt, M, m, segments), y_ref.size(),
-                 [&](size_t e) { return y.get(e); }, y_ref, y_mag, rel_tol(dt, r_max));
+    expect_status(
+        cpu::multi_lora_expand(dt, M, L, r_max, m.num_slices, t_in.empty() ? nullptr : t_in.data(),
+                               bs.data(), m.offsets.data(), m.widths.data(), m.ranks.data(), index,
+                               y.ptr(), ldy),
+        LORA_OK, multi_name("expand", dt, M, m, segments));
+    expect_close(
+        multi_name("expand y", dt, M, m, segments), y_ref.size(),
+        [&](size_t e) { return y.get(e); }, y_ref, y_mag, rel_tol(dt, r_max));
     bool idle_untouched = true;
     for (int64_t i = 0; i < M; ++i) {
       if (effective_adapter(m, idx.token[i]) >= 0) continue;
       idle_untouched &= std::memcmp(&y.bytes[i * ldy * dtype_size(dt)],
-                                    &y0.bytes[i * ldy * dtype_size(dt)],
-                                    ldy * dtype_size(dt)) == 0;
+                                    &y0.bytes[i * ldy * dtype_size(dt)], ldy * dtype_size(dt)) == 0;
     }
-    expect(idle_untouched, multi_name("expand leaves rows without adapter bit-identical", dt, M,
-                                      m, segments));
+    expect(idle_untouched,
+           multi_name("expand leaves rows without adapter bit-identical", dt, M, m, segments));
 
     // fused layer: y = x W^T + b + multi-adapter term, slices tiling [0, N)
     const Buffer w = random_buffer(dt, N * K), bias = random_buffer(dt, N);
@@ -864,18 +872,18 @@ void test_multi_case(lora_dtype_t dt, int64_t M, int64_t K, int64_t L, int64_t r
     std::vector<float> t_ws(m.num_slices * M * r_max, NAN);
     Buffer yf(dt, M * N);
     yf.fill(NAN);
-    expect_status(cpu::multi_lora_linear_fwd(dt, M, N, K, L, r_max, m.num_slices, x.ptr(), ldx,
-                                             w.ptr(), bias.ptr(), as.data(), bs.data(),
-                                             m.offsets.data(), m.widths.data(),
-                                             m.scalings.data(), m.ranks.data(), index,
-                                             t_ws.empty() ? nullptr : t_ws.data(), yf.ptr(),
-                                             cpu::builtin_gemm()),
-                  LORA_OK, multi_name("linear_fwd", dt, M, m, segments));
-    expect_close(multi_name("linear_fwd y", dt, M, m, segments), f_ref.size(),
-                 [&](size_t e) { return yf.get(e); }, f_ref, f_mag, rel_tol(dt, K + r_max));
-    expect_close(multi_name("linear_fwd t", dt, M, m, segments), t_ws.size(),
-                 [&](size_t e) { return static_cast<double>(t_ws[e]); }, t_ref, t_mag,
-                 rel_tol(dt, K));
+    expect_status(
+        cpu::multi_lora_linear_fwd(
+            dt, M, N, K, L, r_max, m.num_slices, x.ptr(), ldx, w.ptr(), bias.ptr(), as.data(),
+            bs.data(), m.offsets.data(), m.widths.data(), m.scalings.data(), m.ranks.data(), index,
+            t_ws.empty() ? nullptr : t_ws.data(), yf.ptr(), cpu::builtin_gemm()),
+        LORA_OK, multi_name("linear_fwd", dt, M, m, segments));
+    expect_close(
+        multi_name("linear_fwd y", dt, M, m, segments), f_ref.size(),
+        [&](size_t e) { return yf.get(e); }, f_ref, f_mag, rel_tol(dt, K + r_max));
+    expect_close(
+        multi_name("linear_fwd t", dt, M, m, segments), t_ws.size(),
+        [&](size_t e) { return static_cast<double>(t_ws[e]); }, t_ref, t_mag, rel_tol(dt, K));
   }
 }
 
@@ -914,19 +922,18 @@ void test_multi_invalid() {
   expect_status(shrink(1, ranks.data(), by_token, x.ptr()), LORA_OK, "shrink valid tokens");
   expect_status(shrink(1, ranks.data(), by_seg, x.ptr()), LORA_OK, "shrink valid segments");
   expect_status(shrink(0, ranks.data(), by_token, x.ptr()), bad, "shrink 0 slices");
-  expect_status(shrink(LORA_MAX_SLICES + 1, ranks.data(), by_token, x.ptr()),
-                LORA_ERR_UNSUPPORTED, "shrink too many slices");
+  expect_status(shrink(LORA_MAX_SLICES + 1, ranks.data(), by_token, x.ptr()), LORA_ERR_UNSUPPORTED,
+                "shrink too many slices");
   expect_status(shrink(1, ranks.data(), by_token, nullptr), bad, "shrink x NULL");
   expect_status(shrink(1, nullptr, by_token, x.ptr()), bad, "shrink ranks NULL");
   std::vector<int32_t> big_rank = {5, 2}, neg_rank = {-1, 2};
   expect_status(shrink(1, big_rank.data(), by_token, x.ptr()), bad, "shrink rank > r_max");
   expect_status(shrink(1, neg_rank.data(), by_token, x.ptr()), bad, "shrink rank < 0");
-  expect_status(shrink(1, ranks.data(), lora_adapter_index_t{nullptr, nullptr, nullptr, 0},
-                       x.ptr()),
-                bad, "shrink no index");
-  expect_status(shrink(1, ranks.data(), lora_adapter_index_t{tok.data(), indptr.data(),
-                                                             sa.data(), 2},
-                       x.ptr()),
+  expect_status(
+      shrink(1, ranks.data(), lora_adapter_index_t{nullptr, nullptr, nullptr, 0}, x.ptr()), bad,
+      "shrink no index");
+  expect_status(shrink(1, ranks.data(),
+                       lora_adapter_index_t{tok.data(), indptr.data(), sa.data(), 2}, x.ptr()),
                 bad, "shrink both index forms");
   std::vector<int32_t> short_indptr = {0, 2, 3}, falling = {0, 3, 2, 4}, late_start = {1, 2, 4};
   expect_status(shrink(1, ranks.data(),
@@ -939,11 +946,11 @@ void test_multi_invalid() {
   expect_status(shrink(1, ranks.data(),
                        lora_adapter_index_t{nullptr, late_start.data(), sa.data(), 2}, x.ptr()),
                 bad, "shrink seg_indptr[0] != 0");
-  expect_status(shrink(1, ranks.data(), lora_adapter_index_t{nullptr, indptr.data(), nullptr, 2},
-                       x.ptr()),
-                bad, "shrink seg_adapter NULL");
-  expect_status(cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, L, r_max, 1, x.ptr(), K - 1,
-                                       as.data(), scal.data(), ranks.data(), by_token, t.data()),
+  expect_status(
+      shrink(1, ranks.data(), lora_adapter_index_t{nullptr, indptr.data(), nullptr, 2}, x.ptr()),
+      bad, "shrink seg_adapter NULL");
+  expect_status(cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, L, r_max, 1, x.ptr(), K - 1, as.data(),
+                                       scal.data(), ranks.data(), by_token, t.data()),
                 bad, "shrink ldx < K");
 
   std::vector<int64_t> off = {0, 4}, wid = {4, 4}, overlap = {0, 3};
@@ -962,8 +969,7 @@ void test_multi_invalid() {
                                       nullptr, as.data(), bs.data(), o, wd, scal.data(),
                                       ranks.data(), by_token, t.data(), y.ptr(), g);
   };
-  expect_status(fused(8, off.data(), wid.data(), cpu::builtin_gemm()), LORA_OK,
-                "linear_fwd valid");
+  expect_status(fused(8, off.data(), wid.data(), cpu::builtin_gemm()), LORA_OK, "linear_fwd valid");
   expect_status(fused(9, off.data(), wid.data(), cpu::builtin_gemm()), bad,
                 "linear_fwd slices not covering N");
   std::vector<int64_t> gap = {0, 5}, gap_w = {4, 4};

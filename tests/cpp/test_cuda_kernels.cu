@@ -127,11 +127,12 @@ struct Rng {
 
 int g_cases = 0;
 int g_failed_cases = 0;
+std::string g_current_case;  // named when a CUDA error ends the run
 
 // Collects the comparisons of one case; prints one line for it.
 class CaseCheck {
  public:
-  explicit CaseCheck(std::string name) : name_(std::move(name)) {}
+  explicit CaseCheck(std::string name) : name_(std::move(name)) { g_current_case = name_; }
 
   void status(lora_status_t got, const char* call) {
     if (got != LORA_OK) fail(std::string(call) + " returned status " + std::to_string(got));
@@ -217,7 +218,8 @@ class Backend {
 };
 
 [[noreturn]] void die(const char* what, const char* detail) {
-  std::fprintf(stderr, "test_cuda_kernels: %s: %s\n", what, detail);
+  std::fprintf(stderr, "test_cuda_kernels: %s: %s (in case: %s)\n", what, detail,
+               g_current_case.c_str());
   std::exit(1);
 }
 
@@ -847,12 +849,14 @@ void make_slices(int64_t N, int64_t num_slices, std::vector<int64_t>* offset,
   }
 }
 
-std::string multi_name(const char* op, lora_dtype_t d, int64_t M, int64_t depth, int64_t r_max,
-                       int64_t num_slices, IndexForm form, bool transposed) {
+// `size` is the op's other dimension, named by size_name (K for shrink, N for expand).
+std::string multi_name(const char* op, lora_dtype_t d, int64_t M, const char* size_name,
+                       int64_t size, int64_t r_max, int64_t num_slices, IndexForm form,
+                       bool transposed) {
   char buf[200];
   std::snprintf(buf, sizeof buf, "%s %s M=%lld %s=%lld r_max=%lld slices=%lld index=%s%s", op,
-                dtype_name(d), static_cast<long long>(M), std::strcmp(op, "multi_lora_expand") ? "K" : "N",
-                static_cast<long long>(depth), static_cast<long long>(r_max),
+                dtype_name(d), static_cast<long long>(M), size_name,
+                static_cast<long long>(size), static_cast<long long>(r_max),
                 static_cast<long long>(num_slices),
                 form == IndexForm::kToken ? "token" : "segments",
                 transposed ? " stacks=transposed" : "");
@@ -889,7 +893,8 @@ void shrink_reference(const std::vector<double>& x, int64_t M, int64_t K, int64_
 
 void test_shrink(Backend& be, lora_dtype_t d, int64_t M, int64_t K, int64_t r_max,
                  int64_t num_slices, IndexForm form, bool transposed, Rng& rng) {
-  CaseCheck check(multi_name("multi_lora_shrink", d, M, K, r_max, num_slices, form, transposed));
+  CaseCheck check(
+      multi_name("multi_lora_shrink", d, M, "K", K, r_max, num_slices, form, transposed));
   const std::vector<int32_t> ranks = make_ranks(r_max);
   MultiIndex ix = make_index(be, form, M, kAdapters, rng);
   const std::vector<double> x = rng.values(M * K);
@@ -927,7 +932,8 @@ void test_shrink(Backend& be, lora_dtype_t d, int64_t M, int64_t K, int64_t r_ma
 
 void test_expand(Backend& be, lora_dtype_t d, int64_t M, int64_t N, int64_t r_max,
                  int64_t num_slices, IndexForm form, bool transposed, Rng& rng) {
-  CaseCheck check(multi_name("multi_lora_expand", d, M, N, r_max, num_slices, form, transposed));
+  CaseCheck check(
+      multi_name("multi_lora_expand", d, M, "N", N, r_max, num_slices, form, transposed));
   const std::vector<int32_t> ranks = make_ranks(r_max);
   MultiIndex ix = make_index(be, form, M, kAdapters, rng);
   std::vector<int64_t> offset, width;
@@ -985,8 +991,8 @@ void test_linear(Backend& be, lora_dtype_t d, int64_t M, int64_t N, int64_t K, i
   char extra[32];
   std::snprintf(extra, sizeof extra, " N=%lld%s", static_cast<long long>(N),
                 with_bias ? "" : " no-bias");
-  CaseCheck check(multi_name("multi_lora_linear_fwd", d, M, K, r_max, num_slices, form, false) +
-                  extra);
+  CaseCheck check(
+      multi_name("multi_lora_linear_fwd", d, M, "K", K, r_max, num_slices, form, false) + extra);
   const std::vector<int32_t> ranks = make_ranks(r_max);
   MultiIndex ix = make_index(be, form, M, kAdapters, rng);
   std::vector<int64_t> offset, width;

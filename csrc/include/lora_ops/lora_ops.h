@@ -56,9 +56,9 @@ typedef struct lora_adapter_stack {
  * c[m, n] = sum_k a[m, k] * op(b)[k, n] + beta * c[m, n], row-major, all of `dtype`, fp32
  * accumulation; op(b) = b^T (b is [n, k]) when b_is_nk is nonzero, else b is [k, n]. With
  * beta == 0, c must not be read. Pass NULL for the built-in blocked GEMM. */
-typedef void (*lora_cpu_gemm_fn)(void* ctx, lora_dtype_t dtype, int b_is_nk, int64_t m,
-                                 int64_t n, int64_t k, const void* a, int64_t lda,
-                                 const void* b, int64_t ldb, float beta, void* c, int64_t ldc);
+typedef void (*lora_cpu_gemm_fn)(void* ctx, lora_dtype_t dtype, int b_is_nk, int64_t m, int64_t n,
+                                 int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
+                                 float beta, void* c, int64_t ldc);
 typedef struct lora_cpu_gemm {
   lora_cpu_gemm_fn fn;
   void* ctx;
@@ -72,10 +72,10 @@ LORA_OPS_API lora_status_t lora_ops_cpu_lora_linear_fwd(
 
 /* dx, d_lora_a, d_lora_b may each be NULL (not wanted). */
 LORA_OPS_API lora_status_t lora_ops_cpu_lora_linear_bwd(
-    lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r, const void* dy,
-    const void* x, int64_t ldx, const void* weight, const void* lora_a, const void* lora_b,
-    const void* s_saved, float scaling, lora_dropout_t dropout, void* dx, void* d_lora_a,
-    void* d_lora_b, const lora_cpu_gemm_t* gemm);
+    lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r, const void* dy, const void* x,
+    int64_t ldx, const void* weight, const void* lora_a, const void* lora_b, const void* s_saved,
+    float scaling, lora_dropout_t dropout, void* dx, void* d_lora_a, void* d_lora_b,
+    const lora_cpu_gemm_t* gemm);
 
 /* lora_a[num_slices]; t is [num_slices, M, r_max] fp32, every element written. */
 LORA_OPS_API lora_status_t lora_ops_cpu_multi_lora_shrink(
@@ -106,13 +106,13 @@ LORA_OPS_API lora_status_t lora_ops_cpu_multi_lora_linear_fwd(
  * the calls can be captured in a CUDA graph. */
 
 LORA_OPS_API size_t lora_ops_cuda_lora_linear_fwd_workspace_bytes(lora_dtype_t dtype, int64_t M,
-                                                                  int64_t N, int64_t K,
-                                                                  int64_t r);
+                                                                  int64_t N, int64_t K, int64_t r);
 LORA_OPS_API size_t lora_ops_cuda_lora_linear_bwd_workspace_bytes(lora_dtype_t dtype, int64_t M,
-                                                                  int64_t N, int64_t K,
-                                                                  int64_t r);
-LORA_OPS_API size_t lora_ops_cuda_multi_lora_linear_fwd_workspace_bytes(
-    lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r_max, int64_t num_slices);
+                                                                  int64_t N, int64_t K, int64_t r);
+LORA_OPS_API size_t lora_ops_cuda_multi_lora_linear_fwd_workspace_bytes(lora_dtype_t dtype,
+                                                                        int64_t M, int64_t N,
+                                                                        int64_t K, int64_t r_max,
+                                                                        int64_t num_slices);
 
 LORA_OPS_API lora_status_t lora_ops_cuda_lora_linear_fwd(
     lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r, const void* x, int64_t ldx,
@@ -121,10 +121,10 @@ LORA_OPS_API lora_status_t lora_ops_cuda_lora_linear_fwd(
     size_t workspace_bytes);
 
 LORA_OPS_API lora_status_t lora_ops_cuda_lora_linear_bwd(
-    lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r, const void* dy,
-    const void* x, int64_t ldx, const void* weight, const void* lora_a, const void* lora_b,
-    const void* s_saved, float scaling, lora_dropout_t dropout, void* dx, void* d_lora_a,
-    void* d_lora_b, void* stream, void* cublas, void* workspace, size_t workspace_bytes);
+    lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r, const void* dy, const void* x,
+    int64_t ldx, const void* weight, const void* lora_a, const void* lora_b, const void* s_saved,
+    float scaling, lora_dropout_t dropout, void* dx, void* d_lora_a, void* d_lora_b, void* stream,
+    void* cublas, void* workspace, size_t workspace_bytes);
 
 LORA_OPS_API lora_status_t lora_ops_cuda_multi_lora_shrink(
     lora_dtype_t dtype, int64_t M, int64_t K, int64_t L, int64_t r_max, int64_t num_slices,
@@ -145,7 +145,7 @@ LORA_OPS_API lora_status_t lora_ops_cuda_multi_lora_linear_fwd(
     void* cublas, void* workspace, size_t workspace_bytes);
 
 #ifdef __cplusplus
-}  /* extern "C" */
+} /* extern "C" */
 #endif
 
 #endif /* LORA_OPS_LORA_OPS_H_ */
