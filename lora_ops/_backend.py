@@ -4,6 +4,7 @@ The compiled library (`lora_ops._C`) is optional: without it the package still i
 `reference` and `triton` backends work. Device dispatch of the compiled ops is the dispatcher's
 job; this module only decides among the four implementations of an op.
 """
+import functools
 import importlib.util
 import os
 from typing import Dict, List, Optional
@@ -48,6 +49,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)  # resolved on every op call: keep the import lookup off that path
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -266,7 +266,8 @@ def run_demo(options: DemoOptions) -> int:
     """The whole demo; returns the exit status (0 when every check passed)."""
     try:
         device = resolve_device(options.device)
-    except ValueError as err:
+        backend = _backend.resolve_backend("lora_linear", None, device)
+    except (ValueError, RuntimeError) as err:  # a bad --device, or a bad $LORA_OPS_BACKEND
         print(err)
         return 2
     size = QUICK if options.quick else FULL
@@ -278,7 +279,6 @@ def run_demo(options: DemoOptions) -> int:
     checks = Checks()
     torch.manual_seed(options.seed)
 
-    backend = _backend.resolve_backend("lora_linear", None, device)
     print(f"lora-ops demo on {device} ({options.dtype}), lora_ops backend '{backend}'")
     first = next(iter(TASKS))
     model = inject(build_base(size, options.seed, device, dtype), TARGETS, size.rank, 2 * size.rank)

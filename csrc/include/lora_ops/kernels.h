@@ -20,7 +20,12 @@
 // Rows or columns of an adapter past its rank are never read: they may hold anything, NaN too.
 // Adapter stacks are addressed by strides, so the backward pass reuses shrink and expand on
 // transposed views (dY B is a shrink over B viewed as [L, r, N]; dT A an expand over A viewed
-// as [L, K, r]). Slices of one expand call must not overlap in y.
+// as [L, K, r]). Slices of one expand call must not overlap in y and must fit in a row of y;
+// the slices of multi_lora_linear_fwd tile [0, N) exactly (a layer with no adapter on one
+// slice passes a zero-rank or zero slice for it).
+// Ranks outside [0, r_max]: the CPU kernels return LORA_ERR_INVALID_ARGUMENT; the CUDA kernels
+// clamp them into range on the device (checking would need a host sync). The torch layer
+// rejects them wherever it can read them without a sync.
 #ifndef LORA_OPS_KERNELS_H_
 #define LORA_OPS_KERNELS_H_
 
