@@ -11,7 +11,7 @@
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
 #   PHASES="build bench" BENCH_ARGS="--suite full" GPU_CHECK_TOTAL_S=560 bash scripts/gpu_check.sh
 #
-# Settings (environment): PHASES (default "build test sanitize bench"), GPU_CHECK_TOTAL_S (540),
+# Settings (environment): PHASES (default "build cppcuda test sanitize bench"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
 # SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
 #
@@ -25,7 +25,7 @@ cd "$(dirname "$SELF")/.."
 export OUT=${OUT:-$PWD/gpu_check_out}
 export GPU_CHECK_START=${GPU_CHECK_START:-$(date +%s)}
 export GPU_CHECK_TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
-export PHASES=${PHASES:-"build test sanitize bench"}
+export PHASES=${PHASES:-"build cppcuda test sanitize bench"}
 export PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -74,6 +74,24 @@ print("available_backends:", lora_ops.available_backends())
 if not info.get("compiled") or not info.get("with_cuda"):
     raise SystemExit("build: lora_ops._C did not load with its CUDA kernels")
 EOF
+}
+
+phase_cppcuda() {
+  # The CUDA kernels on their own, through the standalone library: tests/cpp/test_cuda_kernels
+  # checks every entry point against fp64 host loops (poisoned outputs, repeat and graph replay),
+  # then again under compute-sanitizer memcheck.
+  local sanitizer bin=build-gpu/test_cuda_kernels
+  cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DLORA_OPS_WITH_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="${TORCH_CUDA_ARCH_LIST//./}" -DPython3_EXECUTABLE="$(command -v "$PY")" \
+    > "$WORK/cppcuda.txt" 2>&1 || { cat "$WORK/cppcuda.txt"; return 1; }
+  cmake --build build-gpu -j "$MAX_JOBS" >> "$WORK/cppcuda.txt" 2>&1 || { tail -40 "$WORK/cppcuda.txt"; return 1; }
+  [[ -x "$bin" ]] || bin=$(find build-gpu -name test_cuda_kernels -type f -perm -u+x | head -1)
+  "$bin" 2>&1 | tail -25 | tee -a "$WORK/cppcuda.txt"
+  local rc=${PIPESTATUS[0]}
+  (( rc == 0 )) || return "$rc"
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$bin" 2>&1 | tail -15 | tee -a "$WORK/cppcuda.txt"
+  return "${PIPESTATUS[0]}"
 }
 
 phase_test() {
@@ -151,6 +169,7 @@ if wanted build; then
   run_phase build 240 280
   [[ "${STATUS[build]}" == ok ]] || echo "build did not succeed: what follows runs without the compiled backends"
 fi
+wanted cppcuda && run_phase cppcuda 150 260
 wanted test && run_phase test 150 220
 wanted sanitize && run_phase sanitize 100 170
 if wanted bench; then
