@@ -9,13 +9,17 @@
 #include <memory>
 #include <new>
 
-#include "cpu/arg_checks.h"
+#include "common/arg_checks.h"
 #include "cpu/dtype.h"
 #include "cpu/gemm_operands.h"
 #include "cpu/packed_gemm.h"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops::cpu {
+
+using args::non_negative;
+using args::present;
+using args::row_stride_ok;
 
 namespace {
 

@@ -10,13 +10,18 @@
 #include <vector>
 
 #include "cpu/adapter_groups.h"
-#include "cpu/arg_checks.h"
+#include "common/arg_checks.h"
 #include "cpu/dtype.h"
 #include "cpu/gemm_operands.h"
 #include "cpu/packed_gemm.h"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops::cpu {
+
+using args::non_negative;
+using args::present;
+using args::row_stride_ok;
+using args::slices_valid;
 
 namespace {
 
@@ -206,20 +211,6 @@ bool stacks_present(const AdapterStack* stacks, int64_t num_slices, int64_t L, i
   for (int64_t s = 0; s < num_slices; ++s) {
     const int64_t c = cols_per_slice != nullptr ? cols_per_slice[s] : cols;
     if (!present(stacks[s].data, L * rows * c)) return false;
-  }
-  return true;
-}
-
-// Slices lie in [0, limit) (limit < 0: no upper bound) and do not overlap.
-bool slices_valid(const int64_t* offset, const int64_t* width, int64_t num_slices, int64_t limit) {
-  if (offset == nullptr || width == nullptr) return false;
-  for (int64_t s = 0; s < num_slices; ++s) {
-    if (offset[s] < 0 || width[s] < 0) return false;
-    if (limit >= 0 && offset[s] + width[s] > limit) return false;
-    for (int64_t u = 0; u < s; ++u) {
-      const bool disjoint = offset[s] + width[s] <= offset[u] || offset[u] + width[u] <= offset[s];
-      if (!disjoint && width[s] > 0 && width[u] > 0) return false;
-    }
   }
   return true;
 }

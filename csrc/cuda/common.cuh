@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/arg_checks.h"
 #include "lora_ops/common.h"
 
 namespace lora_ops {
@@ -43,9 +44,10 @@ inline bool rows_vec_ok(lora_dtype_t dtype, const void* p, int64_t ld) {
   return is_aligned16(p) && (ld * dtype_size(dtype)) % 16 == 0;
 }
 
-// A pointer is needed only when it addresses at least one element (empty tensors may be NULL),
-// as in the CPU backend.
-inline bool present(const void* p, int64_t elements) { return p != nullptr || elements == 0; }
+using args::non_negative;
+using args::present;
+using args::row_stride_ok;
+using args::slices_valid;
 
 // Status of the launch just made.
 inline lora_status_t launch_status() {

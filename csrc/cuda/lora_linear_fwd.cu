@@ -268,7 +268,9 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
                               const void* lora_a, const void* lora_b, float scaling,
                               lora_dropout_t dropout, void* s_out, void* y, const Context& ctx) {
   using detail::present;
-  if (M < 0 || N < 0 || K < 0 || r < 0 || (M > 1 && ldx < K)) return LORA_ERR_INVALID_ARGUMENT;
+  if (!detail::non_negative(M, N, K, r) || !detail::row_stride_ok(ldx, M, K)) {
+    return LORA_ERR_INVALID_ARGUMENT;
+  }
   if (r > detail::kMaxRank) return LORA_ERR_UNSUPPORTED;
   if (!present(x, M * K) || !present(weight, N * K) || !present(lora_a, r * K) ||
       !present(lora_b, N * r) || !present(s_out, M * r) || !present(y, M * N)) {

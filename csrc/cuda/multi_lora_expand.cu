@@ -139,22 +139,6 @@ lora_status_t launch_expand(lora_dtype_t dtype, ExpandParams p, cudaStream_t str
   });
 }
 
-// Slices lie in [0, limit) (limit < 0: no upper bound) and do not overlap, as the CPU backend
-// checks them.
-bool slices_valid(const int64_t* offset, const int64_t* width, int64_t num_slices,
-                  int64_t limit) {
-  if (offset == nullptr || width == nullptr) return false;
-  for (int64_t s = 0; s < num_slices; ++s) {
-    if (offset[s] < 0 || width[s] < 0) return false;
-    if (limit >= 0 && offset[s] + width[s] > limit) return false;
-    for (int64_t u = 0; u < s; ++u) {
-      const bool disjoint = offset[s] + width[s] <= offset[u] || offset[u] + width[u] <= offset[s];
-      if (!disjoint && width[s] > 0 && width[u] > 0) return false;
-    }
-  }
-  return true;
-}
-
 lora_status_t make_expand_params(int64_t M, int64_t L, int64_t r_max, int64_t num_slices,
                                  const float* t, const AdapterStack* lora_b,
                                  const int64_t* slice_offset, const int64_t* slice_width,

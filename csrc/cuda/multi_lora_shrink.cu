@@ -106,7 +106,7 @@ lora_status_t make_shrink_params(int64_t M, int64_t K, int64_t L, int64_t r_max,
                                  const AdapterStack* lora_a, const float* scalings,
                                  const int32_t* ranks, const lora_adapter_index_t& index,
                                  float* t, ShrinkParams* out) {
-  if (M < 0 || K < 0 || L < 0 || r_max < 0 || (M > 1 && ldx < K)) {
+  if (!non_negative(M, K, L, r_max) || !row_stride_ok(ldx, M, K)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   if (num_slices < 1 || lora_a == nullptr) return LORA_ERR_INVALID_ARGUMENT;
