@@ -1,5 +1,6 @@
 // torch binding of the single-adapter ops: input checks, output allocation, and the calls into
-// lora_ops::cpu / lora_ops::cuda. Schemas are in torch_bindings.cpp.
+// lora_ops::cpu / lora_ops::cuda. Schemas are in torch_bindings.cpp, the autograd of these ops in
+// torch_lora_linear_autograd.cpp.
 #include <array>
 #include <optional>
 #include <tuple>

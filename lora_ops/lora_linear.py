@@ -3,9 +3,12 @@
 Two torch custom ops carry it, each with a backward op of its own:
   lora_ops::lora_linear_fwd / lora_linear_bwd                 C++ (csrc/), CPU and CUDA kernels
   lora_ops::triton_lora_linear_fwd / triton_lora_linear_bwd   Triton (lora_ops/triton/)
-The fake (meta) implementations and the autograd formula are registered here once for both, so
-both trace under torch.compile. The `reference` backend is plain PyTorch differentiated by
-autograd, an oracle independent of the hand-written backward passes.
+The fake (meta) implementations of all four are registered here, so both trace under
+torch.compile. The autograd formula of the Triton op is registered here too; the C++ op has the
+same formula registered in C++ (csrc/torch_lora_linear_autograd.cpp), which spares each call a
+trip through Python (~45 µs on CPU; benchmarks/bench_op_overhead.py). The `reference` backend
+is plain PyTorch differentiated by autograd, an oracle independent of the hand-written
+backward passes.
 """
 from typing import List, Optional, Tuple
 
@@ -102,11 +105,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(bwd_op):
+    # The same formula as LoraLinearFunction::backward in csrc/torch_lora_linear_autograd.cpp.
     def backward(ctx, dy, _ds):
         x, weight, lora_a, lora_b, s = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        dx, da, db = bwd_op(dy, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, ctx.seed,
-                            [need_x, need_a, need_b])
+        dx = da = db = None
+        if need_x or need_a or need_b:  # not for a trainable base alone
+            dx, da, db = bwd_op(dy, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p,
+                                ctx.seed, [need_x, need_a, need_b])
         # The base weight is meant to be frozen; if it is trainable anyway its gradient is the
         # plain dY^T x (the adapter term does not depend on W).
         dw = (dy.t() @ x).to(weight.dtype) if need_w else None
@@ -116,18 +122,19 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd_name: str, bwd_name: str) -> None:
-    fwd = getattr(torch.ops.lora_ops, fwd_name)
-    bwd = getattr(torch.ops.lora_ops, bwd_name)
+def _register(fwd_name: str, bwd_name: str, autograd: bool) -> None:
     torch.library.register_fake(f"lora_ops::{fwd_name}")(_fwd_fake)
     torch.library.register_fake(f"lora_ops::{bwd_name}")(_bwd_fake)
-    torch.library.register_autograd(f"lora_ops::{fwd_name}", _make_backward(bwd),
-                                    setup_context=_setup_context)
+    if autograd:
+        torch.library.register_autograd(f"lora_ops::{fwd_name}",
+                                        _make_backward(getattr(torch.ops.lora_ops, bwd_name)),
+                                        setup_context=_setup_context)
 
 
-_register("triton_lora_linear_fwd", "triton_lora_linear_bwd")
+_register("triton_lora_linear_fwd", "triton_lora_linear_bwd", autograd=True)
 if _backend.compiled():
-    _register("lora_linear_fwd", "lora_linear_bwd")
+    # Its autograd comes with the compiled library (csrc/torch_lora_linear_autograd.cpp).
+    _register("lora_linear_fwd", "lora_linear_bwd", autograd=False)
 
 
 def draw_seed() -> int:

@@ -38,3 +38,15 @@ def test_cuda_graph_capture_and_replay(device, backend, M):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(static_y, run(fresh))
+
+
+@pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))
+@pytest.mark.parametrize("clusters", ["1", "0"])
+@pytest.mark.parametrize("M", [1, 8, 9, 300])
+def test_cluster_and_fallback_plans_agree_with_oracle(device, backend, clusters, M, monkeypatch):
+    # On sm_90+ the CUDA forward runs single-launch cluster plans; LORA_OPS_CUDA_CLUSTERS=0
+    # (read on every call) switches to the multi-launch plans other GPUs take. Both must match
+    # the oracle on the same device, dropout included.
+    monkeypatch.setenv("LORA_OPS_CUDA_CLUSTERS", clusters)
+    x, w, b, a, bb = make_operands((M,), 2048, 520, 100, torch.bfloat16, device)
+    check_parity(device, backend, torch.bfloat16, x, w, b, a, bb, s=0.5, p=0.1, seed=M)

@@ -7,6 +7,7 @@
 #define LORA_OPS_CPU_GEMM_OPERANDS_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/dtype.h"
 #include "cpu/packed_gemm.h"
@@ -127,6 +128,17 @@ struct OperandB {
 
   void load_along_k(float* __restrict dst, int64_t j, int64_t k0, int64_t kc) const {
     load_span(dst, data + j * stride_j + k0, kc);
+  }
+
+  // Row j of B from k0 as fp32 in place, or a copy of kc elements in dst when B is not fp32:
+  // a streamed fp32 B is read once instead of copied and read again.
+  const float* along_k(float* __restrict dst, int64_t j, int64_t k0, int64_t kc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return data + j * stride_j + k0;
+    } else {
+      load_along_k(dst, j, k0, kc);
+      return dst;
+    }
   }
 
   void load_along_j(float* __restrict dst, int64_t k, int64_t j0, int64_t n) const {

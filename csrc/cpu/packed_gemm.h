@@ -23,6 +23,7 @@
 //   pack_b.layout()  BLayout::kAlongK when B(., j) is contiguous in k, kAlongJ when B(k, .) is
 //       contiguous in j (the row-major matrices of the kernels), kOther for anything else;
 //   pack_b.load_along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   B(k0 .. k0+kc-1, j);
+//   pack_b.along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   the same, in place if fp32;
 //   pack_b.load_along_j(float* dst, int64_t k, int64_t j0, int64_t n)    B(k, j0 .. j0+n-1);
 //   pack_a.load_rows(float* dst, int64_t i, int64_t rows, int64_t k0, int64_t kc)
 //       A(i .. i+rows-1, k0 .. k0+kc-1) as rows x kc, row-major.
@@ -192,8 +193,8 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
     pack_a.load_rows(a_rows, i0, m, k0, kc);
     if (along_k) {
       for (int64_t j = 0; j < n; ++j) {
-        pack_b.load_along_k(b_line, j0 + j, k0, kc);
-        for (int64_t r = 0; r < m; ++r) acc[r * n + j] += dot(a_rows + r * kc, b_line, kc);
+        const float* b_row = pack_b.along_k(b_line, j0 + j, k0, kc);
+        for (int64_t r = 0; r < m; ++r) acc[r * n + j] += dot(a_rows + r * kc, b_row, kc);
       }
       continue;
     }

@@ -100,6 +100,23 @@ __device__ __forceinline__ void block_sum(float (&v)[N], float* red, float* tota
   __syncthreads();
 }
 
+// The decode GEMVs' epilogue: y[m * ldy + n0 + c] = (sum over the block of acc[m * C + c]) +
+// bias[n0 + c] (bias may be NULL) for m < nrows, c < ncols. Every thread must call it.
+template <typename T, int R, int C>
+__device__ __forceinline__ void block_sum_store(float (&acc)[R * C], float* red, float* total,
+                                                int nrows, int ncols, int64_t n0,
+                                                const void* bias, void* y, int64_t ldy) {
+  block_sum(acc, red, total);
+  if (threadIdx.x < nrows * C) {
+    const int m = threadIdx.x / C, c = threadIdx.x % C;
+    if (c < ncols) {
+      const int64_t n = n0 + c;
+      const float b = bias != nullptr ? to_float(static_cast<const T*>(bias)[n]) : 0.0f;
+      static_cast<T*>(y)[m * ldy + n] = from_float<T>(total[threadIdx.x] + b);
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace lora_ops

@@ -72,15 +72,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
     }
   }
 
-  block_sum(acc, red, total);
-  if (threadIdx.x < nrows * C) {
-    const int r = threadIdx.x / C, c = threadIdx.x % C;
-    if (c < ncols) {
-      const int64_t n = n0 + c;
-      const float bias = p.bias != nullptr ? to_float(static_cast<const T*>(p.bias)[n]) : 0.0f;
-      static_cast<T*>(p.y)[r * p.ldy + n] = from_float<T>(total[threadIdx.x] + bias);
-    }
-  }
+  block_sum_store<T, R, C>(acc, red, total, nrows, ncols, n0, p.bias, p.y, p.ldy);
 }
 
 template <typename T>

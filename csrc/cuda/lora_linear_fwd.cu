@@ -3,21 +3,28 @@
 //   y = x W^T + b + scaling * S B^T.
 //
 // Three plans, by M (see NOTES.md for the byte/FLOP model behind them):
-//  - decode, M <= 8: shrink (launch_shrink, one adapter) then the fused GEMV that streams W once
-//    and adds b and the adapter term in its epilogue. 2 launches, no cuBLAS.
+//  - decode, M <= 8: on GPUs with thread block clusters, one launch (decode_cluster.cu); else
+//    shrink (launch_shrink, one adapter) then the fused GEMV that streams W once and adds b and
+//    the adapter term in its epilogue. 1 or 2 launches, no cuBLAS.
 //  - large M (>= kFusedMinRows, r <= kFusedMaxRank): one kernel per 64-row tile computes S into
 //    shared memory (and s_out), then y_init = b + scaling * S B^T for all N columns; cuBLAS adds
 //    x W^T onto y (beta = 1). 2 launches.
 //  - otherwise: a split-K shrink into fp32 partials (enough blocks even for a few row tiles), a
 //    kernel writing y_init over an (M, N) tile grid that adds the partials in a fixed order,
 //    rounds S to dtype and stores it, then cuBLAS. 3 launches.
+//  On GPUs with thread block clusters, M > 8 and r <= kClusterMaxRank take the cluster plan
+//  instead of the last two: a cluster per 64-row tile splits the shrink's depth between its
+//  blocks, adds their partials through distributed shared memory and writes y_init; then
+//  cuBLAS. 2 launches for any M.
 // The adapter products are fp32 SIMT tiles (tile_gemm.cuh); y_init is rounded to dtype once
 // before cuBLAS adds x W^T, as the CPU backend does.
 #include <stdint.h>
 
+#include "cluster.cuh"
 #include "common.cuh"
 #include "dtype.cuh"
 #include "launchers.cuh"
+#include "lora_linear_fwd.cuh"
 #include "lora_ops/kernels.h"
 #include "tile_gemm.cuh"
 
@@ -29,22 +36,7 @@ namespace {
 constexpr int64_t kFusedMinRows = 8192;  // 128 row tiles: enough blocks without a split
 constexpr int64_t kFusedMaxRank = 64;    // S of a 64-row tile stays in shared memory
 constexpr int kMaxShrinkSplits = 4;
-
-struct FwdArgs {
-  int64_t M, N, K, r;
-  const void* x;
-  int64_t ldx;
-  const void* bias;
-  const void* a;
-  const void* b;
-  float scaling;
-  lora_dropout_t dropout;
-  void* s_out;
-  void* y;
-  float* s_part;  // split plan: [splits, M, r]
-  int splits;
-  int64_t split_len;
-};
+constexpr int64_t kClusterMaxRank = 128;  // cluster plan: S partials and sums of a tile in smem
 
 enum class FwdPath { kEmpty, kDecode, kFused, kSplit };
 
@@ -172,10 +164,11 @@ __global__ void __launch_bounds__(kThreads, 2) expand_init_kernel(const FwdArgs 
   }
 }
 
-// S(row, j) of the tile, from shared memory.
+// S(row, j) of the tile, from shared memory rows of ld floats.
 struct TileS {
-  const float (*rows)[kFusedMaxRank];
-  __device__ float operator()(int row, int64_t kd) const { return rows[row][kd]; }
+  const float* rows;
+  int64_t ld;
+  __device__ float operator()(int row, int64_t kd) const { return rows[row * ld + kd]; }
 };
 
 // Block = 64-row tile: S for the tile (into shared memory and s_out), then y = b + scaling S B^T
@@ -216,10 +209,77 @@ __global__ void __launch_bounds__(kThreads, 2) fused_adapter_kernel(const FwdArg
   for (int64_t n0 = 0; n0 < p.N; n0 += WideTile::BN) {
     float acc[WideTile::TM * WideTile::TN] = {};
     tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
-        sm.expand, 0, p.r, TileS{s_tile}, RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N},
+        sm.expand, 0, p.r, TileS{&s_tile[0][0], kFusedMaxRank}, RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N},
         acc);
     store_y_tile<T>(p, m0, n0, acc);
   }
+}
+
+// Block = one of the kClusterBlocks blocks of the cluster that owns a 64-row tile. The blocks
+// split the shrink's depth (split_len each) into fp32 partials in shared memory, add all the
+// cluster's partials in block-rank order through distributed shared memory (S, rounded to
+// dtype; block 0 stores it to s_out), then split the tile's column tiles of
+// y = b + scaling * S B^T between them. Replaces the split plan's two launches with one.
+template <typename T, class Tl>
+__global__ void __launch_bounds__(kThreads, 2) cluster_adapter_kernel(const FwdArgs p) {
+#ifdef LORA_OPS_HAS_CLUSTERS
+  static_assert(Tl::BM == WideTile::BM, "both phases cover the same rows");
+  __shared__ union {
+    typename Tl::Smem shrink;
+    WideTile::Smem expand;
+  } sm;
+  extern __shared__ float dyn_smem[];
+  const int64_t r = p.r;
+  float* s_part = dyn_smem;                     // [BM][r], this block's share of the depth
+  float* s_tile = dyn_smem + WideTile::BM * r;  // [BM][r], S of the tile
+  const unsigned block_rank = cluster_block_rank();
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x / kClusterBlocks) * WideTile::BM;
+  const int64_t k_lo = min(p.K, static_cast<int64_t>(block_rank) * p.split_len);
+  const int64_t k_hi = min(p.K, k_lo + p.split_len);
+
+  for (int64_t j0 = 0; j0 < r; j0 += Tl::BN) {
+    float acc[Tl::TM * Tl::TN] = {};
+    tile_gemm<Tl, Contig::kKd, Contig::kKd>(
+        sm.shrink, k_lo, k_hi,
+        DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, p.dropout},
+        RowsOf<T>{static_cast<const T*>(p.a), p.K, j0, r}, acc);
+#pragma unroll
+    for (int i = 0; i < Tl::TM; ++i) {
+#pragma unroll
+      for (int j = 0; j < Tl::TN; ++j) {
+        const int64_t jj = j0 + Tl::col_of(j);
+        if (jj < r) s_part[Tl::row_of(i) * r + jj] = acc[i * Tl::TN + j];
+      }
+    }
+  }
+  cluster_arrive();
+  cluster_wait();
+  T* s_out = block_rank == 0 ? static_cast<T*>(p.s_out) : nullptr;
+  for (int64_t i = threadIdx.x; i < WideTile::BM * r; i += kThreads) {
+    float v = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kClusterBlocks; ++c) v += load_peer_shared(s_part + i, c);
+    v = round_to<T>(v);
+    s_tile[i] = v;
+    const int64_t m = m0 + i / r;
+    if (s_out != nullptr && m < p.M) s_out[m * r + i % r] = from_float<T>(v);
+  }
+  __syncthreads();
+  cluster_arrive();  // this block is done reading its peers' partials
+
+  const int64_t n_tiles = ceil_div(p.N, WideTile::BN);
+  for (int64_t n_tile = block_rank; n_tile < n_tiles; n_tile += kClusterBlocks) {
+    const int64_t n0 = n_tile * WideTile::BN;
+    float acc[WideTile::TM * WideTile::TN] = {};
+    tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
+        sm.expand, 0, r, TileS{s_tile, r}, RowsOf<T>{static_cast<const T*>(p.b), r, n0, p.N},
+        acc);
+    store_y_tile<T>(p, m0, n0, acc);
+  }
+  cluster_wait();  // no block leaves while a peer may still read its partials
+#else
+  __trap();  // launched only where clusters_enabled() holds, i.e. on sm_90+ code
+#endif
 }
 
 template <typename T>
@@ -255,6 +315,29 @@ lora_status_t run_split(const FwdArgs& args, bool thin, cudaStream_t stream) {
   return launch_status();
 }
 
+// The cluster plan, if this GPU has clusters and S of a row tile fits in shared memory:
+// *launched tells whether it ran.
+template <typename T>
+lora_status_t run_cluster(FwdArgs args, bool thin, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  if (args.r > kClusterMaxRank || !clusters_enabled()) return LORA_OK;
+  const int64_t clusters = ceil_div(args.M, WideTile::BM);
+  if (clusters * kClusterBlocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
+  args.split_len = round_up(ceil_div(args.K, kClusterBlocks), ThinTile::BK);
+  const size_t smem = 2 * sizeof(float) * WideTile::BM * static_cast<size_t>(args.r);
+  const auto kernel = thin ? cluster_adapter_kernel<T, ThinTile> : cluster_adapter_kernel<T, WideTile>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in (once per device is enough, but
+  // the call is cheap and keeps this stateless).
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    cudaGetLastError();
+    return LORA_OK;
+  }
+  if (max_active_clusters(reinterpret_cast<const void*>(kernel), smem) <= 0) return LORA_OK;
+  *launched = true;
+  return launch_clusters(kernel, static_cast<int>(clusters), smem, stream, args);
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -285,7 +368,30 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
   const bool needs_gemm = plan.path != detail::FwdPath::kDecode && N > 0 && K > 0;
   if (needs_gemm && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
 
+  detail::FwdArgs args{};
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.r = r;
+  args.x = x;
+  args.ldx = ldx;
+  args.w = weight;
+  args.bias = bias;
+  args.a = lora_a;
+  args.b = lora_b;
+  args.scaling = scaling;
+  args.dropout = dropout;
+  args.s_out = s_out;
+  args.y = y;
+  args.s_part = plan.s_part;
+  args.splits = plan.splits;
+  args.split_len = plan.split_len;
+
   if (plan.path == detail::FwdPath::kDecode) {
+    bool launched = false;
+    LORA_RETURN_IF_ERROR(detail::launch_decode_cluster(dtype, args, ctx.stream, &launched));
+    if (launched) return LORA_OK;
+
     detail::ShrinkParams sp{};
     sp.M = M;
     sp.K = K;
@@ -324,25 +430,11 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     return detail::launch_gemv(dtype, gp, ctx.stream);
   }
 
-  detail::FwdArgs args{};
-  args.M = M;
-  args.N = N;
-  args.K = K;
-  args.r = r;
-  args.x = x;
-  args.ldx = ldx;
-  args.bias = bias;
-  args.a = lora_a;
-  args.b = lora_b;
-  args.scaling = scaling;
-  args.dropout = dropout;
-  args.s_out = s_out;
-  args.y = y;
-  args.s_part = plan.s_part;
-  args.splits = plan.splits;
-  args.split_len = plan.split_len;
   LORA_RETURN_IF_ERROR(detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    bool launched = false;
+    LORA_RETURN_IF_ERROR(detail::run_cluster<T>(args, plan.thin, ctx.stream, &launched));
+    if (launched) return LORA_OK;
     return plan.path == detail::FwdPath::kFused ? detail::run_fused<T>(args, plan.thin, ctx.stream)
                                                 : detail::run_split<T>(args, plan.thin, ctx.stream);
   }));

@@ -1101,6 +1101,9 @@ void run_suite(Backend& be, bool quick) {
     test_fwd(be, d, LinearShape{7, 33, 100, 0}, drops[0], XLayout::kDense, true, rng);
     test_bwd(be, d, LinearShape{7, 33, 100, 0}, drops[0], XLayout::kDense,
              BwdMask{true, true, true}, rng);
+    // Decode at a layer's real width: many column groups per block of the decode plans, and
+    // a depth split into long chunks between the blocks of a cluster.
+    test_fwd(be, d, LinearShape{5, 1000, 4096, 16}, drops[1], XLayout::kDense, true, rng);
     // Large M: the single-launch adapter kernel of the forward (thin and wide rank tiles), and
     // the backward's split reductions over many rows.
     if (!quick) {
@@ -1179,6 +1182,15 @@ int main(int argc, char** argv) {
     CudaBackend cuda;
     run_suite(cuda, quick);
     run_graph_cases(cuda);
+    // On GPUs with thread block clusters the forward takes its single-launch plans above; the
+    // multi-launch plans that other GPUs run are checked here on the same device.
+    if (prop.major >= 9) {
+      std::printf("== backend cuda, cluster plans switched off (LORA_OPS_CUDA_CLUSTERS=0)\n");
+      setenv("LORA_OPS_CUDA_CLUSTERS", "0", 1);
+      run_suite(cuda, /*quick=*/true);
+      run_graph_cases(cuda);
+      unsetenv("LORA_OPS_CUDA_CLUSTERS");
+    }
   }
   std::printf("test_cuda_kernels: %d cases, %d failed\n", g_cases, g_failed_cases);
   return g_failed_cases > 0 ? 1 : 0;

@@ -1,0 +1,60 @@
+// Host side of cluster.cuh: whether cluster launches are usable, and how many clusters fit.
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "cluster.cuh"
+
+namespace lora_ops {
+namespace cuda {
+namespace detail {
+
+namespace {
+
+bool switched_off_by_env() {
+  const char* v = std::getenv("LORA_OPS_CUDA_CLUSTERS");
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
+}  // namespace
+
+bool clusters_enabled() {
+  if (switched_off_by_env()) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  int supported = 0;
+  if (cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, device) != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error for the next launch check
+    return false;
+  }
+  return supported != 0;
+}
+
+int max_active_clusters(const void* kernel, size_t smem_bytes) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, size_t>, int> cache;  // -> clusters
+  const std::tuple<int, const void*, size_t> key{device, kernel, smem_bytes};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_launch_config(1, smem_bytes, nullptr, &attribute);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    cudaGetLastError();
+    clusters = 0;
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  cache[key] = clusters;
+  return clusters;
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace lora_ops

@@ -1,0 +1,45 @@
+// The single-adapter forward's arguments as all its kernels take them, and the plans that live
+// outside lora_linear_fwd.cu.
+#ifndef LORA_OPS_CUDA_LORA_LINEAR_FWD_CUH_
+#define LORA_OPS_CUDA_LORA_LINEAR_FWD_CUH_
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "lora_ops/common.h"
+
+namespace lora_ops {
+namespace cuda {
+namespace detail {
+
+struct FwdArgs {
+  int64_t M, N, K, r;
+  const void* x;
+  int64_t ldx;
+  const void* w;
+  const void* bias;
+  const void* a;
+  const void* b;
+  float scaling;
+  lora_dropout_t dropout;
+  void* s_out;
+  void* y;
+  // Filled by the plans that use them.
+  float* s_part;      // split plan: [splits, M, r]
+  int splits;         // split plan
+  int64_t split_len;  // split and cluster plans: the depth of one split / one cluster block
+  bool vec_ok;        // decode cluster plan: x, W and A rows may be read as 16-byte vectors
+};
+
+// Decode on GPUs with thread block clusters (cluster.cuh), M <= kGemvMaxRows: y and s_out in one
+// launch (decode_cluster.cu). LORA_OK with *launched = false, having done nothing, when the
+// plan does not apply here (no clusters, switched off, or r past kMaxRank): the caller then runs
+// the two-launch decode plan.
+lora_status_t launch_decode_cluster(lora_dtype_t dtype, FwdArgs p, cudaStream_t stream,
+                                    bool* launched);
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace lora_ops
+
+#endif  // LORA_OPS_CUDA_LORA_LINEAR_FWD_CUH_
