@@ -10,8 +10,9 @@
 #   bash scripts/gpu_check.sh                                    # all phases
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
 #   PHASES="build bench" BENCH_ARGS="--suite full" GPU_CHECK_TOTAL_S=560 bash scripts/gpu_check.sh
+#   PHASES="plans" bash scripts/gpu_check.sh     # the forward without cluster plans, for comparison
 #
-# Settings (environment): PHASES (default "build cppcuda test sanitize bench"), GPU_CHECK_TOTAL_S (540),
+# Settings (environment): PHASES (default "build cppcuda test sanitize bench"; also "plans"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
 # SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
 #
@@ -124,6 +125,16 @@ phase_bench() {
     --out-dir "$OUT" $BENCH_ARGS
 }
 
+phase_plans() {
+  # The forward's multi-launch plans (what GPUs without thread block clusters run) timed on this
+  # GPU, to set against the cluster plans' rows of the bench phase: decode and mid-size M, bf16.
+  mkdir -p "$OUT/noclusters"
+  LORA_OPS_CUDA_CLUSTERS=0 "$PY" -m lora_ops.bench --ops lora_linear --backends cuda --peers "" \
+    --dtype bf16 --mode fwd --shape M=1,K=4096,N=4096,r=16 --shape M=16,K=4096,N=4096,r=16 \
+    --shape M=1024,K=4096,N=4096,r=16 --time-budget 60 --warmup-ms 10 --rep-ms 40 \
+    --out-dir "$OUT/noclusters"
+}
+
 # A phase runs as this script in a child process, so that `timeout` can stop it and all it started.
 if [[ "${1:-}" == __phase ]]; then
   "phase_$2"
@@ -180,6 +191,7 @@ if wanted bench; then
       --plot "${bench_json%.json}.png" || true
   fi
 fi
+wanted plans && run_phase plans 90 0
 rm -f "$OUT"/*.tmp
 
 pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" "$1" 2>/dev/null | tail -1; }
