@@ -7,7 +7,7 @@ job; this module only decides among the four implementations of an op.
 import functools
 import importlib.util
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -59,20 +59,26 @@ def available_backends() -> Dict[str, List[str]]:
 
     Triton runs on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1 (last).
     """
-    out: Dict[str, List[str]] = {"cpu": [], "cuda": []}
-    if _COMPILED:
-        out["cpu"].append("cpu")
-    out["cpu"].append("reference")
+    return {device: list(usable) for device, usable in _usable(triton_interpreted()).items()}
+
+
+# Resolved on every op call, where torch.cuda.is_available() and the import lookups would cost
+# several microseconds (a decode-sized GPU layer takes ~15): computed once per interpreter mode.
+@functools.lru_cache(maxsize=None)
+def _usable(interpreted: bool) -> Dict[str, Tuple[str, ...]]:
+    cpu: List[str] = ["cpu"] if _COMPILED else []
+    cpu.append("reference")
     # The interpreter is for testing the Triton kernels, never a default.
-    if _triton_importable() and triton_interpreted():
-        out["cpu"].append("triton")
+    if _triton_importable() and interpreted:
+        cpu.append("triton")
+    cuda: List[str] = []
     if torch.cuda.is_available():
         if compiled_with_cuda():
-            out["cuda"].append("cuda")
+            cuda.append("cuda")
         if _triton_importable():
-            out["cuda"].append("triton")
-        out["cuda"].append("reference")
-    return out
+            cuda.append("triton")
+        cuda.append("reference")
+    return {"cpu": tuple(cpu), "cuda": tuple(cuda)}
 
 
 def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> str:
@@ -83,7 +89,7 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> 
     is an error, never a silent fallback.
     """
     explicit = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
-    usable = available_backends().get(device.type)
+    usable = _usable(triton_interpreted()).get(device.type)
     if usable is None:
         raise ValueError(f"{op}: tensors on device '{device}' are not supported "
                          f"(lora_ops runs on cpu and cuda)")

@@ -54,11 +54,15 @@ def _check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
     if bias is not None:
         named.append(("bias", bias))
-    for name, t in named:
-        if t.dtype != x.dtype:
-            fail(f"{name} has dtype {t.dtype} but x has {x.dtype}; all operands must share one dtype")
-        if t.device != x.device:
-            fail(f"{name} is on {t.device} but x is on {x.device}")
+    dtype, device = x.dtype, x.device
+    if all(t.dtype == dtype and t.device == device for _, t in named):
+        pass  # checked on every call: the common case costs one pass, the errors below none
+    else:
+        for name, t in named:
+            if t.dtype != dtype:
+                fail(f"{name} has dtype {t.dtype} but x has {dtype}; all operands must share one dtype")
+            if t.device != device:
+                fail(f"{name} is on {t.device} but x is on {device}")
     if not 0.0 <= dropout_p < 1.0:
         fail(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not isinstance(scaling, (int, float)):
@@ -159,7 +163,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         seed = draw_seed()
     seed = 0 if seed is None else int(seed)
     chosen = _backend.resolve_backend(OP, backend, x.device)
-    x2d = x.reshape(-1, x.shape[-1])
+    flat = x.dim() == 2  # the common case: no views to make on the way in and out
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
     scaling = float(scaling)
     if chosen == "reference":
         y2d, _ = reference.lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, scaling, p, seed)
@@ -167,7 +172,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         y2d, _ = torch.ops.lora_ops.triton_lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, scaling, p, seed)
     else:
         y2d, _ = torch.ops.lora_ops.lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, scaling, p, seed)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+    return y2d if flat else y2d.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def fwd_op(backend: str):

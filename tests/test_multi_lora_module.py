@@ -99,7 +99,9 @@ def test_replace_remove_and_reuse_slots():
     stale = torch.tensor([slot_x, slot_x], dtype=torch.int32)
     layer.remove_adapter("x")
     assert layer.adapter_names == ["y"] and int(layer.ranks[slot_x]) == 0
-    torch.testing.assert_close(layer(inputs, stale), layer.base_layer(inputs), rtol=0, atol=0)
+    # A stale slot has rank 0 now: base output only (within fp32 rounding, since at decode
+    # sizes the fused op's base GEMM is lora_ops' own streaming pass rather than F.linear's BLAS).
+    torch.testing.assert_close(layer(inputs, stale), layer.base_layer(inputs))
     with pytest.raises(KeyError, match="no adapter named 'x'"):
         layer(inputs, ["x", None])
     layer.add_adapter("z", a0[0], a0[1], a0[2])

@@ -150,6 +150,15 @@ struct OperandB {
     }
   }
 
+  // Row k of B from j0 as fp32 in place when it is fp32 without dropout, else a copy in dst.
+  const float* along_j(float* __restrict dst, int64_t k, int64_t j0, int64_t n) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (dropout.threshold == 0) return data + k * stride_k + j0;
+    }
+    load_along_j(dst, k, j0, n);
+    return dst;
+  }
+
   void pack(float* __restrict dst, int64_t k0, int64_t kc, int64_t j, int64_t count) const {
     if (stride_j == 1) {
       for (int64_t p = 0; p < kc; ++p) {

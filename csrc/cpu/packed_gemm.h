@@ -24,6 +24,7 @@
 //       contiguous in j (the row-major matrices of the kernels), kOther for anything else;
 //   pack_b.load_along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   B(k0 .. k0+kc-1, j);
 //   pack_b.along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   the same, in place if fp32;
+//   pack_b.along_j(float* dst, int64_t k, int64_t j0, int64_t n)    likewise for load_along_j;
 //   pack_b.load_along_j(float* dst, int64_t k, int64_t j0, int64_t n)    B(k, j0 .. j0+n-1);
 //   pack_a.load_rows(float* dst, int64_t i, int64_t rows, int64_t k0, int64_t kc)
 //       A(i .. i+rows-1, k0 .. k0+kc-1) as rows x kc, row-major.
@@ -44,6 +45,7 @@
 #endif
 
 #include "lora_ops/common.h"
+#include "lora_ops/kernels.h"
 
 namespace lora_ops::cpu {
 
@@ -65,11 +67,13 @@ inline constexpr int64_t kMC = 96;         // rows of A packed at once: the A bl
 inline constexpr int64_t kMaxTileM = 384;  // rows of a work item, all sharing one packed B
 inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
 
-inline constexpr int64_t kSmallM = 4;  // up to this many rows, B is streamed, not packed
+inline constexpr int64_t kSmallM = kBuiltinGemmStreamRows;  // up to this many rows, B is streamed
 // The streamed path fills the same scratch differently: depth blocks of kFewRowsKC (A's rows in
 // a_pack) and tiles up to kFewRowsMaxTileN wide (the sums in c_tile).
 inline constexpr int64_t kFewRowsKC = kMC * kKC / kSmallM;
-inline constexpr int64_t kFewRowsMaxTileN = kMaxTileM * kMaxTileN / kSmallM;
+// (four rows of B along j at a time in b_pack, kSmallM rows of sums in c_tile).
+inline constexpr int64_t kFewRowsMaxTileN =
+    std::min(kKC * kMaxTileN / 4, kMaxTileM * kMaxTileN / kSmallM);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -177,6 +181,49 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return total;
 }
 
+// out[r] += dot(a + r * lda, b, n) for r < R, each summed in exactly dot()'s order, with b read
+// once for the R rows: 1.25 loads per FMA at R = 4 instead of dot()'s 2.
+template <int R>
+inline void dot_rows(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t n,
+                     float* __restrict out, int64_t out_stride) {
+  VecF s0[R], s1[R];
+  for (int r = 0; r < R; ++r) s0[r] = s1[r] = VecF{};
+  int64_t p = 0;
+  for (; p + 2 * kVecLen <= n; p += 2 * kVecLen) {
+    const VecF b0 = load_vec(b + p), b1 = load_vec(b + p + kVecLen);
+    for (int r = 0; r < R; ++r) {
+      s0[r] = fmadd(load_vec(a + r * lda + p), b0, s0[r]);
+      s1[r] = fmadd(load_vec(a + r * lda + p + kVecLen), b1, s1[r]);
+    }
+  }
+  const bool one_more = p + kVecLen <= n;
+  if (one_more) {
+    const VecF b0 = load_vec(b + p);
+    for (int r = 0; r < R; ++r) s0[r] = fmadd(load_vec(a + r * lda + p), b0, s0[r]);
+    p += kVecLen;
+  }
+  for (int r = 0; r < R; ++r) {
+    const VecF sum = s0[r] + s1[r];
+    float total = 0.0f;
+    for (int lane = 0; lane < kVecLen; ++lane) total += sum[lane];
+    for (int64_t q = p; q < n; ++q) total += a[r * lda + q] * b[q];
+    out[r * out_stride] += total;
+  }
+}
+
+// acc[r * ld + j] += dot(a_rows + r * kc, b, kc) for r < m, four rows per pass over b.
+inline void dot_many_rows(const float* __restrict a_rows, int64_t kc, int64_t m,
+                          const float* __restrict b, float* __restrict acc, int64_t ld) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) dot_rows<4>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld);
+  switch (m - r) {
+    case 3: dot_rows<3>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld); break;
+    case 2: dot_rows<2>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld); break;
+    case 1: dot_rows<1>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld); break;
+    default: break;
+  }
+}
+
 // The tile of a product that streams B: dot products along k, or rows of B scaled into the
 // sums; m <= kSmallM, n <= kFewRowsMaxTileN.
 template <class PackA, class PackB, class Epilogue>
@@ -193,17 +240,31 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
     pack_a.load_rows(a_rows, i0, m, k0, kc);
     if (along_k) {
       for (int64_t j = 0; j < n; ++j) {
-        const float* b_row = pack_b.along_k(b_line, j0 + j, k0, kc);
-        for (int64_t r = 0; r < m; ++r) acc[r * n + j] += dot(a_rows + r * kc, b_row, kc);
+        dot_many_rows(a_rows, kc, m, pack_b.along_k(b_line, j0 + j, k0, kc), acc + j, n);
       }
       continue;
     }
-    for (int64_t p = 0; p < kc; ++p) {
-      pack_b.load_along_j(b_line, k0 + p, j0, n);
+    // Along j: rows of B scaled into the sums, four rows of B per pass over the sums (their
+    // loads and stores are then a third of the traffic they would be one row at a time).
+    int64_t p = 0;
+    for (; p + 4 <= kc; p += 4) {
+      const float* __restrict b0 = pack_b.along_j(b_line, k0 + p, j0, n);
+      const float* __restrict b1 = pack_b.along_j(b_line + n, k0 + p + 1, j0, n);
+      const float* __restrict b2 = pack_b.along_j(b_line + 2 * n, k0 + p + 2, j0, n);
+      const float* __restrict b3 = pack_b.along_j(b_line + 3 * n, k0 + p + 3, j0, n);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* a = a_rows + r * kc + p;
+        const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+        float* __restrict row = acc + r * n;
+        for (int64_t j = 0; j < n; ++j) row[j] += ((a0 * b0[j] + a1 * b1[j]) + a2 * b2[j]) + a3 * b3[j];
+      }
+    }
+    for (; p < kc; ++p) {
+      const float* __restrict b_row = pack_b.along_j(b_line, k0 + p, j0, n);
       for (int64_t r = 0; r < m; ++r) {
         const float a = a_rows[r * kc + p];
         float* __restrict row = acc + r * n;
-        for (int64_t j = 0; j < n; ++j) row[j] += a * b_line[j];
+        for (int64_t j = 0; j < n; ++j) row[j] += a * b_row[j];
       }
     }
   }

@@ -302,6 +302,11 @@ void test_builtin_gemm() {
       test_builtin_gemm_case(dt, nk, 37, 45, 300, 1.0f);
       test_builtin_gemm_case(dt, nk, 3, 600, 70, -0.5f);
       test_builtin_gemm_case(dt, nk, 4, 70, 600, 0.0f);
+      // The streamed path's row groups (4 at a time, a ragged last group), depths past one
+      // streamed depth block with a ragged end, and the first row count that packs instead.
+      test_builtin_gemm_case(dt, nk, 13, 50, 1703, 0.5f);
+      test_builtin_gemm_case(dt, nk, 16, 33, 3100, 0.0f);
+      test_builtin_gemm_case(dt, nk, 17, 40, 70, 1.0f);
     }
   }
   test_builtin_gemm_case(LORA_DTYPE_F32, true, 401, 290, 530, 0.0f);

@@ -69,6 +69,13 @@ struct Gemm {
 // Portable blocked GEMM (OpenMP, fp32 accumulation) used when no other GEMM is supplied.
 Gemm builtin_gemm();
 
+// Up to this many rows of A, builtin_gemm streams B once in long contiguous runs instead of
+// packing it, four rows of A per pass over each run of B: a decode-sized product is then one
+// pass over the weight, at memory speed for a few rows. BLAS GEMMs often are slower there (MKL
+// on a 2-core AMD EPYC, fp32, K = 4096: 1.4-1.7x slower at M = 1, 2.4x at M = 4, ~1.3x at
+// M = 16; benchmarks/results), so callers with a BLAS may prefer the built-in GEMM up to here.
+inline constexpr int64_t kBuiltinGemmStreamRows = 16;
+
 lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                               const void* x, int64_t ldx, const void* weight, const void* bias,
                               const void* lora_a, const void* lora_b, float scaling,
