@@ -68,9 +68,8 @@ inline constexpr int64_t kMaxTileM = 384;  // rows of a work item, all sharing o
 inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
 
 inline constexpr int64_t kSmallM = kBuiltinGemmStreamRows;  // up to this many rows, B is streamed
-// The streamed path fills the same scratch differently: depth blocks of kFewRowsKC (A's rows in
-// a_pack) and tiles up to kFewRowsMaxTileN wide (the sums in c_tile).
-inline constexpr int64_t kFewRowsKC = kMC * kKC / kSmallM;
+// The streamed path fills the same scratch differently: depth blocks of few_rows_kc(m) (A's m
+// rows in a_pack) and tiles up to kFewRowsMaxTileN wide (the sums in c_tile).
 // (four rows of B along j at a time in b_pack, kSmallM rows of sums in c_tile).
 inline constexpr int64_t kFewRowsMaxTileN =
     std::min(kKC * kMaxTileN / 4, kMaxTileM * kMaxTileN / kSmallM);
@@ -110,6 +109,14 @@ bool streams_b(int64_t m, const PackB& pack_b) {
 }
 
 inline int64_t max_tile_n(bool streamed) { return streamed ? kFewRowsMaxTileN : kMaxTileN; }
+
+// Depth of one streamed block for m rows: as deep as a_pack holds, so that for a few rows a row
+// of B is read start to end in one run and consecutive rows of B form one long stream (blocks
+// shallower than a row would read B in strided pieces, measurably slower).
+inline int64_t few_rows_kc(int64_t m) {
+  const int64_t kc = kMC * kKC / (m > 0 ? m : 1);
+  return kc / (2 * kVecLen) * (2 * kVecLen);
+}
 
 inline VecF fmadd(VecF a, VecF b, VecF c) {
 #if defined(__FMA__) && defined(__AVX512F__)
@@ -235,8 +242,9 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
   float* __restrict b_line = ws.b_pack;  // kc (along k) or n (along j)
   std::fill(acc, acc + m * n, 0.0f);
   const bool along_k = pack_b.layout() == BLayout::kAlongK;
-  for (int64_t k0 = 0; k0 < k; k0 += kFewRowsKC) {
-    const int64_t kc = std::min(kFewRowsKC, k - k0);
+  const int64_t kc_max = few_rows_kc(m);
+  for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, k - k0);
     pack_a.load_rows(a_rows, i0, m, k0, kc);
     if (along_k) {
       for (int64_t j = 0; j < n; ++j) {
