@@ -46,7 +46,12 @@ int max_active_clusters(const void* kernel, size_t smem_bytes) {
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config = cluster_launch_config(1, smem_bytes, nullptr, &attribute);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+  // The cluster kernels have a body only in code built for sm_90+: a build whose code for this
+  // GPU came from older PTX (e.g. TORCH_CUDA_ARCH_LIST=8.0+PTX run on an H100) must not use them.
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.binaryVersion < 90 ||
+      attributes.ptxVersion < 90 ||
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     cudaGetLastError();
     clusters = 0;
   }
