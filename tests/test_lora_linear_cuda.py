@@ -42,7 +42,7 @@ def test_cuda_graph_capture_and_replay(device, backend, M):
 
 @pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))
 @pytest.mark.parametrize("clusters", ["1", "0"])
-@pytest.mark.parametrize("M", [1, 8, 9, 300])
+@pytest.mark.parametrize("M", [1, 8, 9, 16, 17, 300])
 def test_cluster_and_fallback_plans_agree_with_oracle(device, backend, clusters, M, monkeypatch):
     # On sm_90+ the CUDA forward runs single-launch cluster plans; LORA_OPS_CUDA_CLUSTERS=0
     # (read on every call) switches to the multi-launch plans other GPUs take. Both must match

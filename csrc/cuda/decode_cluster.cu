@@ -1,5 +1,5 @@
 // The single-adapter decode forward in one launch (lora_linear_fwd.cuh), for GPUs with thread
-// block clusters. Why one launch matters here: at M <= 8 the layer is a read of W (~11 us for
+// block clusters, M <= 16. Why one launch matters here: at M <= 8 the layer is a read of W (~11 us for
 // K = N = 4096 bf16 on an H100) and a separate shrink launch costs a launch gap plus its own
 // latency, a sizeable fraction of that.
 //
@@ -169,6 +169,12 @@ template <typename T, int R>
 lora_status_t launch_typed(const FwdArgs& p, cudaStream_t stream, bool* launched) {
   const size_t smem = 2 * sizeof(float) * R * static_cast<size_t>(p.r);
   const auto kernel = decode_cluster_kernel<T, R>;
+  // Past 48 KB of dynamic shared memory (16 rows, r > 384) a kernel must opt in.
+  if (smem > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem)) != cudaSuccess) {
+    cudaGetLastError();
+    return LORA_OK;  // not launched: the caller falls back
+  }
   const int fit = max_active_clusters(reinterpret_cast<const void*>(kernel), smem);
   if (fit <= 0) return LORA_OK;  // not launched: the caller falls back
   const int64_t wanted = ceil_div(ceil_div(p.N, kDecodeCols), kClusterBlocks);
@@ -182,7 +188,7 @@ lora_status_t launch_typed(const FwdArgs& p, cudaStream_t stream, bool* launched
 lora_status_t launch_decode_cluster(lora_dtype_t dtype, FwdArgs p, cudaStream_t stream,
                                     bool* launched) {
   *launched = false;
-  if (p.M < 1 || p.M > kGemvMaxRows || p.r < 1 || p.r > kMaxRank || !clusters_enabled()) {
+  if (p.M < 1 || p.M > kDecodeClusterMaxRows || p.r < 1 || p.r > kMaxRank || !clusters_enabled()) {
     return LORA_OK;
   }
   const int64_t vec = 16 / dtype_size(dtype);
@@ -193,7 +199,8 @@ lora_status_t launch_decode_cluster(lora_dtype_t dtype, FwdArgs p, cudaStream_t 
     using T = typename decltype(tag)::type;
     if (p.M <= 1) return launch_typed<T, 1>(p, stream, launched);
     if (p.M <= 4) return launch_typed<T, 4>(p, stream, launched);
-    return launch_typed<T, 8>(p, stream, launched);
+    if (p.M <= 8) return launch_typed<T, 8>(p, stream, launched);
+    return launch_typed<T, 16>(p, stream, launched);
   });
 }
 

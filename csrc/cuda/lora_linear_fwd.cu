@@ -3,16 +3,16 @@
 //   y = x W^T + b + scaling * S B^T.
 //
 // Three plans, by M (see NOTES.md for the byte/FLOP model behind them):
-//  - decode, M <= 8: on GPUs with thread block clusters, one launch (decode_cluster.cu); else
-//    shrink (launch_shrink, one adapter) then the fused GEMV that streams W once and adds b and
-//    the adapter term in its epilogue. 1 or 2 launches, no cuBLAS.
+//  - decode: on GPUs with thread block clusters, M <= 16, one launch (decode_cluster.cu); else,
+//    M <= 8, shrink (launch_shrink, one adapter) then the fused GEMV that streams W once and
+//    adds b and the adapter term in its epilogue. 1 or 2 launches, no cuBLAS.
 //  - large M (>= kFusedMinRows, r <= kFusedMaxRank): one kernel per 64-row tile computes S into
 //    shared memory (and s_out), then y_init = b + scaling * S B^T for all N columns; cuBLAS adds
 //    x W^T onto y (beta = 1). 2 launches.
 //  - otherwise: a split-K shrink into fp32 partials (enough blocks even for a few row tiles), a
 //    kernel writing y_init over an (M, N) tile grid that adds the partials in a fixed order,
 //    rounds S to dtype and stores it, then cuBLAS. 3 launches.
-//  On GPUs with thread block clusters, M > 8 and r <= kClusterMaxRank take the cluster plan
+//  On GPUs with thread block clusters, M > 16 and r <= kClusterMaxRank take the cluster plan
 //  instead of the last two: a cluster per 64-row tile splits the shrink's depth between its
 //  blocks, adds their partials through distributed shared memory and writes y_init; then
 //  cuBLAS. 2 launches for any M.
@@ -387,11 +387,12 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
   args.splits = plan.splits;
   args.split_len = plan.split_len;
 
-  if (plan.path == detail::FwdPath::kDecode) {
+  if (M <= detail::kDecodeClusterMaxRows) {
     bool launched = false;
     LORA_RETURN_IF_ERROR(detail::launch_decode_cluster(dtype, args, ctx.stream, &launched));
     if (launched) return LORA_OK;
-
+  }
+  if (plan.path == detail::FwdPath::kDecode) {
     detail::ShrinkParams sp{};
     sp.M = M;
     sp.K = K;

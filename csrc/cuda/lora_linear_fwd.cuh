@@ -31,10 +31,12 @@ struct FwdArgs {
   bool vec_ok;        // decode cluster plan: x, W and A rows may be read as 16-byte vectors
 };
 
-// Decode on GPUs with thread block clusters (cluster.cuh), M <= kGemvMaxRows: y and s_out in one
-// launch (decode_cluster.cu). LORA_OK with *launched = false, having done nothing, when the
-// plan does not apply here (no clusters, switched off, or r past kMaxRank): the caller then runs
-// the two-launch decode plan.
+// Decode on GPUs with thread block clusters (cluster.cuh), M <= kDecodeClusterMaxRows: y and
+// s_out in one launch (decode_cluster.cu). LORA_OK with *launched = false, having done nothing,
+// when the plan does not apply here (no clusters, switched off, r past kMaxRank): the caller
+// then runs its other plans. Up to 16 rows a CUDA-core GEMV that reads W once still keeps up
+// with W's stream (16 FMAs per weight); cuBLAS plus the adapter kernels is 2 launches there.
+constexpr int64_t kDecodeClusterMaxRows = 16;
 lora_status_t launch_decode_cluster(lora_dtype_t dtype, FwdArgs p, cudaStream_t stream,
                                     bool* launched);
 

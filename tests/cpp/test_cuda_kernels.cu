@@ -1104,6 +1104,8 @@ void run_suite(Backend& be, bool quick) {
     // Decode at a layer's real width: many column groups per block of the decode plans, and
     // a depth split into long chunks between the blocks of a cluster.
     test_fwd(be, d, LinearShape{5, 1000, 4096, 16}, drops[1], XLayout::kDense, true, rng);
+    test_fwd(be, d, LinearShape{16, 520, 2048, 64}, drops[1], XLayout::kPadded, true, rng);
+    test_fwd(be, d, LinearShape{12, 72, 300, 512}, drops[0], XLayout::kMisaligned, false, rng);
     // Large M: the single-launch adapter kernel of the forward (thin and wide rank tiles), and
     // the backward's split reductions over many rows.
     if (!quick) {
