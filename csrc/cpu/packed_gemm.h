@@ -264,7 +264,9 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
         const float* a = a_rows + r * kc + p;
         const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
         float* __restrict row = acc + r * n;
-        for (int64_t j = 0; j < n; ++j) row[j] += ((a0 * b0[j] + a1 * b1[j]) + a2 * b2[j]) + a3 * b3[j];
+        for (int64_t j = 0; j < n; ++j) {
+          row[j] += ((a0 * b0[j] + a1 * b1[j]) + a2 * b2[j]) + a3 * b3[j];
+        }
       }
     }
     for (; p < kc; ++p) {

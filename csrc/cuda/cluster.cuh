@@ -87,7 +87,9 @@ __device__ __forceinline__ void cluster_wait() {
 __device__ __forceinline__ float load_peer_shared(const float* local, unsigned rank) {
   const uint32_t local_addr = static_cast<uint32_t>(__cvta_generic_to_shared(local));
   uint32_t peer_addr;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_addr) : "r"(local_addr), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(peer_addr)
+               : "r"(local_addr), "r"(rank));
   float v;
   asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(peer_addr) : "memory");
   return v;

@@ -1,7 +1,7 @@
 // The single-adapter decode forward in one launch (lora_linear_fwd.cuh), for GPUs with thread
-// block clusters, M <= 16. Why one launch matters here: at M <= 8 the layer is a read of W (~11 us for
-// K = N = 4096 bf16 on an H100) and a separate shrink launch costs a launch gap plus its own
-// latency, a sizeable fraction of that.
+// block clusters, M <= 16. Why one launch matters here: at decode sizes the layer is a read of W
+// (~11 us for K = N = 4096 bf16 on an H100) and a separate shrink launch costs a launch gap plus
+// its own latency, a sizeable fraction of that.
 //
 // Every cluster computes the whole S = drop(x) A^T [M, r] redundantly: its kClusterBlocks blocks
 // each take one chunk of the depth K, a warp per rank, and publish fp32 partials in shared

@@ -209,7 +209,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_adapter_kernel(const FwdArg
   for (int64_t n0 = 0; n0 < p.N; n0 += WideTile::BN) {
     float acc[WideTile::TM * WideTile::TN] = {};
     tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
-        sm.expand, 0, p.r, TileS{&s_tile[0][0], kFusedMaxRank}, RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N},
+        sm.expand, 0, p.r, TileS{&s_tile[0][0], kFusedMaxRank},
+        RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N},
         acc);
     store_y_tile<T>(p, m0, n0, acc);
   }
@@ -325,7 +326,8 @@ lora_status_t run_cluster(FwdArgs args, bool thin, cudaStream_t stream, bool* la
   if (clusters * kClusterBlocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
   args.split_len = round_up(ceil_div(args.K, kClusterBlocks), ThinTile::BK);
   const size_t smem = 2 * sizeof(float) * WideTile::BM * static_cast<size_t>(args.r);
-  const auto kernel = thin ? cluster_adapter_kernel<T, ThinTile> : cluster_adapter_kernel<T, WideTile>;
+  const auto kernel =
+      thin ? cluster_adapter_kernel<T, ThinTile> : cluster_adapter_kernel<T, WideTile>;
   // Above 48 KB of dynamic shared memory a kernel must opt in (once per device is enough, but
   // the call is cheap and keeps this stateless).
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
