@@ -4,7 +4,7 @@
 // its own latency, a sizeable fraction of that.
 //
 // Every cluster computes the whole S = drop(x) A^T [M, r] redundantly: its kClusterBlocks blocks
-// each take one chunk of the depth K, a warp per rank, and publish fp32 partials in shared
+// each take one chunk of the depth K (a warp per few ranks) and publish fp32 partials in shared
 // memory. The blocks then stream their columns of W (grid-stride over groups of kDecodeCols
 // columns, as the decode GEMV does) and, before the first epilogue that needs S, add the
 // partials of all the cluster's blocks in rank order (deterministic), rounded to dtype as S is
@@ -28,25 +28,41 @@ constexpr int kDecodeCols = 4;  // output columns per block and step
 
 #ifdef LORA_OPS_HAS_CLUSTERS
 
+// Ranks a warp of the decode shrink takes at once: their loads of A are in flight together, so
+// a rank of r costs ceil(r / (kWarps * G)) dependent load rounds rather than ceil(r / kWarps).
+// Fewer for more rows, whose sums hold registers the GEMV that follows also needs.
+template <int R>
+constexpr int shrink_ranks_per_warp() {
+  return R <= 4 ? 4 : (R <= 8 ? 2 : 1);
+}
+
 // s_part[m * r + j] = sum over this block's chunk of the depth of drop(x)[m, k] A[j, k], m < M.
-// A warp per rank, its lanes along the depth; no block synchronisation needed.
+// Each warp takes G consecutive ranks at a time, its lanes along the depth; no block
+// synchronisation needed.
 template <typename T, int R>
 __device__ __forceinline__ void shrink_chunk(const FwdArgs& p, unsigned block_rank,
                                              float* s_part) {
   constexpr int V = vec_width<T>();
+  constexpr int G = shrink_ranks_per_warp<R>();
   const int nrows = static_cast<int>(p.M);
   const int64_t k_lo = min(p.K, static_cast<int64_t>(block_rank) * p.split_len);
   const int64_t k_hi = min(p.K, k_lo + p.split_len);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const T* x = static_cast<const T*>(p.x);
 
-  for (int64_t j = warp; j < p.r; j += kWarps) {
-    const T* a_row = static_cast<const T*>(p.a) + j * p.K;
-    float acc[R] = {};
+  for (int64_t j0 = static_cast<int64_t>(warp) * G; j0 < p.r; j0 += kWarps * G) {
+    const int ranks = static_cast<int>(min(static_cast<int64_t>(G), p.r - j0));
+    const T* a_rows[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      a_rows[g] = static_cast<const T*>(p.a) + (j0 + (g < ranks ? g : 0)) * p.K;
+    }
+    float acc[G][R] = {};
     if (p.vec_ok) {
       for (int64_t k0 = k_lo + lane * V; k0 < k_hi; k0 += 32 * V) {
-        float av[V];
-        load_vec(a_row, k0, k_hi, av);
+        float av[G][V];
+#pragma unroll
+        for (int g = 0; g < G; ++g) load_vec(a_rows[g], k0, k_hi, av[g]);
 #pragma unroll
         for (int m = 0; m < R; ++m) {
           if (m < nrows) {
@@ -54,33 +70,45 @@ __device__ __forceinline__ void shrink_chunk(const FwdArgs& p, unsigned block_ra
             load_vec(x + m * p.ldx, k0, k_hi, xv);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-              acc[m] = fmaf(dropout_apply(p.dropout, m, k0 + e, xv[e]), av[e], acc[m]);
+              const float xe = dropout_apply(p.dropout, m, k0 + e, xv[e]);
+#pragma unroll
+              for (int g = 0; g < G; ++g) acc[g][m] = fmaf(xe, av[g][e], acc[g][m]);
             }
           }
         }
       }
     } else {
       for (int64_t k = k_lo + lane; k < k_hi; k += 32) {
-        const float av = to_float(a_row[k]);
+        float av[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) av[g] = to_float(a_rows[g][k]);
 #pragma unroll
         for (int m = 0; m < R; ++m) {
           if (m < nrows) {
-            acc[m] = fmaf(dropout_apply(p.dropout, m, k, to_float(x[m * p.ldx + k])), av, acc[m]);
+            const float xe = dropout_apply(p.dropout, m, k, to_float(x[m * p.ldx + k]));
+#pragma unroll
+            for (int g = 0; g < G; ++g) acc[g][m] = fmaf(xe, av[g], acc[g][m]);
           }
         }
       }
     }
 #pragma unroll
-    for (int m = 0; m < R; ++m) {
+    for (int g = 0; g < G; ++g) {
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
+      for (int m = 0; m < R; ++m) {
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) {
+          acc[g][m] += __shfl_xor_sync(0xffffffffu, acc[g][m], offset);
+        }
       }
     }
     if (lane == 0) {
 #pragma unroll
-      for (int m = 0; m < R; ++m) {
-        if (m < nrows) s_part[m * p.r + j] = acc[m];
+      for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int m = 0; m < R; ++m) {
+          if (g < ranks && m < nrows) s_part[m * p.r + j0 + g] = acc[g][m];
+        }
       }
     }
   }
