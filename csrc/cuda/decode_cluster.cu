@@ -5,11 +5,12 @@
 //
 // Every cluster computes the whole S = drop(x) A^T [M, r] redundantly: its kClusterBlocks blocks
 // each take one chunk of the depth K (a warp per few ranks) and publish fp32 partials in shared
-// memory. The blocks then stream their columns of W (grid-stride over groups of kDecodeCols
-// columns, as the decode GEMV does) and, before the first epilogue that needs S, add the
-// partials of all the cluster's blocks in rank order (deterministic), rounded to dtype as S is
-// stored. The grid is at most as many clusters as fit on the GPU at once, so the redundant
-// shrink costs a few r*K reads of A from L2 per cluster, not per block.
+// memory (up to 8 rows, after streaming their first W columns). The blocks stream their columns
+// of W (grid-stride over groups of kDecodeCols columns, as the decode GEMV does) and, before the
+// first epilogue that needs S, add the partials of all the cluster's blocks in rank order
+// (deterministic), rounded to dtype as S is stored. The grid is at most as many clusters as fit
+// on the GPU at once, so the redundant shrink costs a few r*K reads of A from L2 per cluster,
+// not per block.
 #include <stdint.h>
 
 #include "block_dot.cuh"
@@ -147,8 +148,14 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cluster_kernel(const FwdAr
   __shared__ float red[kWarps * R * C];
   __shared__ float total[R * C];
 
-  shrink_chunk<T, R>(p, cluster_block_rank(), s_part);
-  cluster_arrive();
+  // Up to 8 rows the block streams its first W columns before it does its share of the shrink,
+  // so the GPU's reads of W start at once and the shrink's latency overlaps other blocks'
+  // streaming; with 16 rows the GEMV's sums leave too few registers to hold them across it.
+  constexpr bool kShrinkLate = R <= 8;
+  if (!kShrinkLate) {
+    shrink_chunk<T, R>(p, cluster_block_rank(), s_part);
+    cluster_arrive();
+  }
 
   const int nrows = static_cast<int>(p.M);
   const T* w = static_cast<const T*>(p.w);
@@ -166,6 +173,10 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cluster_kernel(const FwdAr
     block_dot_accumulate<T, R, C>(static_cast<const T*>(p.x), p.ldx, 0, nrows, w_rows, 1, ncols,
                                   p.K, p.vec_ok, no_dropout, acc);
     if (!have_s) {  // uniform over the block: every thread takes the same iterations
+      if (kShrinkLate) {
+        shrink_chunk<T, R>(p, cluster_block_rank(), s_part);
+        cluster_arrive();
+      }
       gather_s<T>(p, s_part, s_full);
       have_s = true;
     }
@@ -186,7 +197,13 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cluster_kernel(const FwdAr
     }
     block_sum_store<T, R, C>(acc, red, total, nrows, ncols, n0, p.bias, p.y, p.N);
   }
-  if (!have_s) gather_s<T>(p, s_part, s_full);  // no columns here; block 0 still stores S
+  if (!have_s) {  // no columns here: the block still does its share, and block 0 stores S
+    if (kShrinkLate) {
+      shrink_chunk<T, R>(p, cluster_block_rank(), s_part);
+      cluster_arrive();
+    }
+    gather_s<T>(p, s_part, s_full);
+  }
   cluster_wait();  // no block leaves while a peer may still read its partials
 #else
   __trap();  // launched only where cluster_enabled() holds, i.e. on sm_90+ code
