@@ -15,6 +15,10 @@ SHAPES = [
     ((2, 3), 13, 19, 3),
     ((5,), 64, 48, 64),
     ((4,), 24, 40, 256),
+    # Either side of the CPU GEMM's streamed path (up to 16 rows), the 16 rows over two of its
+    # depth blocks (1536 deep at 16 rows).
+    ((4, 4), 1603, 26, 16),
+    ((17,), 72, 33, 8),
 ]
 
 
