@@ -55,9 +55,8 @@ def _check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     if bias is not None:
         named.append(("bias", bias))
     dtype, device = x.dtype, x.device
-    if all(t.dtype == dtype and t.device == device for _, t in named):
-        pass  # checked on every call: the common case costs one pass, the errors below none
-    else:
+    # Checked on every call: the common case costs one pass, the messages below only on failure.
+    if not all(t.dtype == dtype and t.device == device for _, t in named):
         for name, t in named:
             if t.dtype != dtype:
                 fail(f"{name} has dtype {t.dtype} but x has {dtype}; all operands must share one dtype")

@@ -62,6 +62,19 @@ lora_status_t launch_clusters(void (*kernel)(KArgs...), int clusters, size_t sme
   return launch_status();
 }
 
+// Opts a kernel in to more than 48 KB of dynamic shared memory when it needs it; false if the
+// device refused (the caller then takes another plan).
+template <typename... KArgs>
+bool allow_dynamic_smem(void (*kernel)(KArgs...), size_t smem_bytes) {
+  if (smem_bytes <= 48 * 1024) return true;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem_bytes)) == cudaSuccess) {
+    return true;
+  }
+  cudaGetLastError();  // leave no sticky error for the next launch check
+  return false;
+}
+
 // Device side. Every thread of every block of the cluster must make the same sequence of
 // arrive / wait calls, alternating, from warp-uniform control flow.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

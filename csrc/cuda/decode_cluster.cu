@@ -214,12 +214,8 @@ template <typename T, int R>
 lora_status_t launch_typed(const FwdArgs& p, cudaStream_t stream, bool* launched) {
   const size_t smem = 2 * sizeof(float) * R * static_cast<size_t>(p.r);
   const auto kernel = decode_cluster_kernel<T, R>;
-  // Past 48 KB of dynamic shared memory (16 rows, r > 384) a kernel must opt in.
-  if (smem > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem)) != cudaSuccess) {
-    cudaGetLastError();
-    return LORA_OK;  // not launched: the caller falls back
-  }
+  // 16 rows with r > 384 need more than 48 KB; if refused, not launched: the caller falls back.
+  if (!allow_dynamic_smem(kernel, smem)) return LORA_OK;
   const int fit = max_active_clusters(reinterpret_cast<const void*>(kernel), smem);
   if (fit <= 0) return LORA_OK;  // not launched: the caller falls back
   const int64_t wanted = ceil_div(ceil_div(p.N, kDecodeCols), kClusterBlocks);

@@ -21,6 +21,27 @@ namespace {
 
 constexpr int kGemvCols = 4;
 
+// y[m, n] = x W^T + bias + t_scale * (expand term over t), m < M <= kGemvMaxRows, n < N.
+struct GemvParams {
+  int64_t M, N, K;
+  const void* x;
+  int64_t ldx;
+  const void* w;
+  const void* bias;
+  const float* t;
+  float t_scale;
+  int64_t r_max;
+  int num_slices;
+  AdapterStack b[LORA_MAX_SLICES];
+  int64_t offset[LORA_MAX_SLICES];
+  int64_t width[LORA_MAX_SLICES];
+  RowAdapterMap map;
+  RankInfo rank;
+  void* y;
+  int64_t ldy;
+  bool vec_ok;  // x and W rows may be read as 16-byte vectors
+};
+
 template <typename T, int R>
 __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
   constexpr int C = kGemvCols;
@@ -88,8 +109,6 @@ lora_status_t launch_gemv_typed(const GemvParams& p, cudaStream_t stream) {
   return launch_status();
 }
 
-}  // namespace
-
 lora_status_t launch_gemv(lora_dtype_t dtype, GemvParams p, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return LORA_OK;
   if (p.M > kGemvMaxRows || ceil_div(p.N, kGemvCols) > INT32_MAX) return LORA_ERR_UNSUPPORTED;
@@ -97,6 +116,36 @@ lora_status_t launch_gemv(lora_dtype_t dtype, GemvParams p, cudaStream_t stream)
   return dispatch_dtype(dtype, [&](auto tag) {
     return launch_gemv_typed<typename decltype(tag)::type>(p, stream);
   });
+}
+
+}  // namespace
+
+lora_status_t launch_decode_layer(lora_dtype_t dtype, const ShrinkParams& shrink,
+                                  const ExpandParams& expand, int64_t N, const void* weight,
+                                  const void* bias, float t_scale, cudaStream_t stream) {
+  LORA_RETURN_IF_ERROR(launch_shrink(dtype, shrink, stream));
+  GemvParams p{};
+  p.M = shrink.M;
+  p.N = N;
+  p.K = shrink.K;
+  p.x = shrink.x;
+  p.ldx = shrink.ldx;
+  p.w = weight;
+  p.bias = bias;
+  p.t = shrink.t;
+  p.t_scale = t_scale;
+  p.r_max = expand.r_max;
+  p.num_slices = expand.num_slices;
+  for (int s = 0; s < expand.num_slices; ++s) {
+    p.b[s] = expand.b[s];
+    p.offset[s] = expand.offset[s];
+    p.width[s] = expand.width[s];
+  }
+  p.map = shrink.map;
+  p.rank = expand.rank;
+  p.y = expand.y;
+  p.ldy = expand.ldy;
+  return launch_gemv(dtype, p, stream);
 }
 
 }  // namespace detail

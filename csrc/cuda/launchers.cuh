@@ -1,7 +1,7 @@
 // Kernels that more than one entry point launches, behind host functions so each is compiled in
 // one translation unit only: the adapter shrink and expand (multi-adapter ops, and the
-// single-adapter forward's decode path as the one-adapter case), the decode GEMV with the
-// adapter term in its epilogue, and the cuBLAS base GEMM.
+// single-adapter forward's decode path as the one-adapter case), the decode layer (shrink, then
+// a GEMV with the adapter term in its epilogue), and the cuBLAS base GEMM.
 #ifndef LORA_OPS_CUDA_LAUNCHERS_CUH_
 #define LORA_OPS_CUDA_LAUNCHERS_CUH_
 
@@ -75,30 +75,14 @@ lora_status_t make_expand_params(int64_t M, int64_t L, int64_t r_max, int64_t nu
                                  const int32_t* ranks, const lora_adapter_index_t& index,
                                  void* y, int64_t ldy, int64_t n_exact, ExpandParams* out);
 
-// Decode sizes: y[m, n] = x W^T + bias + t_scale * (the expand term above) for M <= kGemvMaxRows,
-// streaming W once. Column n belongs to the slice whose [offset, offset + width) holds it.
+// Decode sizes, M <= kGemvMaxRows, in two launches: the shrink `shrink` (writing shrink.t), then
+// y[m, n] = x W^T + bias + t_scale * (the expand term of `expand` over that t) for n < N,
+// streaming W once (fused_gemv.cu). Column n belongs to the slice of `expand` whose
+// [offset, offset + width) holds it; expand.init is not used.
 constexpr int64_t kGemvMaxRows = 8;
-struct GemvParams {
-  int64_t M, N, K;
-  const void* x;
-  int64_t ldx;
-  const void* w;
-  const void* bias;
-  const float* t;
-  float t_scale;
-  int64_t r_max;
-  int num_slices;
-  AdapterStack b[LORA_MAX_SLICES];
-  int64_t offset[LORA_MAX_SLICES];
-  int64_t width[LORA_MAX_SLICES];
-  RowAdapterMap map;
-  RankInfo rank;
-  void* y;
-  int64_t ldy;
-  // Filled by launch_gemv.
-  bool vec_ok;
-};
-lora_status_t launch_gemv(lora_dtype_t dtype, GemvParams p, cudaStream_t stream);
+lora_status_t launch_decode_layer(lora_dtype_t dtype, const ShrinkParams& shrink,
+                                  const ExpandParams& expand, int64_t N, const void* weight,
+                                  const void* bias, float t_scale, cudaStream_t stream);
 
 // The base GEMM added onto the output's current contents (cuBLAS, beta = 1), row-major, fp32
 // accumulation; nothing to do when a size is 0:

@@ -328,13 +328,7 @@ lora_status_t run_cluster(FwdArgs args, bool thin, cudaStream_t stream, bool* la
   const size_t smem = 2 * sizeof(float) * WideTile::BM * static_cast<size_t>(args.r);
   const auto kernel =
       thin ? cluster_adapter_kernel<T, ThinTile> : cluster_adapter_kernel<T, WideTile>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in (once per device is enough, but
-  // the call is cheap and keeps this stateless).
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) != cudaSuccess) {
-    cudaGetLastError();
-    return LORA_OK;
-  }
+  if (!allow_dynamic_smem(kernel, smem)) return LORA_OK;  // r > 96 needs more than 48 KB
   if (max_active_clusters(reinterpret_cast<const void*>(kernel), smem) <= 0) return LORA_OK;
   *launched = true;
   return launch_clusters(kernel, static_cast<int>(clusters), smem, stream, args);
@@ -409,28 +403,19 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     sp.t = plan.t;
     sp.round_t = true;
     sp.s_out = s_out;
-    LORA_RETURN_IF_ERROR(detail::launch_shrink(dtype, sp, ctx.stream));
-
-    detail::GemvParams gp{};
-    gp.M = M;
-    gp.N = N;
-    gp.K = K;
-    gp.x = x;
-    gp.ldx = ldx;
-    gp.w = weight;
-    gp.bias = bias;
-    gp.t = plan.t;
-    gp.t_scale = scaling;
-    gp.r_max = r;
-    gp.num_slices = 1;
-    gp.b[0] = AdapterStack{lora_b, 0, r, 1};
-    gp.offset[0] = 0;
-    gp.width[0] = N;
-    gp.map = sp.map;
-    gp.rank = sp.rank;
-    gp.y = y;
-    gp.ldy = N;
-    return detail::launch_gemv(dtype, gp, ctx.stream);
+    detail::ExpandParams ep{};
+    ep.M = M;
+    ep.r_max = r;
+    ep.num_slices = 1;
+    ep.t = plan.t;
+    ep.b[0] = AdapterStack{lora_b, 0, r, 1};
+    ep.offset[0] = 0;
+    ep.width[0] = N;
+    ep.map = sp.map;
+    ep.rank = sp.rank;
+    ep.y = y;
+    ep.ldy = N;
+    return detail::launch_decode_layer(dtype, sp, ep, N, weight, bias, scaling, ctx.stream);
   }
 
   LORA_RETURN_IF_ERROR(detail::dispatch_dtype(dtype, [&](auto tag) {

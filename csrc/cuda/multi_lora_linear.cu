@@ -39,31 +39,11 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
   if (!decode && M * N * K > 0 && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
   if (M == 0) return LORA_OK;
 
-  LORA_RETURN_IF_ERROR(detail::launch_shrink(dtype, sp, ctx.stream));
   if (decode) {
-    detail::GemvParams gp{};
-    gp.M = M;
-    gp.N = N;
-    gp.K = K;
-    gp.x = x;
-    gp.ldx = ldx;
-    gp.w = weight;
-    gp.bias = bias;
-    gp.t = t_workspace;
-    gp.t_scale = 1.0f;  // the shrink applied the scalings
-    gp.r_max = r_max;
-    gp.num_slices = ep.num_slices;
-    for (int s = 0; s < ep.num_slices; ++s) {
-      gp.b[s] = ep.b[s];
-      gp.offset[s] = ep.offset[s];
-      gp.width[s] = ep.width[s];
-    }
-    gp.map = ep.map;
-    gp.rank = ep.rank;
-    gp.y = y;
-    gp.ldy = N;
-    return detail::launch_gemv(dtype, gp, ctx.stream);
+    return detail::launch_decode_layer(dtype, sp, ep, N, weight, bias, 1.0f,  // scalings in t
+                                       ctx.stream);
   }
+  LORA_RETURN_IF_ERROR(detail::launch_shrink(dtype, sp, ctx.stream));
   ep.init = true;
   ep.bias = bias;
   LORA_RETURN_IF_ERROR(detail::launch_expand(dtype, ep, ctx.stream));
