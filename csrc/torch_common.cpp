@@ -113,14 +113,14 @@ void aten_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, in
   }
 }
 
-// ATen's BLAS for fp32 products with more rows than the built-in GEMM streams: below that the
-// built-in streaming pass is the faster one (kernels.h). fp16/bf16 always take the built-in
-// GEMM: ATen's CPU half-precision matmul is far slower (benchmarks/results).
+// The faster of ATen's BLAS and the built-in GEMM for fp32 products (builtin_gemm_preferred).
+// fp16/bf16 always take the built-in GEMM: ATen's CPU half-precision matmul is far slower
+// (benchmarks/results).
 void fp32_base_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
                     const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
                     int64_t ldc) {
-  const cpu::Gemm gemm = m <= cpu::kBuiltinGemmStreamRows ? cpu::builtin_gemm()
-                                                           : cpu::Gemm{&aten_gemm, nullptr};
+  const cpu::Gemm gemm =
+      cpu::builtin_gemm_preferred(m) ? cpu::builtin_gemm() : cpu::Gemm{&aten_gemm, nullptr};
   gemm.fn(gemm.ctx, dtype, b_is_nk, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 

@@ -6,11 +6,14 @@
 #ifndef LORA_OPS_CPU_GEMM_OPERANDS_H_
 #define LORA_OPS_CPU_GEMM_OPERANDS_H_
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/dtype.h"
 #include "cpu/packed_gemm.h"
+#include "cpu/panel_transpose.h"
 #include "lora_ops/common.h"
 #include "lora_ops/dropout_hash.h"
 
@@ -83,15 +86,19 @@ struct OperandA {
 
   void pack(float* __restrict dst, int64_t i, int64_t count, int64_t k0, int64_t kc) const {
     if (stride_k == 1) {
-      alignas(64) float span[kKC];
-      for (int64_t r = 0; r < kMR; ++r) {
-        if (r < count) {
-          load_rows(span, i + r, 1, k0, kc);
-          for (int64_t p = 0; p < kc; ++p) dst[p * kMR + r] = span[p];
-        } else {
-          for (int64_t p = 0; p < kc; ++p) dst[p * kMR + r] = 0.0f;
+      const float* row_ptr[panel_row_pointers(kMR)];
+      alignas(64) float staging[kMR * kKC];  // the rows as fp32, when they are not fp32 already
+      for (int64_t r = 0; r < count; ++r) {
+        row_ptr[r] = nullptr;
+        if constexpr (std::is_same_v<T, float>) {
+          if (dropout.threshold == 0) row_ptr[r] = data + row(i + r) * stride_i + k0;
+        }
+        if (row_ptr[r] == nullptr) {
+          load_rows(staging + r * kc, i + r, 1, k0, kc);
+          row_ptr[r] = staging + r * kc;
         }
       }
+      transpose_rows_to_panel(dst, row_ptr, static_cast<int>(count), kMR, kc);
       return;
     }
     if (stride_i == 1 && rows == nullptr && dropout.threshold == 0) {  // a transposed matrix
@@ -159,25 +166,54 @@ struct OperandB {
     return dst;
   }
 
-  void pack(float* __restrict dst, int64_t k0, int64_t kc, int64_t j, int64_t count) const {
+  // Columns j0 .. j0+n-1 (n <= kMaxTileN) of depth k0 .. k0+kc-1 as consecutive panels of kNR
+  // columns (panel q at dst + q * kNR * kc), columns past n zero.
+  void pack(float* __restrict dst, int64_t k0, int64_t kc, int64_t j0, int64_t n) const {
     if (stride_j == 1) {
-      for (int64_t p = 0; p < kc; ++p) {
-        float* out = dst + p * kNR;
-        load_along_j(out, k0 + p, j, count);
-        for (int64_t c = count; c < kNR; ++c) out[c] = 0.0f;
+      // Eight rows of B at a time, each read in one run across all panels: panel by panel, the
+      // block would be read in kc pieces of kNR columns a row apart (a TLB miss each when rows
+      // are long), and a row at a time across the panels writes to kc * kNR-strided addresses
+      // that evict one another from L1.
+      constexpr int64_t kRows = 8;
+      alignas(64) float lines[kRows * kMaxTileN];
+      for (int64_t p0 = 0; p0 < kc; p0 += kRows) {
+        const int64_t rows = std::min(kRows, kc - p0);
+        const float* src[kRows];
+        for (int64_t q = 0; q < rows; ++q) src[q] = along_j(lines + q * n, k0 + p0 + q, j0, n);
+        for (int64_t jp = 0; jp < n; jp += kNR) {
+          const int64_t cols = std::min(kNR, n - jp);
+          for (int64_t q = 0; q < rows; ++q) {
+            float* out = dst + jp * kc + (p0 + q) * kNR;
+            if (cols == kNR) {
+              std::memcpy(out, src[q] + jp, sizeof(float) * kNR);
+            } else {
+              std::memcpy(out, src[q] + jp, sizeof(float) * cols);
+              std::fill(out + cols, out + kNR, 0.0f);
+            }
+          }
+        }
       }
       return;
     }
+    for (int64_t jp = 0; jp < n; jp += kNR) {
+      pack_panel(dst + jp * kc, k0, kc, j0 + jp, std::min(kNR, n - jp));
+    }
+  }
+
+ private:
+  void pack_panel(float* __restrict dst, int64_t k0, int64_t kc, int64_t j, int64_t count) const {
     if (stride_k == 1 && dropout.threshold == 0) {
-      alignas(64) float span[kKC];
-      for (int64_t c = 0; c < kNR; ++c) {
-        if (c < count) {
-          load_along_k(span, j + c, k0, kc);
-          for (int64_t p = 0; p < kc; ++p) dst[p * kNR + c] = span[p];
+      const float* col_ptr[panel_row_pointers(kNR)];
+      alignas(64) float staging[kNR * kKC];  // the columns as fp32, when they are not already
+      for (int64_t c = 0; c < count; ++c) {
+        if constexpr (std::is_same_v<T, float>) {
+          col_ptr[c] = data + (j + c) * stride_j + k0;
         } else {
-          for (int64_t p = 0; p < kc; ++p) dst[p * kNR + c] = 0.0f;
+          load_along_k(staging + c * kc, j + c, k0, kc);
+          col_ptr[c] = staging + c * kc;
         }
       }
+      transpose_rows_to_panel(dst, col_ptr, static_cast<int>(count), kNR, kc);
       return;
     }
     for (int64_t p = 0; p < kc; ++p) {

@@ -12,8 +12,9 @@
 // while storing, never as a separate pass over memory:
 //   pack_a.pack(float* dst, int64_t i, int64_t rows, int64_t k0, int64_t kc)
 //       writes A(i .. i+rows-1, k0 .. k0+kc-1) as kc x kMR (k-major), rows >= `rows` zero;
-//   pack_b.pack(float* dst, int64_t k0, int64_t kc, int64_t j, int64_t cols)
-//       writes B(k0 .. k0+kc-1, j .. j+cols-1) as kc x kNR (k-major), columns >= `cols` zero;
+//   pack_b.pack(float* dst, int64_t k0, int64_t kc, int64_t j0, int64_t n)
+//       writes B(k0 .. k0+kc-1, j0 .. j0+n-1) as ceil(n / kNR) panels of kc x kNR (k-major),
+//       panel q at dst + q * kNR * kc, columns past n zero;
 //   epilogue.store(int64_t i, int64_t j0, const float* acc, int64_t n)
 //       receives the finished sums C(i, j0 .. j0+n-1).
 //
@@ -279,9 +280,7 @@ bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogu
   if (k == 0) std::fill(ws.c_tile, ws.c_tile + round_up(m, kMR) * n_pad, 0.0f);
   for (int64_t k0 = 0; k0 < k; k0 += kKC) {
     const int64_t kc = std::min(kKC, k - k0);
-    for (int64_t jp = 0; jp < n; jp += kNR) {
-      pack_b.pack(ws.b_pack + jp * kc, k0, kc, j0 + jp, std::min(kNR, n - jp));
-    }
+    pack_b.pack(ws.b_pack, k0, kc, j0, n);
     for (int64_t ic = 0; ic < m; ic += kMC) {
       const int64_t mc = std::min(kMC, m - ic);
       for (int64_t ip = 0; ip < mc; ip += kMR) {

@@ -307,6 +307,11 @@ void test_builtin_gemm() {
       test_builtin_gemm_case(dt, nk, 13, 50, 4000, 0.5f);
       test_builtin_gemm_case(dt, nk, 16, 33, 3100, 0.0f);
       test_builtin_gemm_case(dt, nk, 17, 40, 70, 1.0f);
+      // Packed panels: depth below, at and past one 8-wide transpose block, row and column
+      // counts that leave partial panels of A (kMR) and B (kNR), and a ragged last depth block.
+      test_builtin_gemm_case(dt, nk, 20, 21, 5, 0.0f);
+      test_builtin_gemm_case(dt, nk, 23, 17, 8, 0.0f);
+      test_builtin_gemm_case(dt, nk, 19, 300, 263, 1.0f);
     }
   }
   test_builtin_gemm_case(LORA_DTYPE_F32, true, 401, 290, 530, 0.0f);

@@ -76,6 +76,10 @@ Gemm builtin_gemm();
 // M = 16; benchmarks/results), so callers with a BLAS may prefer the built-in GEMM up to here.
 inline constexpr int64_t kBuiltinGemmStreamRows = 16;
 
+// Whether builtin_gemm is the faster fp32 GEMM for m rows than a BLAS (see builtin_gemm.cpp;
+// decided by the vector units the CPU kernels were compiled for).
+bool builtin_gemm_preferred(int64_t m);
+
 lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                               const void* x, int64_t ldx, const void* weight, const void* bias,
                               const void* lora_a, const void* lora_b, float scaling,
