@@ -111,11 +111,12 @@ bool streams_b(int64_t m, const PackB& pack_b) {
 
 inline int64_t max_tile_n(bool streamed) { return streamed ? kFewRowsMaxTileN : kMaxTileN; }
 
-// Depth of one streamed block for m rows: as deep as a_pack holds, so that for a few rows a row
-// of B is read start to end in one run and consecutive rows of B form one long stream (blocks
-// shallower than a row would read B in strided pieces, measurably slower).
+// Depth of one streamed block for m rows: as deep as a_pack holds (and b_pack, for the four rows
+// of B converted to fp32 at a time), so that for a few rows a row of B is read start to end in
+// one run and consecutive rows of B form long streams (blocks shallower than a row would read B
+// in strided pieces, measurably slower).
 inline int64_t few_rows_kc(int64_t m) {
-  const int64_t kc = kMC * kKC / (m > 0 ? m : 1);
+  const int64_t kc = std::min(kMC * kKC / (m > 0 ? m : 1), kKC * kMaxTileN / 4);
   return kc / (2 * kVecLen) * (2 * kVecLen);
 }
 
@@ -170,48 +171,46 @@ inline VecF load_vec(const float* p) {
   return v;
 }
 
-// out[r] += sum_p a[r * lda + p] b[p] for r < R: two vector accumulators per row, then their
-// lanes, then the ragged end, an order fixed by n alone. b is read once for the R rows: 1.25
-// loads per FMA at R = 4 instead of 2 for a row at a time.
-template <int R>
-inline void dot_rows(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t n,
-                     float* __restrict out, int64_t out_stride) {
-  VecF s0[R], s1[R];
-  for (int r = 0; r < R; ++r) s0[r] = s1[r] = VecF{};
+// out[r * ld + c] += (row r of a) . b[c] over n, for r < R, c < C: every row of A read once for
+// C rows of B and every row of B once for R rows of A (R + C loads per R * C FMAs), and C rows of
+// B in flight at once, which a single core needs to pull a weight at memory speed. One vector
+// accumulator per dot product, then its lanes, then the ragged end: an order fixed by n alone.
+template <int R, int C>
+inline void dot_block(const float* __restrict a, int64_t lda, const float* const* b, int64_t n,
+                      float* __restrict out, int64_t ld) {
+  VecF s[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) s[r][c] = VecF{};
+  }
   int64_t p = 0;
-  for (; p + 2 * kVecLen <= n; p += 2 * kVecLen) {
-    const VecF b0 = load_vec(b + p), b1 = load_vec(b + p + kVecLen);
-    for (int r = 0; r < R; ++r) {
-      s0[r] = fmadd(load_vec(a + r * lda + p), b0, s0[r]);
-      s1[r] = fmadd(load_vec(a + r * lda + p + kVecLen), b1, s1[r]);
+  for (; p + kVecLen <= n; p += kVecLen) {
+    VecF av[R];
+    for (int r = 0; r < R; ++r) av[r] = load_vec(a + r * lda + p);
+    for (int c = 0; c < C; ++c) {
+      const VecF bv = load_vec(b[c] + p);
+      for (int r = 0; r < R; ++r) s[r][c] = fmadd(av[r], bv, s[r][c]);
     }
   }
-  const bool one_more = p + kVecLen <= n;
-  if (one_more) {
-    const VecF b0 = load_vec(b + p);
-    for (int r = 0; r < R; ++r) s0[r] = fmadd(load_vec(a + r * lda + p), b0, s0[r]);
-    p += kVecLen;
-  }
   for (int r = 0; r < R; ++r) {
-    const VecF sum = s0[r] + s1[r];
-    float total = 0.0f;
-    for (int lane = 0; lane < kVecLen; ++lane) total += sum[lane];
-    for (int64_t q = p; q < n; ++q) total += a[r * lda + q] * b[q];
-    out[r * out_stride] += total;
+    for (int c = 0; c < C; ++c) {
+      float total = 0.0f;
+      for (int lane = 0; lane < kVecLen; ++lane) total += s[r][c][lane];
+      for (int64_t q = p; q < n; ++q) total += a[r * lda + q] * b[c][q];
+      out[r * ld + c] += total;
+    }
   }
 }
 
-// acc[r * ld + j] += (row r of a_rows) . b over kc, for r < m; four rows per pass over b.
-inline void dot_many_rows(const float* __restrict a_rows, int64_t kc, int64_t m,
-                          const float* __restrict b, float* __restrict acc, int64_t ld) {
-  int64_t r = 0;
-  for (; r + 4 <= m; r += 4) dot_rows<4>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld);
-  switch (m - r) {
-    case 3: dot_rows<3>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld); break;
-    case 2: dot_rows<2>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld); break;
-    case 1: dot_rows<1>(a_rows + r * kc, kc, b, kc, acc + r * ld, ld); break;
-    default: break;
-  }
+// dot_block for run-time R <= 4 and C <= 4 (R * C <= 12: the accumulators stay in registers).
+inline void dot_block_any(int rows, int cols, const float* a, int64_t lda, const float* const* b,
+                          int64_t n, float* out, int64_t ld) {
+  using Fn = void (*)(const float*, int64_t, const float* const*, int64_t, float*, int64_t);
+  static constexpr Fn kTable[4][4] = {
+      {&dot_block<1, 1>, &dot_block<1, 2>, &dot_block<1, 3>, &dot_block<1, 4>},
+      {&dot_block<2, 1>, &dot_block<2, 2>, &dot_block<2, 3>, &dot_block<2, 4>},
+      {&dot_block<3, 1>, &dot_block<3, 2>, &dot_block<3, 3>, &dot_block<3, 4>},
+      {&dot_block<4, 1>, &dot_block<4, 2>, &dot_block<4, 3>, nullptr}};
+  kTable[rows - 1][cols - 1](a, lda, b, n, out, ld);
 }
 
 // The tile of a product that streams B: dot products along k, or rows of B scaled into the
@@ -230,8 +229,18 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
     const int64_t kc = std::min(kc_max, k - k0);
     pack_a.load_rows(a_rows, i0, m, k0, kc);
     if (along_k) {
-      for (int64_t j = 0; j < n; ++j) {
-        dot_many_rows(a_rows, kc, m, pack_b.along_k(b_line, j0 + j, k0, kc), acc + j, n);
+      // Up to three rows of A: four rows of B at a time; more: three, against four rows of A.
+      const int64_t cols_per_pass = m <= 3 ? 4 : 3;
+      for (int64_t j = 0; j < n; j += cols_per_pass) {
+        const int cols = static_cast<int>(std::min(cols_per_pass, n - j));
+        const float* b_rows[4];
+        for (int c = 0; c < cols; ++c) {
+          b_rows[c] = pack_b.along_k(b_line + c * kc, j0 + j + c, k0, kc);
+        }
+        for (int64_t r = 0; r < m; r += 4) {
+          const int rows = static_cast<int>(std::min<int64_t>(4, m - r));
+          dot_block_any(rows, cols, a_rows + r * kc, kc, b_rows, kc, acc + r * n + j, n);
+        }
       }
       continue;
     }

@@ -307,6 +307,9 @@ void test_builtin_gemm() {
       test_builtin_gemm_case(dt, nk, 13, 50, 4000, 0.5f);
       test_builtin_gemm_case(dt, nk, 16, 33, 3100, 0.0f);
       test_builtin_gemm_case(dt, nk, 17, 40, 70, 1.0f);
+      // Streamed depth blocks at their deepest (one and two rows: past 16384 and 12288).
+      test_builtin_gemm_case(dt, nk, 1, 5, 16390, 0.0f);
+      test_builtin_gemm_case(dt, nk, 2, 7, 12300, 1.0f);
       // Packed panels: depth below, at and past one 8-wide transpose block, row and column
       // counts that leave partial panels of A (kMR) and B (kNR), and a ragged last depth block.
       test_builtin_gemm_case(dt, nk, 20, 21, 5, 0.0f);

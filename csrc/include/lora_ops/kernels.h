@@ -70,10 +70,10 @@ struct Gemm {
 Gemm builtin_gemm();
 
 // Up to this many rows of A, builtin_gemm streams B once in long contiguous runs instead of
-// packing it, four rows of A per pass over each run of B: a decode-sized product is then one
-// pass over the weight, at memory speed for a few rows. BLAS GEMMs often are slower there (MKL
-// on a 2-core AMD EPYC, fp32, K = 4096: 1.4-1.7x slower at M = 1, 2.4x at M = 4, ~1.3x at
-// M = 16; benchmarks/results), so callers with a BLAS may prefer the built-in GEMM up to here.
+// packing it, several rows of A against several rows of B at a time: a decode-sized product is
+// then one pass over the weight, at memory speed for a few rows. BLAS GEMMs often are slower
+// there (MKL on a 2-core AMD EPYC, fp32 x W^T, K = 4096: 1.2-1.4x slower at M = 1, ~3x at
+// M = 2-4, ~1.5x at M = 16), so callers with a BLAS may prefer the built-in GEMM up to here.
 inline constexpr int64_t kBuiltinGemmStreamRows = 16;
 
 // Whether builtin_gemm is the faster fp32 GEMM for m rows than a BLAS (see builtin_gemm.cpp;
