@@ -501,6 +501,10 @@ void test_linear() {
   test_linear_case({LORA_DTYPE_F16, 200, 30, 70, 3, 0.2, true, 0});
   test_linear_case({LORA_DTYPE_F32, 389, 300, 600, 16, 0.1, true, 0});
   test_linear_case({LORA_DTYPE_BF16, 389, 300, 600, 16, 0.1, true, 0});
+  // Packed products (more than 16 rows) with a rank of at most 16, without dropout.
+  test_linear_case({LORA_DTYPE_F32, 389, 300, 600, 16, 0.0, true, 2});
+  test_linear_case({LORA_DTYPE_BF16, 40, 33, 70, 5, 0.0, false, 1});
+  test_linear_case({LORA_DTYPE_F16, 17, 17, 45, 1, 0.0, true, 3});
   test_linear_case({LORA_DTYPE_F32, 9, 11, 13, 0, 0.0, true, 0});  // no adapter rank at all
 }
 
