@@ -82,7 +82,7 @@ std::vector<GroupTile> plan_group_tiles(const AdapterGroups& groups, int64_t num
       const int64_t m = groups.groups[g].end - groups.groups[g].begin;
       const int64_t n = cols(s, g);
       if (n == 0) continue;
-      const TileGrid grid = plan_tiles(m, n, threads, max_tile_n(streamed(s, g)));
+      const TileGrid grid = plan_tiles(m, n, threads, streamed(s, g));
       for (int64_t i0 = 0; i0 < m; i0 += grid.tile_m) {
         for (int64_t j0 = 0; j0 < n; j0 += grid.tile_n) {
           tiles.push_back(GroupTile{s, g, i0, std::min(grid.tile_m, m - i0), j0,

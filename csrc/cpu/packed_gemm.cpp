@@ -44,16 +44,16 @@ int max_threads() {
 #endif
 }
 
-TileGrid plan_tiles(int64_t m, int64_t n, int threads, int64_t max_tile_n) {
+TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
   // Enough items to keep every thread busy with some balance, splitting columns first: a
   // narrower item only re-packs A (1/(2 tile_n) of its flops), a shorter one re-packs B.
   // A streamed product of a few rows is memory-bound and reads B in runs as long as its tiles
   // are wide (short runs cost the prefetcher its ramp-up each time): one item per thread.
-  const bool few_rows_streamed = max_tile_n > kMaxTileN && m <= 4;
-  const int64_t wanted = threads > 1 ? (few_rows_streamed ? 1 : 3) * int64_t{threads} : 1;
+  const int64_t items_per_thread = streamed && m <= 4 ? 1 : 3;
+  const int64_t wanted = threads > 1 ? items_per_thread * threads : 1;
   constexpr int64_t kMinTileN = 64;
   constexpr int64_t kMinTileM = 4 * kMR;
-  int64_t tiles_n = ceil_div(n, max_tile_n);
+  int64_t tiles_n = ceil_div(n, max_tile_n(streamed));
   int64_t tiles_m = ceil_div(m, kMaxTileM);
   if (tiles_m * tiles_n < wanted) {
     tiles_n = std::max(tiles_n, std::min(ceil_div(wanted, tiles_m), ceil_div(n, kMinTileN)));

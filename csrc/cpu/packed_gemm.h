@@ -95,11 +95,12 @@ inline bool worth_threads(int64_t m, int64_t n, int64_t k) {
   return max_threads() > 1 && m * n * (k + 16) >= (int64_t{1} << 17);
 }
 
-// Work-item tiling of an m x n product: tile_m rows by tile_n columns per item.
+// Work-item tiling of an m x n product: tile_m rows by tile_n columns per item; `streamed` is
+// streams_b() of the product.
 struct TileGrid {
   int64_t tile_m, tile_n, tiles_m, tiles_n;
 };
-TileGrid plan_tiles(int64_t m, int64_t n, int threads, int64_t max_tile_n);
+TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed);
 
 enum class BLayout { kAlongK, kAlongJ, kOther };
 
@@ -315,7 +316,7 @@ lora_status_t parallel_gemm(const PackA& pack_a, const PackB& pack_b, const Epil
   if (m == 0 || n == 0) return LORA_OK;
   const bool threaded = worth_threads(m, n, k);
   const bool streamed = streams_b(m, pack_b);
-  const TileGrid grid = plan_tiles(m, n, threaded ? max_threads() : 1, max_tile_n(streamed));
+  const TileGrid grid = plan_tiles(m, n, threaded ? max_threads() : 1, streamed);
   const int64_t items = grid.tiles_m * grid.tiles_n;
   int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (threaded && items > 1)
