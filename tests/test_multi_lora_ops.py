@@ -335,20 +335,27 @@ def test_sorted_segments_give_the_token_form_result(device, backend):
     torch.testing.assert_close(t_sorted[:, perm.argsort()], run_shrink(p, backend), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("M", [0, 1, 63, 64, 65, 200])
-def test_per_adapter_gram_matches_a_loop(M):
-    """The fixed-shape tiled formulation of the weight gradients, across tile boundaries."""
-    L = 7
-    adapter = torch.randint(-1, L, (M,))
-    adapter[: M // 2] = 2  # one adapter spanning several tiles
-    u, v = torch.randn(M, 3, dtype=torch.float64), torch.randn(M, 5, dtype=torch.float64)
+@pytest.mark.parametrize("M,L", [(0, 7), (1, 7), (63, 7), (64, 7), (65, 7), (200, 7), (64, 16),
+                                 (300, 1), (5, 300), (64, 1000), (40, 0)])
+def test_per_adapter_gram_matches_a_loop(M, L):
+    """The fixed-shape tiled formulation of the weight gradients, across tile boundaries, with
+    more adapters than tokens (a pool) and with none."""
+    gen = torch.Generator().manual_seed(M * 1000 + L)
+    adapter = torch.randint(-1, max(L, 1), (M,), generator=gen)
+    if L > 2:
+        adapter[: M // 2] = 2  # one adapter spanning several tiles
+    u = torch.randn(M, 3, dtype=torch.float64, generator=gen)
+    v = torch.randn(M, 5, dtype=torch.float64, generator=gen)
     want = torch.zeros(L, 3, 5, dtype=torch.float64)
     for i, a in enumerate(adapter.tolist()):
-        if a >= 0:
+        if 0 <= a < L:
             want[a] += u[i][:, None] * v[i][None, :]
-    got = multi_lora.per_adapter_gram(u, v, multi_lora.gram_plan(adapter, L))
+    plan = multi_lora.gram_plan(adapter, L)
+    got = multi_lora.per_adapter_gram(u, v, plan)
     assert got.dtype == torch.float32  # accumulates in fp32 whatever the input
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # The work is bounded by the tokens, not by the adapters in the pool (see gram_plan).
+    assert plan.token.numel() <= M + max(M, 4 * min(L, M))
 
 
 # ---------------------------------------------------------------------------------------------
