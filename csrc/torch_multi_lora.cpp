@@ -27,6 +27,11 @@ TORCH_LIBRARY_FRAGMENT(lora_ops, m) {
         "Tensor[] lora_b, int[] slice_offsets, Tensor scalings, Tensor ranks, "
         "Tensor? token_adapter=None, Tensor? seg_indptr=None, Tensor? seg_adapter=None) "
         "-> (Tensor y, Tensor t)");
+  // The input gradient of multi_lora_linear_fwd, dx = dy W + sum_s dt[s] A_s (kernels.h), for
+  // its backward on CPU (on CUDA the backward keeps cuBLAS plus an expand).
+  m.def("multi_lora_linear_dx(Tensor dy, Tensor weight, Tensor[] lora_a, Tensor dt, "
+        "Tensor ranks, Tensor? token_adapter=None, Tensor? seg_indptr=None, "
+        "Tensor? seg_adapter=None) -> Tensor dx");
 }
 
 namespace lora_ops::binding {
@@ -35,6 +40,7 @@ namespace {
 constexpr const char* kShrink = "multi_lora_shrink";
 constexpr const char* kExpand = "multi_lora_expand";
 constexpr const char* kLinear = "multi_lora_linear_fwd";
+constexpr const char* kLinearDx = "multi_lora_linear_dx";
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -354,6 +360,45 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(
   return {a.y, a.t};
 }
 
+at::Tensor linear_dx_cpu(const at::Tensor& dy, const at::Tensor& weight, at::TensorList lora_a,
+                         const at::Tensor& dt, const at::Tensor& ranks,
+                         const OptTensor& token_adapter, const OptTensor& seg_indptr,
+                         const OptTensor& seg_adapter) {
+  check_dim(kLinearDx, "dy", dy, 2);
+  check_dim(kLinearDx, "weight", weight, 2);
+  const lora_dtype_t dtype = to_lora_dtype(kLinearDx, "dy", dy);
+  check_matches(kLinearDx, "weight", weight, dy, "dy");
+  const int64_t M = dy.size(0), N = weight.size(0), K = weight.size(1);
+  check_size(kLinearDx, "dy", dy, 1, N, "weight's row count");
+  const Stacks a = checked_stacks(kLinearDx, "lora_a", lora_a, dy, "dy");
+  const int64_t S = static_cast<int64_t>(lora_a.size());
+  check_r_max(kLinearDx, "lora_a", a.rows);
+  for (int64_t i = 0; i < S; ++i) {
+    check_size(kLinearDx, "lora_a", lora_a[i], 1, a.rows, "lora_a[0]'s r_max");
+    check_size(kLinearDx, "lora_a", lora_a[i], 2, K, "weight's column count");
+  }
+  check_dim(kLinearDx, "dt", dt, 3);
+  TORCH_CHECK_VALUE(dt.scalar_type() == at::kFloat, kLinearDx, ": dt must be float32, got ",
+                    dt.scalar_type());
+  TORCH_CHECK_VALUE(dt.device() == dy.device(), kLinearDx, ": dt is on ", dt.device(),
+                    " but dy is on ", dy.device());
+  check_size(kLinearDx, "dt", dt, 0, S, "the slice count of lora_a");
+  check_size(kLinearDx, "dt", dt, 1, M, "dy's row count");
+  check_size(kLinearDx, "dt", dt, 2, a.rows, "lora_a's r_max");
+  const at::Tensor ranks32 = checked_vector(kLinearDx, "ranks", ranks, a.L, dy, "dy", true);
+  const Index index =
+      prepare_index(kLinearDx, M, dy, "dy", token_adapter, seg_indptr, seg_adapter);
+  check_host_values(kLinearDx, ranks32, a.rows, index, M);
+  at::Tensor dx = at::empty({M, K}, dy.options());
+  if (M == 0) return dx;
+  const at::Tensor dy_c = dy.contiguous(), weight_c = weight.contiguous(), dt_c = dt.contiguous();
+  check_status(kLinearDx, cpu::multi_lora_linear_dx(
+      dtype, M, N, K, a.L, a.rows, S, dy_c.data_ptr(), weight_c.data_ptr(), a.views.data(),
+      dt_c.data_ptr<float>(), ranks32.data_ptr<int32_t>(), index.view(), dx.data_ptr(),
+      cpu_base_gemm(dtype)));
+  return dx;
+}
+
 #ifdef LORA_OPS_WITH_CUDA
 at::Tensor shrink_cuda(const at::Tensor& x, at::TensorList lora_a, const at::Tensor& scalings,
                        const at::Tensor& ranks, const OptTensor& token_adapter,
@@ -415,6 +460,7 @@ TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
   m.impl("multi_lora_shrink", &shrink_cpu);
   m.impl("multi_lora_expand", &expand_cpu);
   m.impl("multi_lora_linear_fwd", &linear_fwd_cpu);
+  m.impl("multi_lora_linear_dx", &linear_dx_cpu);
 }
 
 #ifdef LORA_OPS_WITH_CUDA

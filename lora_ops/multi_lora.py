@@ -276,7 +276,15 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.slice_offsets = list(slice_offsets)
 
 
-def _make_linear_backward(shrink_op, expand_op):
+def _linear_dx_fake(dy, weight, lora_a, dt, ranks, token_adapter=None, seg_indptr=None,
+                    seg_adapter=None):
+    return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+def _make_linear_backward(shrink_op, expand_op, cpu_dx_op=None):
+    """The backward of a multi_lora_linear_fwd op; cpu_dx_op (multi_lora_linear_dx) computes dX
+    in one op on CPU, where a matmul of ATen's is slower than the kernels' own GEMM (and in
+    fp16/bf16 by orders of magnitude)."""
     def backward(ctx, dy, _dt):
         x, weight, scalings, ranks, token_adapter, seg_indptr, seg_adapter, t, *stacks = ctx.saved_tensors
         lora_a, lora_b = stacks[:ctx.num_slices], stacks[ctx.num_slices:]
@@ -289,7 +297,9 @@ def _make_linear_backward(shrink_op, expand_op):
         dts = [shrink_op(dy_s, [b.transpose(1, 2)], scalings, ranks, *index)[0]
                for dy_s, b in zip(dy_slices, lora_b)] if (need_x or any(need_a)) else None
         dx = None
-        if need_x:
+        if need_x and cpu_dx_op is not None and dy.device.type == "cpu":
+            dx = cpu_dx_op(dy, weight, list(lora_a), torch.stack(dts), ranks, *index)
+        elif need_x:
             dx = dy @ weight
             for dt, a in zip(dts, lora_a):
                 # dX += dT A: an expand over A viewed as [L, K, r_max] into all K columns.
@@ -315,10 +325,15 @@ def _register(prefix: str) -> None:
     torch.library.register_fake(f"lora_ops::{prefix}multi_lora_shrink")(_shrink_fake)
     torch.library.register_fake(f"lora_ops::{prefix}multi_lora_expand")(_expand_fake)
     torch.library.register_fake(f"lora_ops::{prefix}multi_lora_linear_fwd")(_linear_fwd_fake)
+    cpu_dx_op = None
+    if not prefix:  # the compiled library's CPU kernels
+        torch.library.register_fake("lora_ops::multi_lora_linear_dx")(_linear_dx_fake)
+        cpu_dx_op = torch.ops.lora_ops.multi_lora_linear_dx
     torch.library.register_autograd(
         f"lora_ops::{prefix}multi_lora_linear_fwd",
         _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"),
-                              getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand")),
+                              getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand"),
+                              cpu_dx_op),
         setup_context=_linear_setup_context)
 
 

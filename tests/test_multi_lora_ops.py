@@ -416,6 +416,36 @@ def test_opcheck(device, backend, form):
                            p.offsets, p.scalings, p.ranks, *idx))
 
 
+CPU_COMPILED = backend_params(("cpu",), devices=("cpu",))
+
+
+@pytest.mark.parametrize("device,backend", CPU_COMPILED)
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_linear_dx_op_is_the_base_dgrad_plus_each_slice_expand(device, backend, form):
+    """multi_lora_linear_dx (the CPU backward's dX) against its definition, dY W plus an expand
+    of every slice's dT over A viewed as [L, K, r_max]; idle tokens get dY W alone."""
+    p = op_problem(device)
+    index = p.index(form)
+    idx = (index.get("token_adapter"), index.get("seg_indptr"), index.get("seg_adapter"))
+    M, N, S = p.x.shape[0], p.weight.shape[0], len(p.lora_a)
+    dy = torch.randn(M, N)
+    dt = torch.randn(S, M, p.lora_a[0].shape[1])
+    want = dy @ p.weight
+    for s in range(S):
+        multi_lora.expand_op("reference")(want, dt[s:s + 1], [p.lora_a[s].transpose(1, 2)], [0],
+                                          p.ranks, *idx)
+    dx_op = torch.ops.lora_ops.multi_lora_linear_dx
+    got = dx_op(dy, p.weight, p.lora_a, dt, p.ranks, *idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(dx_op, (dy, p.weight, p.lora_a, dt, p.ranks, *idx))
+    with pytest.raises(ValueError, match=r"multi_lora_linear_dx: dt has size 1 in dim 0 but the slice count of lora_a is 2"):
+        dx_op(dy, p.weight, p.lora_a, dt[:1], p.ranks, *idx)
+    with pytest.raises(ValueError, match=r"multi_lora_linear_dx: dt must be float32"):
+        dx_op(dy, p.weight, p.lora_a, dt.double(), p.ranks, *idx)
+    with pytest.raises(ValueError, match=r"multi_lora_linear_dx: dy has size 6 in dim 1 but weight.s row count is 7"):
+        dx_op(dy[:, 1:], p.weight, p.lora_a, dt, p.ranks, *idx)
+
+
 def test_errors_name_op_argument_and_what_was_seen():
     p = op_problem("cpu")
     L = len(p.ranks)

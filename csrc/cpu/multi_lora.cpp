@@ -260,6 +260,22 @@ lora_status_t check_expand_args(int64_t M, int64_t L, int64_t r_max, int64_t num
   return LORA_OK;
 }
 
+// body(tag, groups) with the rows grouped by adapter and tag a value of the storage type:
+// what every entry point runs once its arguments are checked. Allocation failure is
+// LORA_ERR_UNSUPPORTED, never an exception across the C boundary.
+template <class Body>
+lora_status_t run_grouped(lora_dtype_t dtype, const lora_adapter_index_t& index, int64_t M,
+                          int64_t L, const int32_t* ranks, Body&& body) {
+  try {
+    AdapterGroups groups;
+    const lora_status_t status = group_rows_by_adapter(index, M, L, ranks, groups);
+    if (status != LORA_OK) return status;
+    return dispatch_dtype(dtype, [&](auto tag) { return body(tag, groups); });
+  } catch (const std::bad_alloc&) {
+    return LORA_ERR_UNSUPPORTED;
+  }
+}
+
 }  // namespace
 
 lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_t L, int64_t r_max,
@@ -269,18 +285,11 @@ lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_
   lora_status_t status =
       check_shrink_args(M, K, L, r_max, num_slices, x, ldx, lora_a, scalings, ranks, t);
   if (status != LORA_OK) return status;
-  try {
-    AdapterGroups groups;
-    status = group_rows_by_adapter(index, M, L, ranks, groups);
-    if (status != LORA_OK) return status;
-    return dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      return shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a, scalings,
-                       ranks, groups, t);
-    });
-  } catch (const std::bad_alloc&) {
-    return LORA_ERR_UNSUPPORTED;
-  }
+  return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
+    using T = decltype(tag);
+    return shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a, scalings,
+                     ranks, groups, t);
+  });
 }
 
 lora_status_t multi_lora_expand(lora_dtype_t dtype, int64_t M, int64_t L, int64_t r_max,
@@ -291,18 +300,11 @@ lora_status_t multi_lora_expand(lora_dtype_t dtype, int64_t M, int64_t L, int64_
   lora_status_t status = check_expand_args(M, L, r_max, num_slices, t, lora_b, slice_offset,
                                            slice_width, ranks, y, ldy, -1);
   if (status != LORA_OK) return status;
-  try {
-    AdapterGroups groups;
-    status = group_rows_by_adapter(index, M, L, ranks, groups);
-    if (status != LORA_OK) return status;
-    return dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      return expand<T>(M, r_max, num_slices, t, lora_b, slice_offset, slice_width, ranks, groups,
-                       static_cast<T*>(y), ldy, nullptr, /*overwrite=*/false);
-    });
-  } catch (const std::bad_alloc&) {
-    return LORA_ERR_UNSUPPORTED;
-  }
+  return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
+    using T = decltype(tag);
+    return expand<T>(M, r_max, num_slices, t, lora_b, slice_offset, slice_width, ranks, groups,
+                     static_cast<T*>(y), ldy, nullptr, /*overwrite=*/false);
+  });
 }
 
 lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t L,
@@ -323,28 +325,61 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
   if (!present(weight, N * K) || (gemm.fn == nullptr && M * N * K > 0)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
-  try {
-    AdapterGroups groups;
-    status = group_rows_by_adapter(index, M, L, ranks, groups);
-    if (status != LORA_OK) return status;
-    return dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      lora_status_t st = shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a,
-                                   scalings, ranks, groups, t_workspace);
-      if (st != LORA_OK) return st;
-      st = expand<T>(M, r_max, num_slices, t_workspace, lora_b, slice_offset, slice_width, ranks,
-                     groups, static_cast<T*>(y), N, static_cast<const T*>(bias),
-                     /*overwrite=*/true);
-      if (st != LORA_OK) return st;
-      fill_idle_rows<T>(groups, M, N, static_cast<const T*>(bias), static_cast<T*>(y));
-      if (M > 0 && N > 0 && K > 0) {
-        gemm.fn(gemm.ctx, dtype, /*b_is_nk=*/true, M, N, K, x, ldx, weight, K, 1.0f, y, N);
-      }
-      return LORA_OK;
-    });
-  } catch (const std::bad_alloc&) {
-    return LORA_ERR_UNSUPPORTED;
+  return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
+    using T = decltype(tag);
+    lora_status_t st = shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a,
+                                 scalings, ranks, groups, t_workspace);
+    if (st != LORA_OK) return st;
+    st = expand<T>(M, r_max, num_slices, t_workspace, lora_b, slice_offset, slice_width, ranks,
+                   groups, static_cast<T*>(y), N, static_cast<const T*>(bias),
+                   /*overwrite=*/true);
+    if (st != LORA_OK) return st;
+    fill_idle_rows<T>(groups, M, N, static_cast<const T*>(bias), static_cast<T*>(y));
+    if (M > 0 && N > 0 && K > 0) {
+      gemm.fn(gemm.ctx, dtype, /*b_is_nk=*/true, M, N, K, x, ldx, weight, K, 1.0f, y, N);
+    }
+    return LORA_OK;
+  });
+}
+
+lora_status_t multi_lora_linear_dx(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t L,
+                                   int64_t r_max, int64_t num_slices, const void* dy,
+                                   const void* weight, const AdapterStack* lora_a,
+                                   const float* dt, const int32_t* ranks,
+                                   lora_adapter_index_t index, void* dx, const Gemm& gemm) {
+  if (!non_negative(M, N, K, L) || r_max < 0) return LORA_ERR_INVALID_ARGUMENT;
+  lora_status_t status = check_slice_count(num_slices);
+  if (status != LORA_OK) return status;
+  if (lora_a == nullptr) return LORA_ERR_INVALID_ARGUMENT;
+  // A_s^T is the expand's B: [L, K, r_max], the strides of its rows and columns swapped.
+  AdapterStack a_t[LORA_MAX_SLICES];
+  for (int64_t s = 0; s < num_slices; ++s) {
+    a_t[s] = AdapterStack{lora_a[s].data, lora_a[s].stride_l, lora_a[s].stride_col,
+                          lora_a[s].stride_row};
   }
+  const int64_t offset = 0;
+  for (int64_t s = 0; s < num_slices; ++s) {  // each slice's term covers all K columns of dx
+    status = check_expand_args(M, L, r_max, 1, dt, &a_t[s], &offset, &K, ranks, dx, K, K);
+    if (status != LORA_OK) return status;
+  }
+  if (!present(dt, num_slices * M * r_max) || !present(dy, M * N) ||
+      !present(weight, N * K) || (gemm.fn == nullptr && M * N * K > 0)) {
+    return LORA_ERR_INVALID_ARGUMENT;
+  }
+  return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
+    using T = decltype(tag);
+    T* out = static_cast<T*>(dx);
+    for (int64_t s = 0; s < num_slices; ++s) {
+      const lora_status_t st = expand<T>(M, r_max, 1, dt + s * M * r_max, &a_t[s], &offset, &K,
+                                         ranks, groups, out, K, nullptr, /*overwrite=*/s == 0);
+      if (st != LORA_OK) return st;
+    }
+    fill_idle_rows<T>(groups, M, K, nullptr, out);
+    if (M > 0 && N > 0 && K > 0) {
+      gemm.fn(gemm.ctx, dtype, /*b_is_nk=*/false, M, K, N, dy, N, weight, K, 1.0f, out, K);
+    }
+    return LORA_OK;
+  });
 }
 
 }  // namespace lora_ops::cpu
