@@ -421,8 +421,7 @@ def gram_tile_and_pieces(num_tokens: int, num_adapters: int) -> Tuple[int, int]:
     """
     M, L = num_tokens, num_adapters
     segments = max(1, min(L, M))
-    tile = max(_GRAM_TILE_MIN, min(_GRAM_TILE_MAX, M // segments))
-    tile = max(1, min(tile, M))
+    tile = max(1, min(M, _GRAM_TILE_MAX, max(_GRAM_TILE_MIN, M // segments)))  # 1 when M = 0
     return tile, -(-M // tile) + segments - 1
 
 

@@ -70,8 +70,8 @@ inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
 
 inline constexpr int64_t kSmallM = kBuiltinGemmStreamRows;  // up to this many rows, B is streamed
 // The streamed path fills the same scratch differently: depth blocks of few_rows_kc(m) (A's m
-// rows in a_pack) and tiles up to kFewRowsMaxTileN wide (the sums in c_tile).
-// (four rows of B along j at a time in b_pack, kSmallM rows of sums in c_tile).
+// rows in a_pack) and tiles up to kFewRowsMaxTileN wide, so that four rows of B along j fit
+// b_pack and kSmallM rows of sums fit c_tile.
 inline constexpr int64_t kFewRowsMaxTileN =
     std::min(kKC * kMaxTileN / 4, kMaxTileM * kMaxTileN / kSmallM);
 

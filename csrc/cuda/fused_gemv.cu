@@ -21,24 +21,17 @@ namespace {
 
 constexpr int kGemvCols = 4;
 
-// y[m, n] = x W^T + bias + t_scale * (expand term over t), m < M <= kGemvMaxRows, n < N.
+// y[m, n] = x W^T + bias + t_scale * (the expand term of `term`) for m < term.M <= kGemvMaxRows,
+// n < N. The term's own fields say where the output is (y, ldy), which adapter each row has
+// (map, rank) and which slice holds column n (offset, width); its init and bias are not used.
 struct GemvParams {
-  int64_t M, N, K;
+  ExpandParams term;
+  int64_t N, K;
   const void* x;
   int64_t ldx;
   const void* w;
   const void* bias;
-  const float* t;
   float t_scale;
-  int64_t r_max;
-  int num_slices;
-  AdapterStack b[LORA_MAX_SLICES];
-  int64_t offset[LORA_MAX_SLICES];
-  int64_t width[LORA_MAX_SLICES];
-  RowAdapterMap map;
-  RankInfo rank;
-  void* y;
-  int64_t ldy;
   bool vec_ok;  // x and W rows may be read as 16-byte vectors
 };
 
@@ -51,8 +44,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * C;
   const int ncols = static_cast<int>(min(static_cast<int64_t>(C), p.N - n0));
-  const int nrows = static_cast<int>(p.M);
-  if (threadIdx.x < nrows) row_adapter[threadIdx.x] = p.map.adapter_of_row(threadIdx.x);
+  const int nrows = static_cast<int>(p.term.M);
+  if (threadIdx.x < nrows) row_adapter[threadIdx.x] = p.term.map.adapter_of_row(threadIdx.x);
   __syncthreads();
 
   const T* w = static_cast<const T*>(p.w);
@@ -70,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
     if (r >= nrows) continue;
     const int32_t a = row_adapter[r];
     if (a < 0) continue;
-    const int64_t rank = p.rank.rank_of(a);
+    const int64_t rank = p.term.rank.rank_of(a);
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       if (c >= ncols) continue;
@@ -78,13 +71,16 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
       int slice = -1;
 #pragma unroll
       for (int s = 0; s < LORA_MAX_SLICES; ++s) {
-        if (s < p.num_slices && n >= p.offset[s] && n < p.offset[s] + p.width[s]) slice = s;
+        if (s < p.term.num_slices && n >= p.term.offset[s] &&
+            n < p.term.offset[s] + p.term.width[s]) {
+          slice = s;
+        }
       }
       if (slice < 0) continue;
-      const AdapterStack stack = select_slice(p.b, slice);
+      const AdapterStack stack = select_slice(p.term.b, slice);
       const T* b_row = static_cast<const T*>(stack.data) + a * stack.stride_l +
-                       (n - select_slice(p.offset, slice)) * stack.stride_row;
-      const float* t_row = p.t + (slice * p.M + r) * p.r_max;
+                       (n - select_slice(p.term.offset, slice)) * stack.stride_row;
+      const float* t_row = p.term.t + (slice * p.term.M + r) * p.term.r_max;
       float part = 0.0f;
       for (int64_t j = threadIdx.x; j < rank; j += kThreads) {
         part = fmaf(t_row[j], to_float(b_row[j * stack.stride_col]), part);
@@ -93,15 +89,15 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
     }
   }
 
-  block_sum_store<T, R, C>(acc, red, total, nrows, ncols, n0, p.bias, p.y, p.ldy);
+  block_sum_store<T, R, C>(acc, red, total, nrows, ncols, n0, p.bias, p.term.y, p.term.ldy);
 }
 
 template <typename T>
 lora_status_t launch_gemv_typed(const GemvParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kGemvCols)));
-  if (p.M <= 1) {
+  if (p.term.M <= 1) {
     gemv_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.M <= 4) {
+  } else if (p.term.M <= 4) {
     gemv_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p);
   } else {
     gemv_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p);
@@ -110,8 +106,10 @@ lora_status_t launch_gemv_typed(const GemvParams& p, cudaStream_t stream) {
 }
 
 lora_status_t launch_gemv(lora_dtype_t dtype, GemvParams p, cudaStream_t stream) {
-  if (p.M == 0 || p.N == 0) return LORA_OK;
-  if (p.M > kGemvMaxRows || ceil_div(p.N, kGemvCols) > INT32_MAX) return LORA_ERR_UNSUPPORTED;
+  if (p.term.M == 0 || p.N == 0) return LORA_OK;
+  if (p.term.M > kGemvMaxRows || ceil_div(p.N, kGemvCols) > INT32_MAX) {
+    return LORA_ERR_UNSUPPORTED;
+  }
   p.vec_ok = rows_vec_ok(dtype, p.x, p.ldx) && rows_vec_ok(dtype, p.w, p.K);
   return dispatch_dtype(dtype, [&](auto tag) {
     return launch_gemv_typed<typename decltype(tag)::type>(p, stream);
@@ -125,26 +123,15 @@ lora_status_t launch_decode_layer(lora_dtype_t dtype, const ShrinkParams& shrink
                                   const void* bias, float t_scale, cudaStream_t stream) {
   LORA_RETURN_IF_ERROR(launch_shrink(dtype, shrink, stream));
   GemvParams p{};
-  p.M = shrink.M;
+  p.term = expand;
+  p.term.t = shrink.t;
   p.N = N;
   p.K = shrink.K;
   p.x = shrink.x;
   p.ldx = shrink.ldx;
   p.w = weight;
   p.bias = bias;
-  p.t = shrink.t;
   p.t_scale = t_scale;
-  p.r_max = expand.r_max;
-  p.num_slices = expand.num_slices;
-  for (int s = 0; s < expand.num_slices; ++s) {
-    p.b[s] = expand.b[s];
-    p.offset[s] = expand.offset[s];
-    p.width[s] = expand.width[s];
-  }
-  p.map = shrink.map;
-  p.rank = expand.rank;
-  p.y = expand.y;
-  p.ldy = expand.ldy;
   return launch_gemv(dtype, p, stream);
 }
 

@@ -117,10 +117,11 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
                                     lora_adapter_index_t index, float* t_workspace, void* y,
                                     const Gemm& gemm);
 
-// The input gradient of multi_lora_linear_fwd: dx [M, K] = dy W + sum_s dt[s] A_s, each row with
-// its own adapter's A (lora_a[s] viewed as [L, r_max, K], as for the forward), where dt [num_slices,
-// M, r_max] fp32 holds s * dY_s B_s (a shrink of dy). The adapter terms are written first and the
-// base GEMM (dy [M, N] times weight [N, K]) accumulates onto them: dx is written once and read once.
+// The input gradient of multi_lora_linear_fwd: dx [M, K] = dy W + sum_s dt[s] A_s, each row
+// with its own adapter's A (lora_a[s] viewed as [L, r_max, K], as for the forward), where dt
+// [num_slices, M, r_max] fp32 holds s * dY_s B_s (a shrink of dy). The adapter terms are written
+// first and the base GEMM (dy [M, N] times weight [N, K]) accumulates onto them: dx is written
+// once and read once.
 lora_status_t multi_lora_linear_dx(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t L,
                                    int64_t r_max, int64_t num_slices, const void* dy,
                                    const void* weight, const AdapterStack* lora_a,
