@@ -1,0 +1,184 @@
+"""A/B timing of the CPU kernels of two source trees, in one process.
+
+On the shared 2-core machines CPU timings drift by 20% or more between runs, more than most kernel
+changes gain or lose, so two separate benchmark runs cannot judge a change. This builds the
+standalone CPU library (CMake, no CUDA) from two trees, by default the committed HEAD and the
+working tree, loads both through the C ABI (csrc/include/lora_ops/lora_ops.h), and times the same
+calls on the same buffers interleaved round by round, so that both builds see the same machine. It
+prints each build's median and the median over rounds of the paired ratio new / base.
+
+    python benchmarks/ab_cpu.py                                  # HEAD vs working tree
+    python benchmarks/ab_cpu.py --base HEAD~2 --op bwd --shape 64,2048,2048,16 --dtype bf16
+
+Both builds use the built-in GEMM (the C ABI's default), not ATen's BLAS.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"fp32": (torch.float32, 0), "fp16": (torch.float16, 1), "bf16": (torch.bfloat16, 2)}
+DEFAULT_SHAPES = ["16,4096,4096,16", "64,2048,2048,16", "256,4096,1024,16"]
+
+
+class Dropout(ctypes.Structure):
+    _fields_ = [("seed32", ctypes.c_uint32), ("threshold", ctypes.c_uint32),
+                ("keep_scale", ctypes.c_float)]
+
+
+NO_DROPOUT = Dropout(0, 0, 1.0)
+
+
+def export_tree(rev: str, dest: str) -> str:
+    """Writes the files of git revision `rev` under dest; returns dest."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev], check=True,
+                             stdout=subprocess.PIPE).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
+def build_library(src: str, build_dir: str) -> str:
+    """Builds the CPU-only liblora_ops from `src`; returns the path of the shared library."""
+    configure = ["cmake", "-S", src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                 "-DLORA_OPS_WITH_CUDA=OFF", "-DLORA_OPS_BUILD_TESTS=OFF"]
+    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", build_dir, "--target", "lora_ops", "-j2"], check=True,
+                   stdout=subprocess.DEVNULL)
+    for name in sorted(os.listdir(build_dir)):
+        if name.startswith("liblora_ops.so"):
+            return os.path.join(build_dir, name)
+    raise FileNotFoundError(f"no liblora_ops.so in {build_dir}")
+
+
+@dataclass
+class Case:
+    op: str  # fwd or bwd
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: str
+
+    def label(self) -> str:
+        return f"{self.op} M={self.M} K={self.K} N={self.N} r={self.r} {self.dtype}"
+
+
+class KernelCall:
+    """One kernel call of a case through the C ABI of a library, on buffers made once."""
+
+    def __init__(self, lib: ctypes.CDLL, case: Case):
+        torch_dtype, code = DTYPES[case.dtype]
+        M, K, N, r = case.M, case.K, case.N, case.r
+
+        def rand(*shape):
+            return torch.randn(*shape).to(torch_dtype)
+
+        def empty(*shape):
+            return torch.empty(*shape, dtype=torch_dtype)
+
+        self.label = case.label()
+        # Kept on self: the C call holds only their addresses.
+        self.buffers = (x, w, b, a, bb, s, y, dy, dx, da, db) = (
+            rand(M, K), rand(N, K), rand(N), rand(r, K), rand(N, r), rand(M, r), empty(M, N),
+            rand(M, N), empty(M, K), empty(r, K), empty(N, r))
+        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in zip(
+            ("x", "w", "b", "a", "bb", "s", "y", "dy", "dx", "da", "db"), self.buffers)}
+        i64, f32 = ctypes.c_int64, ctypes.c_float
+        dims = (code, i64(M), i64(N), i64(K), i64(r))
+        if case.op == "fwd":
+            self.fn = lib.lora_ops_cpu_lora_linear_fwd
+            self.args = dims + (p["x"], i64(K), p["w"], p["b"], p["a"], p["bb"], f32(2.0),
+                                NO_DROPOUT, p["s"], p["y"], None)
+        else:
+            self.fn = lib.lora_ops_cpu_lora_linear_bwd
+            self.args = dims + (p["dy"], p["x"], i64(K), p["w"], p["a"], p["bb"], p["s"],
+                                f32(2.0), NO_DROPOUT, p["dx"], p["da"], p["db"], None)
+        self.fn.restype = ctypes.c_int
+
+    def __call__(self) -> None:
+        status = self.fn(*self.args)
+        if status != 0:
+            raise RuntimeError(f"{self.label}: the kernel returned status {status}")
+
+
+def time_interleaved(calls: Sequence[Callable[[], None]], rounds: int) -> list[list[float]]:
+    """Seconds of each call in each round; the order alternates so neither build always leads."""
+    for call in calls:
+        call()  # warm-up: thread team, scratch buffers, page faults
+    times = [[] for _ in calls]
+    order = list(range(len(calls)))
+    for rnd in range(rounds):
+        for i in (order if rnd % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            calls[i]()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(base: Sequence[float], new: Sequence[float]) -> tuple[float, float]:
+    """Median over rounds of new / base, and the share of rounds where new was faster."""
+    ratios = [n / b for b, n in zip(base, new)]
+    return statistics.median(ratios), sum(r < 1.0 for r in ratios) / len(ratios)
+
+
+def parse_case(op: str, spec: str, dtype: str) -> Case:
+    parts = spec.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"--shape wants M,K,N,r (four integers), got {spec!r}")
+    M, K, N, r = (int(p) for p in parts)
+    return Case(op, M, K, N, r, dtype)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="HEAD", help="git revision of the baseline build")
+    parser.add_argument("--new", default=None,
+                        help="git revision of the build under test (default: the working tree)")
+    parser.add_argument("--op", choices=["fwd", "bwd"], default="fwd")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--shape", action="append", help="M,K,N,r (repeatable)")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args(argv)
+    try:
+        cases = [parse_case(args.op, s, args.dtype) for s in args.shape or DEFAULT_SHAPES]
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+
+    with tempfile.TemporaryDirectory(prefix="lora_ab_") as tmp:
+        trees = {}
+        for name, rev in (("base", args.base), ("new", args.new)):
+            if rev is None:
+                trees[name] = ROOT
+            else:
+                os.makedirs(os.path.join(tmp, name))
+                trees[name] = export_tree(rev, os.path.join(tmp, name))
+        libs = {}
+        for name, src in trees.items():
+            print(f"[ab] building {name} ({getattr(args, name) or 'working tree'})",
+                  file=sys.stderr)
+            libs[name] = ctypes.CDLL(build_library(src, os.path.join(tmp, f"build-{name}")))
+        print(f"# {args.base} (base) vs {args.new or 'working tree'} (new), "
+              f"{torch.get_num_threads()} threads, {args.rounds} rounds")
+        for case in cases:
+            calls = [KernelCall(libs["base"], case), KernelCall(libs["new"], case)]
+            base_t, new_t = time_interleaved(calls, args.rounds)
+            ratio, faster = paired_ratio(base_t, new_t)
+            print(f"{case.label():<40} base {statistics.median(base_t) * 1e3:9.3f} ms  "
+                  f"new {statistics.median(new_t) * 1e3:9.3f} ms  new/base {ratio:.3f}  "
+                  f"(new faster in {faster:.0%} of rounds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
