@@ -8,7 +8,7 @@ calls on the same buffers interleaved round by round, so that both builds see th
 prints each build's median and the median over rounds of the paired ratio new / base.
 
     python benchmarks/ab_cpu.py                                  # HEAD vs working tree
-    python benchmarks/ab_cpu.py --base HEAD~2 --op bwd --shape 64,2048,2048,16 --dtype bf16
+    python benchmarks/ab_cpu.py --base HEAD~2 --op bwd --shape M=64,K=2048,N=2048,r=16,dtype=bf16
 
 Both builds use the built-in GEMM (the C ABI's default), not ATen's BLAS.
 """
@@ -22,14 +22,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
+# Sleeping OpenMP waiters, as in benchmarks/conftest.py: spinning ones make small products on a
+# shared 2-core machine many times slower. Read when the OpenMP runtime starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from lora_ops.bench.cases import LinearCase, parse_shape  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": (torch.float32, 0), "fp16": (torch.float16, 1), "bf16": (torch.bfloat16, 2)}
-DEFAULT_SHAPES = ["16,4096,4096,16", "64,2048,2048,16", "256,4096,1024,16"]
+DEFAULT_SHAPES = ["M=16,K=4096,N=4096,r=16", "M=64,K=2048,N=2048,r=16", "M=256,K=4096,N=1024,r=16"]
 
 
 class Dropout(ctypes.Structure):
@@ -61,23 +66,10 @@ def build_library(src: str, build_dir: str) -> str:
     raise FileNotFoundError(f"no liblora_ops.so in {build_dir}")
 
 
-@dataclass
-class Case:
-    op: str  # fwd or bwd
-    M: int
-    K: int
-    N: int
-    r: int
-    dtype: str
-
-    def label(self) -> str:
-        return f"{self.op} M={self.M} K={self.K} N={self.N} r={self.r} {self.dtype}"
-
-
 class KernelCall:
     """One kernel call of a case through the C ABI of a library, on buffers made once."""
 
-    def __init__(self, lib: ctypes.CDLL, case: Case):
+    def __init__(self, lib: ctypes.CDLL, op: str, case: LinearCase):
         torch_dtype, code = DTYPES[case.dtype]
         M, K, N, r = case.M, case.K, case.N, case.r
 
@@ -87,7 +79,7 @@ class KernelCall:
         def empty(*shape):
             return torch.empty(*shape, dtype=torch_dtype)
 
-        self.label = case.label()
+        self.label = f"{op} {case.label()}"
         # Kept on self: the C call holds only their addresses.
         self.buffers = (x, w, b, a, bb, s, y, dy, dx, da, db) = (
             rand(M, K), rand(N, K), rand(N), rand(r, K), rand(N, r), rand(M, r), empty(M, N),
@@ -96,7 +88,7 @@ class KernelCall:
             ("x", "w", "b", "a", "bb", "s", "y", "dy", "dx", "da", "db"), self.buffers)}
         i64, f32 = ctypes.c_int64, ctypes.c_float
         dims = (code, i64(M), i64(N), i64(K), i64(r))
-        if case.op == "fwd":
+        if op == "fwd":
             self.fn = lib.lora_ops_cpu_lora_linear_fwd
             self.args = dims + (p["x"], i64(K), p["w"], p["b"], p["a"], p["bb"], f32(2.0),
                                 NO_DROPOUT, p["s"], p["y"], None)
@@ -132,12 +124,12 @@ def paired_ratio(base: Sequence[float], new: Sequence[float]) -> tuple[float, fl
     return statistics.median(ratios), sum(r < 1.0 for r in ratios) / len(ratios)
 
 
-def parse_case(op: str, spec: str, dtype: str) -> Case:
-    parts = spec.split(",")
-    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"--shape wants M,K,N,r (four integers), got {spec!r}")
-    M, K, N, r = (int(p) for p in parts)
-    return Case(op, M, K, N, r, dtype)
+def parse_case(spec: str, dtype: str) -> LinearCase:
+    """A single-adapter case in the bench's --shape syntax: M=64,K=2048,N=2048,r=16[,dtype=bf16]."""
+    case = parse_shape(spec, dtype)
+    if not isinstance(case, LinearCase):
+        raise ValueError(f"ab_cpu: --shape '{spec}': only single-adapter cases (M=...) are timed")
+    return case
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,12 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="git revision of the build under test (default: the working tree)")
     parser.add_argument("--op", choices=["fwd", "bwd"], default="fwd")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--shape", action="append", help="M,K,N,r (repeatable)")
+    parser.add_argument("--shape", action="append",
+                        help="M=..,K=..,N=..,r=..[,dtype=..] as for lora-ops bench (repeatable)")
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args(argv)
     try:
-        cases = [parse_case(args.op, s, args.dtype) for s in args.shape or DEFAULT_SHAPES]
-    except argparse.ArgumentTypeError as err:
+        cases = [parse_case(s, args.dtype) for s in args.shape or DEFAULT_SHAPES]
+    except ValueError as err:
         parser.error(str(err))
 
     with tempfile.TemporaryDirectory(prefix="lora_ab_") as tmp:
@@ -171,10 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# {args.base} (base) vs {args.new or 'working tree'} (new), "
               f"{torch.get_num_threads()} threads, {args.rounds} rounds")
         for case in cases:
-            calls = [KernelCall(libs["base"], case), KernelCall(libs["new"], case)]
+            calls = [KernelCall(libs[name], args.op, case) for name in ("base", "new")]
             base_t, new_t = time_interleaved(calls, args.rounds)
             ratio, faster = paired_ratio(base_t, new_t)
-            print(f"{case.label():<40} base {statistics.median(base_t) * 1e3:9.3f} ms  "
+            print(f"{calls[0].label:<40} base {statistics.median(base_t) * 1e3:9.3f} ms  "
                   f"new {statistics.median(new_t) * 1e3:9.3f} ms  new/base {ratio:.3f}  "
                   f"(new faster in {faster:.0%} of rounds)")
     return 0
