@@ -81,11 +81,11 @@ class KernelCall:
 
         self.label = f"{op} {case.label()}"
         # Kept on self: the C call holds only their addresses.
-        self.buffers = (x, w, b, a, bb, s, y, dy, dx, da, db) = (
-            rand(M, K), rand(N, K), rand(N), rand(r, K), rand(N, r), rand(M, r), empty(M, N),
-            rand(M, N), empty(M, K), empty(r, K), empty(N, r))
-        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in zip(
-            ("x", "w", "b", "a", "bb", "s", "y", "dy", "dx", "da", "db"), self.buffers)}
+        self.buffers = {
+            "x": rand(M, K), "w": rand(N, K), "b": rand(N), "a": rand(r, K), "bb": rand(N, r),
+            "s": rand(M, r), "y": empty(M, N), "dy": rand(M, N), "dx": empty(M, K),
+            "da": empty(r, K), "db": empty(N, r)}
+        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in self.buffers.items()}
         i64, f32 = ctypes.c_int64, ctypes.c_float
         dims = (code, i64(M), i64(N), i64(K), i64(r))
         if op == "fwd":

@@ -281,10 +281,22 @@ def _linear_dx_fake(dy, weight, lora_a, dt, ranks, token_adapter=None, seg_indpt
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
-def _make_linear_backward(shrink_op, expand_op, cpu_dx_op=None):
-    """The backward of a multi_lora_linear_fwd op; cpu_dx_op (multi_lora_linear_dx) computes dX
-    in one op on CPU, where a matmul of ATen's is slower than the kernels' own GEMM (and in
-    fp16/bf16 by orders of magnitude)."""
+def _composed_linear_dx(expand_op):
+    """multi_lora_linear_dx from ATen's matmul and `expand_op`: dX = dY W, then += dT_s A_s per
+    slice, an expand over A viewed as [L, K, r_max] into all K columns. The CUDA kernel of
+    lora_ops::multi_lora_linear_dx (cuBLAS is the fast base GEMM there) and the Triton backend's."""
+    def linear_dx(dy, weight, lora_a, dt, ranks, token_adapter=None, seg_indptr=None,
+                  seg_adapter=None):
+        dx = dy @ weight
+        for dt_s, a in zip(dt, lora_a):
+            expand_op(dx, dt_s[None], [a.transpose(1, 2)], [0], ranks, token_adapter, seg_indptr,
+                      seg_adapter)
+        return dx
+    return linear_dx
+
+
+def _make_linear_backward(shrink_op, dx_op):
+    """The backward of a multi_lora_linear_fwd op; dx_op has multi_lora_linear_dx's signature."""
     def backward(ctx, dy, _dt):
         x, weight, scalings, ranks, token_adapter, seg_indptr, seg_adapter, t, *stacks = ctx.saved_tensors
         lora_a, lora_b = stacks[:ctx.num_slices], stacks[ctx.num_slices:]
@@ -296,14 +308,7 @@ def _make_linear_backward(shrink_op, expand_op, cpu_dx_op=None):
         # dT = s * dY B per slice: a shrink over B viewed as [L, r_max, N_slice].
         dts = [shrink_op(dy_s, [b.transpose(1, 2)], scalings, ranks, *index)[0]
                for dy_s, b in zip(dy_slices, lora_b)] if (need_x or any(need_a)) else None
-        dx = None
-        if need_x and cpu_dx_op is not None and dy.device.type == "cpu":
-            dx = cpu_dx_op(dy, weight, list(lora_a), torch.stack(dts), ranks, *index)
-        elif need_x:
-            dx = dy @ weight
-            for dt, a in zip(dts, lora_a):
-                # dX += dT A: an expand over A viewed as [L, K, r_max] into all K columns.
-                expand_op(dx, dt[None], [a.transpose(1, 2)], [0], ranks, *index)
+        dx = dx_op(dy, weight, list(lora_a), torch.stack(dts), ranks, *index) if need_x else None
         d_a = [None] * len(lora_a)
         d_b = [None] * len(lora_b)
         if any(need_a) or any(need_b):
@@ -325,15 +330,19 @@ def _register(prefix: str) -> None:
     torch.library.register_fake(f"lora_ops::{prefix}multi_lora_shrink")(_shrink_fake)
     torch.library.register_fake(f"lora_ops::{prefix}multi_lora_expand")(_expand_fake)
     torch.library.register_fake(f"lora_ops::{prefix}multi_lora_linear_fwd")(_linear_fwd_fake)
-    cpu_dx_op = None
-    if not prefix:  # the compiled library's CPU kernels
+    expand_op = getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand")
+    if prefix:  # Triton: dX composed of ATen's matmul and the Triton expand
+        dx_op = _composed_linear_dx(expand_op)
+    else:
+        # The compiled library: one op, with a C++ kernel on CPU (the kernels' own GEMM; ATen's
+        # CPU matmul is slower, in fp16/bf16 by orders of magnitude) and the composition on CUDA.
         torch.library.register_fake("lora_ops::multi_lora_linear_dx")(_linear_dx_fake)
-        cpu_dx_op = torch.ops.lora_ops.multi_lora_linear_dx
+        torch.library.register_kernel("lora_ops::multi_lora_linear_dx", "cuda")(
+            _composed_linear_dx(expand_op))
+        dx_op = torch.ops.lora_ops.multi_lora_linear_dx
     torch.library.register_autograd(
         f"lora_ops::{prefix}multi_lora_linear_fwd",
-        _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"),
-                              getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand"),
-                              cpu_dx_op),
+        _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"), dx_op),
         setup_context=_linear_setup_context)
 
 
