@@ -446,6 +446,35 @@ def test_linear_dx_op_is_the_base_dgrad_plus_each_slice_expand(device, backend, 
         dx_op(dy[:, 1:], p.weight, p.lora_a, dt, p.ranks, *idx)
 
 
+@pytest.mark.parametrize("device,backend", CPU_COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,form", [(0, "token"), (1, "token"), (37, "token"), (37, "segment")])
+def test_linear_dx_op_matches_the_fp64_oracle(device, backend, dtype, M, form):
+    """multi_lora_linear_dx in every dtype at odd sizes: K = 13, slices 5 and 3 wide, ranks 1, 2
+    and 5 with NaN past each adapter's rank (never to be read), idle tokens, dy non-contiguous."""
+    p64 = make_problem(M, "uniform", K=13, widths=(5, 3), L=4, rank_choices=(1, 2, 5))
+    p = p64.to(dtype, device)
+    index = p.index(form)
+    idx = tuple(index.get(k) for k in ("token_adapter", "seg_indptr", "seg_adapter"))
+    N, S, r_max = p.weight.shape[0], len(p.lora_a), p.lora_a[0].shape[1]
+    dy64 = torch.randn(N, M, dtype=torch.float64).t()
+    dt = torch.randn(S, M, r_max)
+
+    def definition(dy, q):  # dY W, then + dT_s A_s for each slice, in dy's dtype
+        dx = dy @ q.weight
+        for s, a in enumerate(q.lora_a):
+            dx = ref.multi_lora_expand(dx, dt[s:s + 1].to(torch.promote_types(dx.dtype, dt.dtype)),
+                                       [a.transpose(1, 2)], [0], q.ranks,
+                                       token_adapter=q.token_adapter)
+        return dx
+
+    dy = dy64.to(dtype)
+    assert not dy.is_contiguous() or M <= 1
+    got = torch.ops.lora_ops.multi_lora_linear_dx(dy, p.weight, p.lora_a, dt, p.ranks, *idx)
+    assert got.dtype == dtype and got.shape == (M, p.weight.shape[1])
+    assert_close_scaled(got, definition(dy64, p64), definition(dy, p), dtype, "dx")
+
+
 def test_errors_name_op_argument_and_what_was_seen():
     p = op_problem("cpu")
     L = len(p.ranks)
