@@ -4,9 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora_ops-installed
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* csrc/include/lora_ops/*.h)
+# The pinned versions (see requirements-lock.txt); `make install CONSTRAINTS=` installs unpinned.
+CONSTRAINTS ?= requirements-lock.txt
+PIP_INSTALL := $(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# Index downloads get three tries: one interrupted download once failed a whole CI run. pip keeps
+# what it finished in its cache, so a retry fetches only what is missing.
+retry = for try in 1 2 3; do $(1) && break; test $$try = 3 && exit 1; echo "retrying: $(1)"; sleep 15; done
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* csrc/include/lora_ops/*.h)
 
-.PHONY: demo test test-cpp bench install
+.PHONY: demo test test-cpp lint bench install
 
 demo: $(STAMP)
 	$(BIN)/lora-ops demo
@@ -18,8 +24,8 @@ install: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(call retry,$(PIP_INSTALL) --upgrade pip)
+	$(call retry,$(PIP_INSTALL) -r requirements-dev.txt)
 	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -29,6 +35,10 @@ test-cpp: $(STAMP)
 	  -DLORA_OPS_CUBLAS_ROOT=$$($(BIN)/python -c "import glob,os,torch;print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)),'nvidia','cu13'))")
 	PATH=$(abspath $(BIN)):$$PATH cmake --build build-cmake -j2
 	PATH=$(abspath $(BIN)):$$PATH ctest --test-dir build-cmake --output-on-failure
+
+# Unused names, undefined names, shadowed imports: pyflakes over every Python file of the project.
+lint: $(STAMP)
+	$(BIN)/python -m pyflakes setup.py lora_ops tests benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/lora-ops bench

@@ -2,11 +2,38 @@
 nvcc is found (also on machines without a GPU, so CI proves the CUDA sources compile)."""
 import glob
 import os
+import re
 import shutil
+import subprocess
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def nvcc_toolkit_root() -> str | None:
+    """The toolkit directory of the nvcc on PATH, as nvcc itself reports it (its dry run prints TOP).
+
+    torch takes the parent of nvcc's directory instead, which is wrong when that nvcc is a wrapper
+    script outside the toolkit: with these machines' /usr/local/bin/nvcc it would look for the CUDA
+    headers in /usr/local/include and the build would fail unless the toolkit's bin/ led PATH."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry_run = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+    root = os.path.realpath(top.group(1).strip()) if top else None
+    return root if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) else None
+
+
+# Must precede the cpp_extension import, which fixes its CUDA_HOME when first imported.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    toolkit = nvcc_toolkit_root()
+    if toolkit:
+        os.environ["CUDA_HOME"] = toolkit
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
