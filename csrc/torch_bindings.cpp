@@ -29,6 +29,17 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  // The vector units the CPU kernels were compiled for: their GEMM's tiles and whether it or
+  // ATen's BLAS takes an fp32 product depend on it (cpu::builtin_gemm_preferred).
+#if defined(__AVX512F__)
+  info["cpu_vector_isa"] = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  info["cpu_vector_isa"] = "avx2";
+#elif defined(__ARM_NEON)
+  info["cpu_vector_isa"] = "neon";
+#else
+  info["cpu_vector_isa"] = "baseline";
+#endif
   return info;
 }
 

@@ -53,12 +53,19 @@ void builtin_gemm_fn(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t
 
 Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr}; }
 
-// Built for AVX2 + FMA (the configuration measured), the packed path beats MKL on a 2-core AMD
-// EPYC up to ~1024 rows (fp32, K and N of 333-14336: 1.1-2x at M = 17-64, 1.0-1.4x at
-// M = 100-1024) and ties or loses above; with other vector units only the streamed path (up to
-// kBuiltinGemmStreamRows) has been measured against a BLAS.
+// Measured in one process against MKL (ATen's fp32 BLAS) on 2-core AMD EPYC machines, with the
+// fused op's base GEMM as the product (fp32, K and N of 333-14336):
+// - AVX2 + FMA: the packed path wins up to ~1024 rows (1.1-2x at M = 17-64, 1.0-1.4x at
+//   M = 100-1024) and ties or loses above.
+// - AVX-512: it wins at every shape measured, M = 17-8192 (MKL takes 1.2-2.4x its time at
+//   M = 17-64, 1.15-1.3x at M = 512-8192; a tie at M = 300, K = N = 600 in the backward).
+// With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
+// measured against a BLAS.
 bool builtin_gemm_preferred(int64_t m) {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+  (void)m;
+  return true;
+#elif defined(__AVX2__) && defined(__FMA__)
   return m <= 1024;
 #else
   return m <= kBuiltinGemmStreamRows;

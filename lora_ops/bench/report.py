@@ -62,7 +62,7 @@ def environment(device: torch.device) -> Dict[str, object]:
                   "l2_bytes": getattr(props, "L2_cache_size", None), "cuda": torch.version.cuda}
     else:
         name = f"CPU: {_cpu_name()}"
-        detail = {"cores": os.cpu_count()}
+        detail = {"cores": os.cpu_count(), "vector_isa": torch.backends.cpu.get_cpu_capability()}
     env = {"device_type": device.type, "device_name": name, "device_detail": detail,
            "threads": torch.get_num_threads(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__,
