@@ -113,22 +113,21 @@ void aten_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, in
   }
 }
 
-// The faster of ATen's BLAS and the built-in GEMM for fp32 products (builtin_gemm_preferred).
-// fp16/bf16 always take the built-in GEMM: ATen's CPU half-precision matmul is far slower
-// (benchmarks/results).
-void fp32_base_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
-                    const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
-                    int64_t ldc) {
-  const cpu::Gemm gemm =
-      cpu::builtin_gemm_preferred(m) ? cpu::builtin_gemm() : cpu::Gemm{&aten_gemm, nullptr};
+// The faster of ATen's BLAS and the built-in GEMM for this product (builtin_gemm_preferred:
+// ATen's fp32 BLAS is often slower at few rows, its half-precision matmul far slower on CPUs
+// without native bf16 / fp16 arithmetic, and faster for bf16 on those with it).
+void base_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
+               const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
+               int64_t ldc) {
+  const cpu::Gemm gemm = cpu::builtin_gemm_preferred(dtype, b_is_nk, m)
+                             ? cpu::builtin_gemm()
+                             : cpu::Gemm{&aten_gemm, nullptr};
   gemm.fn(gemm.ctx, dtype, b_is_nk, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace
 
-cpu::Gemm cpu_base_gemm(lora_dtype_t dtype) {
-  return dtype == LORA_DTYPE_F32 ? cpu::Gemm{&fp32_base_gemm, nullptr} : cpu::builtin_gemm();
-}
+cpu::Gemm cpu_base_gemm() { return cpu::Gemm{&base_gemm, nullptr}; }
 
 #ifdef LORA_OPS_WITH_CUDA
 cuda::Context cuda_context(const at::Tensor& like, size_t bytes, at::Tensor& workspace_holder) {

@@ -35,10 +35,10 @@ at::Tensor rows_unit_stride(const at::Tensor& x);
 // A kernel status turned into an error naming the op.
 void check_status(const char* op, lora_status_t status);
 
-// The base GEMM of the CPU kernels for `dtype`: ATen's BLAS (MKL) for fp32, where it is a little
-// faster than ours; lora_ops' own packed GEMM for fp16/bf16, where ATen's CPU matmul was measured
-// about 7x slower on this project's machines.
-cpu::Gemm cpu_base_gemm(lora_dtype_t dtype);
+// The base GEMM of the CPU kernels: per product, ATen's BLAS or lora_ops' own GEMM, whichever
+// was measured faster for its dtype, layout and row count on CPUs with the vector units these
+// kernels were compiled for (cpu::builtin_gemm_preferred).
+cpu::Gemm cpu_base_gemm();
 
 }  // namespace lora_ops::binding
 

@@ -356,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(
       a.x.stride(0), a.weight.data_ptr(), ptr_or_null(a.bias), a.lora_a.views.data(),
       a.lora_b.views.data(), a.offsets.data(), a.widths.data(), a.scalings.data_ptr<float>(),
       a.ranks.data_ptr<int32_t>(), a.index.view(), a.t.data_ptr<float>(), a.y.data_ptr(),
-      cpu_base_gemm(to_lora_dtype(kLinear, "x", x))));
+      cpu_base_gemm()));
   return {a.y, a.t};
 }
 
@@ -395,7 +395,7 @@ at::Tensor linear_dx_cpu(const at::Tensor& dy, const at::Tensor& weight, at::Ten
   check_status(kLinearDx, cpu::multi_lora_linear_dx(
       dtype, M, N, K, a.L, a.rows, S, dy_c.data_ptr(), weight_c.data_ptr(), a.views.data(),
       dt_c.data_ptr<float>(), ranks32.data_ptr<int32_t>(), index.view(), dx.data_ptr(),
-      cpu_base_gemm(dtype)));
+      cpu_base_gemm()));
   return dx;
 }
 

@@ -53,17 +53,31 @@ void builtin_gemm_fn(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t
 
 Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr}; }
 
-// Measured in one process against MKL (ATen's fp32 BLAS) on 2-core AMD EPYC machines, with the
-// fused op's base GEMM as the product (fp32, K and N of 333-14336):
-// - AVX2 + FMA: the packed path wins up to ~1024 rows (1.1-2x at M = 17-64, 1.0-1.4x at
-//   M = 100-1024) and ties or loses above.
-// - AVX-512: it wins at every shape measured, M = 17-8192 (MKL takes 1.2-2.4x its time at
-//   M = 17-64, 1.15-1.3x at M = 512-8192; a tie at M = 300, K = N = 600 in the backward).
+// Measured in one process against ATen's CPU matmul on 2-core AMD EPYC machines, with the fused
+// op's base products (K and N of 333-14336):
+// - fp32 (MKL), AVX2 + FMA: the packed path wins up to ~1024 rows (1.1-2x at M = 17-64,
+//   1.0-1.4x at M = 100-1024) and ties or loses above.
+// - fp32, AVX-512: it wins at every shape measured, M = 17-8192 (MKL takes 1.2-2.4x its time
+//   at M = 17-64, 1.15-1.3x at M = 512-8192).
+// - fp16 and bf16 without native half-precision arithmetic: ATen's matmul is 7x to 100x slower.
+// - bf16 with AVX512_BF16 (oneDNN's dot-product instructions; ours converts to fp32): ATen takes
+//   0.3-0.5x our time from M = 2 in both layouts (K = N = 4096), a tie at M = 1.
+// - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMV) takes 0.6x
+//   our time at M = 1; from M = 3, and for dY W at any M, it is 1.5x to 500x slower.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
 // measured against a BLAS.
-bool builtin_gemm_preferred(int64_t m) {
+bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m) {
+  (void)b_is_nk;
+  if (dtype != LORA_DTYPE_F32) {
+#if defined(__AVX512BF16__)
+    if (dtype == LORA_DTYPE_BF16) return m <= 1;
+#endif
 #if defined(__AVX512F__)
-  (void)m;
+    if (dtype == LORA_DTYPE_F16) return !(b_is_nk && m == 1);
+#endif
+    return true;
+  }
+#if defined(__AVX512F__)
   return true;
 #elif defined(__AVX2__) && defined(__FMA__)
   return m <= 1024;

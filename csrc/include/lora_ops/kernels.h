@@ -76,9 +76,10 @@ Gemm builtin_gemm();
 // M = 2-4, ~1.5x at M = 16), so callers with a BLAS may prefer the built-in GEMM up to here.
 inline constexpr int64_t kBuiltinGemmStreamRows = 16;
 
-// Whether builtin_gemm is the faster fp32 GEMM for m rows than a BLAS (see builtin_gemm.cpp;
-// decided by the vector units the CPU kernels were compiled for).
-bool builtin_gemm_preferred(int64_t m);
+// Whether builtin_gemm is faster than a BLAS (ATen's CPU matmul) for a product of m rows in
+// `dtype` with B stored n x k (b_is_nk) or k x n (see builtin_gemm.cpp; decided by the vector
+// units the CPU kernels were compiled for).
+bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m);
 
 lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                               const void* x, int64_t ldx, const void* weight, const void* bias,
