@@ -17,7 +17,8 @@ def nvcc_toolkit_root() -> str | None:
     if nvcc is None:
         return None
     try:
-        dry_run = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+        dry_run = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     top = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
