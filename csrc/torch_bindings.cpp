@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "lora_ops/kernels.h"
+
 TORCH_LIBRARY(lora_ops, m) {
   m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
         "float scaling, float dropout_p, int seed) -> (Tensor y, Tensor s)");
@@ -29,17 +31,7 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-  // The vector units the CPU kernels were compiled for: their GEMM's tiles and whether it or
-  // ATen's BLAS takes an fp32 product depend on it (cpu::builtin_gemm_preferred).
-#if defined(__AVX512F__)
-  info["cpu_vector_isa"] = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-  info["cpu_vector_isa"] = "avx2";
-#elif defined(__ARM_NEON)
-  info["cpu_vector_isa"] = "neon";
-#else
-  info["cpu_vector_isa"] = "baseline";
-#endif
+  info["cpu_vector_isa"] = lora_ops::cpu::cpu_vector_isa();
   return info;
 }
 

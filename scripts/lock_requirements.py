@@ -21,7 +21,6 @@ from packaging.version import Version
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MIRRORS = (pathlib.Path("/opt/pypi/simple"), pathlib.Path("/opt/pypi-more/simple"))
 WHEEL_DIR = pathlib.Path("/opt/wheels")
-HEADER_LINES = 6  # the lock's comment block and its pip pin, kept as they are
 MAX_ROUNDS = 40
 
 
@@ -86,7 +85,9 @@ def main() -> None:
         sys.exit(f"lock_requirements: no consistent set after {MAX_ROUNDS} rounds:\n{error}")
 
     lock = ROOT / "requirements-lock.txt"
-    header = lock.read_text().splitlines(keepends=True)[:HEADER_LINES]
+    # Kept as they are: the comments and the pin of pip itself (pip is not a requirement).
+    header = [line for line in lock.read_text().splitlines(keepends=True)
+              if line.startswith(("#", "pip=="))]
     pins = sorted(f"{canonicalize_name(p['metadata']['name'])}=={p['metadata']['version']}\n" for p in packages)
     lock.write_text("".join(header + pins))
     remote = [p["metadata"]["name"] for p in packages if not p["download_info"]["url"].startswith("file:")]

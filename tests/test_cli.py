@@ -6,7 +6,9 @@ import sys
 import types
 
 import pytest
+import torch
 
+from lora_ops import build_info
 from lora_ops.cli import main
 
 
@@ -23,6 +25,17 @@ def test_info_json_is_machine_readable(capsys):
     assert report["versions"]["torch"] == importlib.metadata.version("torch")
     assert "reference" in report["backends"]["cpu"]
     assert "compiled" in report["build"]
+
+
+def test_info_names_the_vector_units_the_cpu_kernels_were_built_for(capsys):
+    """The CPU GEMM's choices depend on them; a build this CPU lacks could not have run at all."""
+    if not build_info()["compiled"]:
+        pytest.skip("no compiled library")
+    assert main(["info", "--json"]) == 0
+    isa = json.loads(capsys.readouterr().out)["build"]["cpu_vector_isa"]
+    assert isa in {"avx512", "avx2", "baseline"}
+    if isa == "avx512":
+        assert torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def test_bench_hands_its_arguments_to_lora_ops_bench(monkeypatch):

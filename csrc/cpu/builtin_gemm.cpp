@@ -66,8 +66,18 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr}; }
 //   our time at M = 1; from M = 3, and for dY W at any M, it is 1.5x to 500x slower.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
 // measured against a BLAS.
+const char* cpu_vector_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "baseline";
+#endif
+}
+
 bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m) {
-  (void)b_is_nk;
+  (void)b_is_nk;  // read only in AVX-512 builds
   if (dtype != LORA_DTYPE_F32) {
 #if defined(__AVX512BF16__)
     if (dtype == LORA_DTYPE_BF16) return m <= 1;

@@ -81,6 +81,10 @@ inline constexpr int64_t kBuiltinGemmStreamRows = 16;
 // units the CPU kernels were compiled for).
 bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m);
 
+// The vector units the CPU kernels were compiled for ("avx512", "avx2" or "baseline"): their
+// GEMM's tiles and builtin_gemm_preferred depend on it.
+const char* cpu_vector_isa();
+
 lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                               const void* x, int64_t ldx, const void* weight, const void* bias,
                               const void* lora_a, const void* lora_b, float scaling,
