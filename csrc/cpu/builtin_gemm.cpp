@@ -60,12 +60,17 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr}; }
 // - fp32, AVX-512: it wins at every shape measured, M = 17-8192 (MKL takes 1.2-2.4x its time
 //   at M = 17-64, 1.15-1.3x at M = 512-8192).
 // - fp16 and bf16 without native half-precision arithmetic: ATen's matmul is 7x to 100x slower.
-// - bf16 with AVX512_BF16 (oneDNN's dot-product instructions; ours converts to fp32): ATen takes
-//   0.3-0.5x our time from M = 2 in both layouts (K = N = 4096), a tie at M = 1.
-// - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMV) takes 0.6x
-//   our time at M = 1; from M = 3, and for dY W at any M, it is 1.5x to 500x slower.
+// - bf16 with AVX512_BF16 (oneDNN's dot-product instructions; ours widens to fp32 and uses fp32
+//   FMAs): for up to 4 rows, where the product streams the weight, our whole fused op took
+//   0.7-0.9x the time of ATen's bare x W^T and 0.5-0.9x its bare dY W (K = N = 4096); from 5
+//   rows ATen's is faster (ours 1.1x at 5 rows, 2x at 16, 2.3x at 64).
+// - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMV) is a tie
+//   with our whole fused op; from 2 rows, and for dY W at any M, it is 2x to 500x slower.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
 // measured against a BLAS.
+// With AVX512_BF16, the most rows of a bf16 product the built-in GEMM takes (see above).
+constexpr int64_t kBf16BuiltinMaxRows = 4;
+
 const char* cpu_vector_isa() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -77,13 +82,10 @@ const char* cpu_vector_isa() {
 }
 
 bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m) {
-  (void)b_is_nk;  // read only in AVX-512 builds
+  (void)b_is_nk;  // both layouts measured alike so far
   if (dtype != LORA_DTYPE_F32) {
 #if defined(__AVX512BF16__)
-    if (dtype == LORA_DTYPE_BF16) return m <= 1;
-#endif
-#if defined(__AVX512F__)
-    if (dtype == LORA_DTYPE_F16) return !(b_is_nk && m == 1);
+    if (dtype == LORA_DTYPE_BF16) return m <= kBf16BuiltinMaxRows;
 #endif
     return true;
   }

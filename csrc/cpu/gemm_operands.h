@@ -14,17 +14,13 @@
 #include "cpu/dtype.h"
 #include "cpu/packed_gemm.h"
 #include "cpu/panel_transpose.h"
+#include "cpu/vec.h"
 #include "lora_ops/common.h"
 #include "lora_ops/dropout_hash.h"
 
 namespace lora_ops::cpu {
 
 inline constexpr lora_dropout_t kNoDropout = {0u, 0u, 1.0f};
-
-template <class T>
-inline void load_span(float* __restrict dst, const T* __restrict src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
-}
 
 // keep ? v : +0.0f, vectorisable (see select_bits).
 inline float keep_or_zero(bool keep, float v) {
@@ -123,6 +119,8 @@ struct OperandA {
 // x: the mask is keyed (k, j).
 template <class T>
 struct OperandB {
+  using Element = T;
+
   const T* data;
   int64_t stride_k;
   int64_t stride_j;
@@ -133,20 +131,15 @@ struct OperandB {
     return stride_j == 1 ? BLayout::kAlongJ : BLayout::kOther;
   }
 
-  void load_along_k(float* __restrict dst, int64_t j, int64_t k0, int64_t kc) const {
-    load_span(dst, data + j * stride_j + k0, kc);
-  }
+  // Streamed access (packed_gemm.h). Row j of B from depth k0, in place: only for kAlongK,
+  // which has unit k stride and no dropout.
+  const T* along_k(int64_t j, int64_t k0) const { return data + j * stride_j + k0; }
 
-  // Row j of B from k0 as fp32 in place, or a copy of kc elements in dst when B is not fp32:
-  // a streamed fp32 B is read once instead of copied and read again.
-  const float* along_k(float* __restrict dst, int64_t j, int64_t k0, int64_t kc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      return data + j * stride_j + k0;
-    } else {
-      load_along_k(dst, j, k0, kc);
-      return dst;
-    }
-  }
+  // Whether rows of B along j may be read in place (along_j), or need load_along_j's copy.
+  bool along_j_in_place() const { return dropout.threshold == 0; }
+
+  // Row k of B from column j0, in place: only for kAlongJ when along_j_in_place().
+  const T* along_j(int64_t k, int64_t j0) const { return data + k * stride_k + j0; }
 
   void load_along_j(float* __restrict dst, int64_t k, int64_t j0, int64_t n) const {
     const T* src = data + k * stride_k + j0;
@@ -155,15 +148,6 @@ struct OperandB {
     } else {
       load_span(dst, src, n);
     }
-  }
-
-  // Row k of B from j0 as fp32 in place when it is fp32 without dropout, else a copy in dst.
-  const float* along_j(float* __restrict dst, int64_t k, int64_t j0, int64_t n) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (dropout.threshold == 0) return data + k * stride_k + j0;
-    }
-    load_along_j(dst, k, j0, n);
-    return dst;
   }
 
   // Columns j0 .. j0+n-1 (n <= kMaxTileN) of depth k0 .. k0+kc-1 as consecutive panels of kNR
@@ -179,7 +163,9 @@ struct OperandB {
       for (int64_t p0 = 0; p0 < kc; p0 += kRows) {
         const int64_t rows = std::min(kRows, kc - p0);
         const float* src[kRows];
-        for (int64_t q = 0; q < rows; ++q) src[q] = along_j(lines + q * n, k0 + p0 + q, j0, n);
+        for (int64_t q = 0; q < rows; ++q) {
+          src[q] = fp32_along_j(lines + q * n, k0 + p0 + q, j0, n);
+        }
         for (int64_t jp = 0; jp < n; jp += kNR) {
           const int64_t cols = std::min(kNR, n - jp);
           for (int64_t q = 0; q < rows; ++q) {
@@ -201,6 +187,19 @@ struct OperandB {
   }
 
  private:
+  // Row k of B from j0 as fp32: in place when it is fp32 without dropout, else a copy in dst.
+  const float* fp32_along_j(float* __restrict dst, int64_t k, int64_t j0, int64_t n) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (dropout.threshold == 0) return data + k * stride_k + j0;
+    }
+    load_along_j(dst, k, j0, n);
+    return dst;
+  }
+
+  void load_along_k(float* __restrict dst, int64_t j, int64_t k0, int64_t kc) const {
+    load_span(dst, data + j * stride_j + k0, kc);
+  }
+
   void pack_panel(float* __restrict dst, int64_t k0, int64_t kc, int64_t j, int64_t count) const {
     if (stride_k == 1 && dropout.threshold == 0) {
       const float* col_ptr[panel_row_pointers(kNR)];

@@ -19,14 +19,17 @@
 //       receives the finished sums C(i, j0 .. j0+n-1).
 //
 // A product of at most kSmallM rows (decode) uses each element of B too few times to pay for
-// packing it: when B's layout allows (streams_b), B is streamed in place instead, in long
-// contiguous runs the hardware prefetcher follows, through
-//   pack_b.layout()  BLayout::kAlongK when B(., j) is contiguous in k, kAlongJ when B(k, .) is
-//       contiguous in j (the row-major matrices of the kernels), kOther for anything else;
-//   pack_b.load_along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   B(k0 .. k0+kc-1, j);
-//   pack_b.along_k(float* dst, int64_t j, int64_t k0, int64_t kc)   the same, in place if fp32;
-//   pack_b.along_j(float* dst, int64_t k, int64_t j0, int64_t n)    likewise for load_along_j;
-//   pack_b.load_along_j(float* dst, int64_t k, int64_t j0, int64_t n)    B(k, j0 .. j0+n-1);
+// packing it: when B's layout allows (streams_b), B is streamed in place instead, in its
+// storage type (widened in registers), in long contiguous runs the hardware prefetcher follows,
+// through
+//   PackB::Element   B's storage type (float, Half, BFloat16);
+//   pack_b.layout()  BLayout::kAlongK when B(., j) is contiguous in k and needs no
+//       transformation, kAlongJ when B(k, .) is contiguous in j (the row-major matrices of the
+//       kernels), kOther for anything else;
+//   pack_b.along_k(int64_t j, int64_t k0)   a pointer to B(k0 .., j) (kAlongK);
+//   pack_b.along_j_in_place()   whether kAlongJ rows may be read in place; if so
+//   pack_b.along_j(int64_t k, int64_t j0)   is a pointer to B(k, j0 ..), else
+//   pack_b.load_along_j(float* dst, int64_t k, int64_t j0, int64_t n)   writes them, as fp32;
 //   pack_a.load_rows(float* dst, int64_t i, int64_t rows, int64_t k0, int64_t kc)
 //       A(i .. i+rows-1, k0 .. k0+kc-1) as rows x kc, row-major.
 // Which path runs depends on the product's shape and B's layout only, never on the thread
@@ -39,25 +42,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
-#if defined(__FMA__)
-#include <immintrin.h>
-#endif
-
+#include "cpu/vec.h"
 #include "lora_ops/common.h"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops::cpu {
-
-#if defined(__AVX512F__)
-inline constexpr int kVecLen = 16;
-#elif defined(__AVX__)
-inline constexpr int kVecLen = 8;
-#else
-inline constexpr int kVecLen = 4;
-#endif
-typedef float VecF __attribute__((vector_size(kVecLen * sizeof(float))));
 
 // kMR x kNR accumulators (12 vector registers) plus two B vectors and one broadcast of A fit
 // the 16 registers of SSE/AVX2.
@@ -70,10 +62,14 @@ inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
 
 inline constexpr int64_t kSmallM = kBuiltinGemmStreamRows;  // up to this many rows, B is streamed
 // The streamed path fills the same scratch differently: depth blocks of few_rows_kc(m) (A's m
-// rows in a_pack) and tiles up to kFewRowsMaxTileN wide, so that four rows of B along j fit
+// rows in a_pack) and tiles up to kFewRowsMaxTileN wide, so that four fp32 rows of B along j fit
 // b_pack and kSmallM rows of sums fit c_tile.
 inline constexpr int64_t kFewRowsMaxTileN =
     std::min(kKC * kMaxTileN / 4, kMaxTileM * kMaxTileN / kSmallM);
+
+// Up to this many rows, a streamed half-precision B along j is widened in registers per row of
+// A rather than once into fp32 (gemm_tile_few_rows).
+inline constexpr int64_t kWidenInPlaceMaxRows = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -112,31 +108,13 @@ bool streams_b(int64_t m, const PackB& pack_b) {
 
 inline int64_t max_tile_n(bool streamed) { return streamed ? kFewRowsMaxTileN : kMaxTileN; }
 
-// Depth of one streamed block for m rows: as deep as a_pack holds (and b_pack, for the four rows
-// of B converted to fp32 at a time), so that for a few rows a row of B is read start to end in
-// one run and consecutive rows of B form long streams (blocks shallower than a row would read B
-// in strided pieces, measurably slower).
+// Depth of one streamed block for m rows: as deep as a_pack holds, so that for a few rows a row
+// of B is read start to end in one run and consecutive rows of B form long streams (blocks
+// shallower than a row would read B in strided pieces, measurably slower).
 inline int64_t few_rows_kc(int64_t m) {
-  const int64_t kc = std::min(kMC * kKC / (m > 0 ? m : 1), kKC * kMaxTileN / 4);
+  const int64_t kc = kMC * kKC / (m > 0 ? m : 1);
   return kc / (2 * kVecLen) * (2 * kVecLen);
 }
-
-inline VecF fmadd(VecF a, VecF b, VecF c) {
-#if defined(__FMA__) && defined(__AVX512F__)
-  return _mm512_fmadd_ps(a, b, c);
-#elif defined(__FMA__) && defined(__AVX__)
-  return _mm256_fmadd_ps(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-template <size_t... Lane>
-inline VecF broadcast_lanes(float s, std::index_sequence<Lane...>) {
-  return VecF{(static_cast<void>(Lane), s)...};
-}
-
-inline VecF broadcast(float s) { return broadcast_lanes(s, std::make_index_sequence<kVecLen>{}); }
 
 // c[kMR x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p a[p, :]^T b[p, :].
 inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
@@ -166,18 +144,14 @@ inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __r
   }
 }
 
-inline VecF load_vec(const float* p) {
-  VecF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // out[r * ld + c] += (row r of a) . b[c] over n, for r < R, c < C: every row of A read once for
 // C rows of B and every row of B once for R rows of A (R + C loads per R * C FMAs), and C rows of
-// B in flight at once, which a single core needs to pull a weight at memory speed. One vector
-// accumulator per dot product, then its lanes, then the ragged end: an order fixed by n alone.
-template <int R, int C>
-inline void dot_block(const float* __restrict a, int64_t lda, const float* const* b, int64_t n,
+// B in flight at once, which a single core needs to pull a weight at memory speed. B is read in
+// its storage type and widened in registers (load_vec), so a half-precision weight streams at
+// half the bytes of fp32. One vector accumulator per dot product, then its lanes, then the
+// ragged end: an order fixed by n alone.
+template <int R, int C, class TB>
+inline void dot_block(const float* __restrict a, int64_t lda, const TB* const* b, int64_t n,
                       float* __restrict out, int64_t ld) {
   VecF s[R][C];
   for (int r = 0; r < R; ++r) {
@@ -196,35 +170,89 @@ inline void dot_block(const float* __restrict a, int64_t lda, const float* const
     for (int c = 0; c < C; ++c) {
       float total = 0.0f;
       for (int lane = 0; lane < kVecLen; ++lane) total += s[r][c][lane];
-      for (int64_t q = p; q < n; ++q) total += a[r * lda + q] * b[c][q];
+      for (int64_t q = p; q < n; ++q) total += a[r * lda + q] * to_float(b[c][q]);
       out[r * ld + c] += total;
     }
   }
 }
 
 // dot_block for run-time R <= 4 and C <= 4 (R * C <= 12: the accumulators stay in registers).
-inline void dot_block_any(int rows, int cols, const float* a, int64_t lda, const float* const* b,
+template <class TB>
+inline void dot_block_any(int rows, int cols, const float* a, int64_t lda, const TB* const* b,
                           int64_t n, float* out, int64_t ld) {
-  using Fn = void (*)(const float*, int64_t, const float* const*, int64_t, float*, int64_t);
+  using Fn = void (*)(const float*, int64_t, const TB* const*, int64_t, float*, int64_t);
   static constexpr Fn kTable[4][4] = {
-      {&dot_block<1, 1>, &dot_block<1, 2>, &dot_block<1, 3>, &dot_block<1, 4>},
-      {&dot_block<2, 1>, &dot_block<2, 2>, &dot_block<2, 3>, &dot_block<2, 4>},
-      {&dot_block<3, 1>, &dot_block<3, 2>, &dot_block<3, 3>, &dot_block<3, 4>},
-      {&dot_block<4, 1>, &dot_block<4, 2>, &dot_block<4, 3>, nullptr}};
+      {&dot_block<1, 1, TB>, &dot_block<1, 2, TB>, &dot_block<1, 3, TB>, &dot_block<1, 4, TB>},
+      {&dot_block<2, 1, TB>, &dot_block<2, 2, TB>, &dot_block<2, 3, TB>, &dot_block<2, 4, TB>},
+      {&dot_block<3, 1, TB>, &dot_block<3, 2, TB>, &dot_block<3, 3, TB>, &dot_block<3, 4, TB>},
+      {&dot_block<4, 1, TB>, &dot_block<4, 2, TB>, &dot_block<4, 3, TB>, nullptr}};
   kTable[rows - 1][cols - 1](a, lda, b, n, out, ld);
 }
 
+// acc[r * n + j] += sum_q a_rows[r * kc + q] b_row(q)[j] over the kc rows of B, for r < m:
+// four rows of B per pass over the sums (their loads and stores are then a third of the traffic
+// they would be one row at a time). b_row(q, slot) gives row q of the block as a TB pointer,
+// `slot` (0-3) naming scratch it may fill. Fixed order: rows of B in fours, then the rest.
+template <class TB, class RowOf>
+inline void scale_rows_into(const float* __restrict a_rows, int64_t m, int64_t kc, RowOf b_row,
+                            float* __restrict acc, int64_t n) {
+  int64_t p = 0;
+  for (; p + 4 <= kc; p += 4) {
+    const TB* __restrict b0 = b_row(p, 0);
+    const TB* __restrict b1 = b_row(p + 1, 1);
+    const TB* __restrict b2 = b_row(p + 2, 2);
+    const TB* __restrict b3 = b_row(p + 3, 3);
+    for (int64_t r = 0; r < m; ++r) {
+      const float* a = a_rows + r * kc + p;
+      const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+      float* __restrict row = acc + r * n;
+      int64_t j = 0;
+      if constexpr (std::is_same_v<TB, Half>) {
+        const VecF v0 = broadcast(a0), v1 = broadcast(a1), v2 = broadcast(a2);
+        const VecF v3 = broadcast(a3);
+        // fp16 widens through vcvtph2ps only in this explicit form; the scalar loop's bit
+        // arithmetic took 2x its time at M = 4. For fp32 and bf16 (a shift), gcc's vectorised
+        // scalar loop measured faster than the explicit one (fp32 dY W at M = 16: 1.15x).
+        for (; j + kVecLen <= n; j += kVecLen) {
+          const VecF sum = ((v0 * load_vec(b0 + j) + v1 * load_vec(b1 + j)) +
+                            v2 * load_vec(b2 + j)) + v3 * load_vec(b3 + j);
+          store_vec(row + j, load_vec(row + j) + sum);
+        }
+      }
+      for (; j < n; ++j) {
+        row[j] += ((a0 * to_float(b0[j]) + a1 * to_float(b1[j])) + a2 * to_float(b2[j])) +
+                  a3 * to_float(b3[j]);
+      }
+    }
+  }
+  for (; p < kc; ++p) {
+    const TB* __restrict b_p = b_row(p, 0);
+    for (int64_t r = 0; r < m; ++r) {
+      const float a = a_rows[r * kc + p];
+      float* __restrict row = acc + r * n;
+      for (int64_t j = 0; j < n; ++j) row[j] += a * to_float(b_p[j]);
+    }
+  }
+}
+
 // The tile of a product that streams B: dot products along k, or rows of B scaled into the
-// sums; m <= kSmallM, n <= kFewRowsMaxTileN.
+// sums; m <= kSmallM, n <= kFewRowsMaxTileN. B is read in place in its storage type unless it
+// needs a transformation (dropout), which goes through fp32 rows in b_pack.
 template <class PackA, class PackB, class Epilogue>
 void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
                         int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
                         const GemmScratch& ws) {
+  using TB = typename PackB::Element;
   float* __restrict acc = ws.c_tile;     // m x n
   float* __restrict a_rows = ws.a_pack;  // m x kc
-  float* __restrict b_line = ws.b_pack;  // kc (along k) or n (along j)
+  float* __restrict b_lines = ws.b_pack;  // four rows of B along j, as fp32, when transformed
   std::fill(acc, acc + m * n, 0.0f);
   const bool along_k = pack_b.layout() == BLayout::kAlongK;
+  // Rows of B along j are read once per row of A: widened in registers each time for a few rows,
+  // else widened once into fp32 lines (measured, bf16 dY W at K = N = 4096: in place took 0.75x
+  // the copy's time at M = 4, 1.3x at M = 8 and 1.45x at M = 16).
+  const bool in_place = pack_b.along_j_in_place() &&
+                        (std::is_same_v<TB, float> || m <= kWidenInPlaceMaxRows);
   const int64_t kc_max = few_rows_kc(m);
   for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
     const int64_t kc = std::min(kc_max, k - k0);
@@ -234,41 +262,23 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
       const int64_t cols_per_pass = m <= 3 ? 4 : 3;
       for (int64_t j = 0; j < n; j += cols_per_pass) {
         const int cols = static_cast<int>(std::min(cols_per_pass, n - j));
-        const float* b_rows[4];
-        for (int c = 0; c < cols; ++c) {
-          b_rows[c] = pack_b.along_k(b_line + c * kc, j0 + j + c, k0, kc);
-        }
+        const TB* b_rows[4];
+        for (int c = 0; c < cols; ++c) b_rows[c] = pack_b.along_k(j0 + j + c, k0);
         for (int64_t r = 0; r < m; r += 4) {
           const int rows = static_cast<int>(std::min<int64_t>(4, m - r));
           dot_block_any(rows, cols, a_rows + r * kc, kc, b_rows, kc, acc + r * n + j, n);
         }
       }
-      continue;
-    }
-    // Along j: rows of B scaled into the sums, four rows of B per pass over the sums (their
-    // loads and stores are then a third of the traffic they would be one row at a time).
-    int64_t p = 0;
-    for (; p + 4 <= kc; p += 4) {
-      const float* __restrict b0 = pack_b.along_j(b_line, k0 + p, j0, n);
-      const float* __restrict b1 = pack_b.along_j(b_line + n, k0 + p + 1, j0, n);
-      const float* __restrict b2 = pack_b.along_j(b_line + 2 * n, k0 + p + 2, j0, n);
-      const float* __restrict b3 = pack_b.along_j(b_line + 3 * n, k0 + p + 3, j0, n);
-      for (int64_t r = 0; r < m; ++r) {
-        const float* a = a_rows + r * kc + p;
-        const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-        float* __restrict row = acc + r * n;
-        for (int64_t j = 0; j < n; ++j) {
-          row[j] += ((a0 * b0[j] + a1 * b1[j]) + a2 * b2[j]) + a3 * b3[j];
-        }
-      }
-    }
-    for (; p < kc; ++p) {
-      const float* __restrict b_row = pack_b.along_j(b_line, k0 + p, j0, n);
-      for (int64_t r = 0; r < m; ++r) {
-        const float a = a_rows[r * kc + p];
-        float* __restrict row = acc + r * n;
-        for (int64_t j = 0; j < n; ++j) row[j] += a * b_row[j];
-      }
+    } else if (in_place) {
+      const auto b_row = [&](int64_t p, int) { return pack_b.along_j(k0 + p, j0); };
+      scale_rows_into<TB>(a_rows, m, kc, b_row, acc, n);
+    } else {
+      const auto b_row = [&](int64_t p, int slot) {
+        float* line = b_lines + slot * n;
+        pack_b.load_along_j(line, k0 + p, j0, n);
+        return static_cast<const float*>(line);
+      };
+      scale_rows_into<float>(a_rows, m, kc, b_row, acc, n);
     }
   }
   for (int64_t r = 0; r < m; ++r) epilogue.store(i0 + r, j0, acc + r * n, n);
