@@ -86,9 +86,12 @@ GemmScratch thread_gemm_scratch();
 // Threads an OpenMP region of the kernels may use (1 without OpenMP).
 int max_threads();
 
-// Whether a product is big enough to pay for waking the thread team.
+// Whether a product is big enough to pay for waking the thread team: about 2^19 multiply-adds
+// (with sleeping waiters, OMP_WAIT_POLICY=PASSIVE, 2^17 made the one-row backward at
+// K = N = 1024 take 1.4x longer: its adapter products each woke the team for a few microseconds
+// of work).
 inline bool worth_threads(int64_t m, int64_t n, int64_t k) {
-  return max_threads() > 1 && m * n * (k + 16) >= (int64_t{1} << 17);
+  return max_threads() > 1 && m * n * (k + 16) >= (int64_t{1} << 19);
 }
 
 // Work-item tiling of an m x n product: tile_m rows by tile_n columns per item; `streamed` is
@@ -100,10 +103,26 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed);
 
 enum class BLayout { kAlongK, kAlongJ, kOther };
 
-// Whether a product of m rows streams B rather than packing it (see the top of this file).
+// Shallowest depth at which a streamed product takes dot products along k: each output ends in
+// a reduction across a vector's lanes, which at the adapter's depth (its rank, in S B^T) cost
+// more than the products. Shallower, B is packed (fused fwd at K = N = 4096, r = 16, M = 16:
+// the adapter's share went from 0.43 to 0.09 ms in fp32; r = 128 measured alike either way).
+inline constexpr int64_t kMinDotDepth = 8 * kVecLen;
+
+// Whether a product of m rows and depth k streams B rather than packing it (see the top of this
+// file).
 template <class PackB>
-bool streams_b(int64_t m, const PackB& pack_b) {
-  return m <= kSmallM && pack_b.layout() != BLayout::kOther;
+bool streams_b(int64_t m, int64_t k, const PackB& pack_b) {
+  if (m > kSmallM) return false;
+  switch (pack_b.layout()) {
+    case BLayout::kAlongK:
+      return k >= kMinDotDepth;
+    case BLayout::kAlongJ:
+      return true;
+    case BLayout::kOther:
+      break;
+  }
+  return false;
 }
 
 inline int64_t max_tile_n(bool streamed) { return streamed ? kFewRowsMaxTileN : kMaxTileN; }
@@ -325,7 +344,7 @@ lora_status_t parallel_gemm(const PackA& pack_a, const PackB& pack_b, const Epil
                             int64_t m, int64_t n, int64_t k) {
   if (m == 0 || n == 0) return LORA_OK;
   const bool threaded = worth_threads(m, n, k);
-  const bool streamed = streams_b(m, pack_b);
+  const bool streamed = streams_b(m, k, pack_b);
   const TileGrid grid = plan_tiles(m, n, threaded ? max_threads() : 1, streamed);
   const int64_t items = grid.tiles_m * grid.tiles_n;
   int failed = 0;
