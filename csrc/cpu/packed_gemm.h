@@ -39,6 +39,7 @@
 #define LORA_OPS_CPU_PACKED_GEMM_H_
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -195,16 +196,26 @@ inline void dot_block(const float* __restrict a, int64_t lda, const TB* const* b
   }
 }
 
-// dot_block for run-time R <= 4 and C <= 4 (R * C <= 12: the accumulators stay in registers).
+// Vector registers the dot products' accumulators may take: 12 of the 16 of SSE / AVX2, 24 of
+// AVX-512's 32 (the rest hold A's rows and a row of B).
+inline constexpr int kDotAccumulators = kVecLen == 16 ? 24 : 12;
+inline constexpr int kMaxDotCols = kDotAccumulators / 4 > 4 ? kDotAccumulators / 4 : 4;
+
+template <class TB, int R, int... C>
+constexpr auto dot_block_row(std::integer_sequence<int, C...>) {
+  using Fn = void (*)(const float*, int64_t, const TB* const*, int64_t, float*, int64_t);
+  return std::array<Fn, sizeof...(C)>{
+      (R * (C + 1) <= kDotAccumulators ? &dot_block<R, C + 1, TB> : nullptr)...};
+}
+
+// dot_block for run-time R <= 4 and C <= kMaxDotCols, R * C <= kDotAccumulators.
 template <class TB>
 inline void dot_block_any(int rows, int cols, const float* a, int64_t lda, const TB* const* b,
                           int64_t n, float* out, int64_t ld) {
-  using Fn = void (*)(const float*, int64_t, const TB* const*, int64_t, float*, int64_t);
-  static constexpr Fn kTable[4][4] = {
-      {&dot_block<1, 1, TB>, &dot_block<1, 2, TB>, &dot_block<1, 3, TB>, &dot_block<1, 4, TB>},
-      {&dot_block<2, 1, TB>, &dot_block<2, 2, TB>, &dot_block<2, 3, TB>, &dot_block<2, 4, TB>},
-      {&dot_block<3, 1, TB>, &dot_block<3, 2, TB>, &dot_block<3, 3, TB>, &dot_block<3, 4, TB>},
-      {&dot_block<4, 1, TB>, &dot_block<4, 2, TB>, &dot_block<4, 3, TB>, nullptr}};
+  using Cols = std::make_integer_sequence<int, kMaxDotCols>;
+  static constexpr auto kTable =
+      std::array{dot_block_row<TB, 1>(Cols{}), dot_block_row<TB, 2>(Cols{}),
+                 dot_block_row<TB, 3>(Cols{}), dot_block_row<TB, 4>(Cols{})};
   kTable[rows - 1][cols - 1](a, lda, b, n, out, ld);
 }
 
@@ -277,11 +288,13 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
     const int64_t kc = std::min(kc_max, k - k0);
     pack_a.load_rows(a_rows, i0, m, k0, kc);
     if (along_k) {
-      // Up to three rows of A: four rows of B at a time; more: three, against four rows of A.
-      const int64_t cols_per_pass = m <= 3 ? 4 : 3;
+      // Up to three rows of A: four rows of B at a time; more: as many as four rows of A leave
+      // accumulators for (3, or 6 with AVX-512), so that A, re-read from L2 for every pass over
+      // its rows, costs fewer loads per multiply-add.
+      const int64_t cols_per_pass = m <= 3 ? 4 : kDotAccumulators / 4;
       for (int64_t j = 0; j < n; j += cols_per_pass) {
         const int cols = static_cast<int>(std::min(cols_per_pass, n - j));
-        const TB* b_rows[4];
+        const TB* b_rows[kMaxDotCols];
         for (int c = 0; c < cols; ++c) b_rows[c] = pack_b.along_k(j0 + j + c, k0);
         for (int64_t r = 0; r < m; r += 4) {
           const int rows = static_cast<int>(std::min<int64_t>(4, m - r));
