@@ -288,10 +288,11 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
     const int64_t kc = std::min(kc_max, k - k0);
     pack_a.load_rows(a_rows, i0, m, k0, kc);
     if (along_k) {
-      // Up to three rows of A: four rows of B at a time; more: as many as four rows of A leave
-      // accumulators for (3, or 6 with AVX-512), so that A, re-read from L2 for every pass over
-      // its rows, costs fewer loads per multiply-add.
-      const int64_t cols_per_pass = m <= 3 ? 4 : kDotAccumulators / 4;
+      // Up to three rows of A: kMaxDotCols rows of B at a time (4, or 6 with AVX-512: more
+      // streams in flight); more rows: as many as four rows of A leave accumulators for (3, or 6
+      // with AVX-512), so that A, re-read from L2 on every pass over its rows, costs fewer loads
+      // per multiply-add.
+      const int64_t cols_per_pass = m <= 3 ? kMaxDotCols : kDotAccumulators / 4;
       for (int64_t j = 0; j < n; j += cols_per_pass) {
         const int cols = static_cast<int>(std::min(cols_per_pass, n - j));
         const TB* b_rows[kMaxDotCols];
