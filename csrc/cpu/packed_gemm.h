@@ -104,6 +104,13 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed);
 
 enum class BLayout { kAlongK, kAlongJ, kOther };
 
+// Most rows for which a product with B along j streams B: each row of A makes a pass over the
+// sums in L2, which from about 9 rows costs more than packing B for the micro-kernel. Measured
+// on the fused backward (its dY W), r = 16, K = N = 4096, packed/streamed: fp32 1.05 / 1.02 /
+// 0.92 / 0.81 / 0.91 at M = 5 / 8 / 10 / 12 / 16, bf16 1.13 / 1.07 / 1.16 / 1.01 / 1.05, fp16
+// 0.99 / 1.11 at M = 5 / 8, 0.90 at M = 16; at K = 14336, M = 12-16: 0.78-0.84 in all three.
+inline constexpr int64_t kMaxAlongJStreamRows = 8;
+
 // Shallowest depth at which a streamed product takes dot products along k: each output ends in
 // a reduction across a vector's lanes, which at the adapter's depth (its rank, in S B^T) cost
 // more than the products. Shallower, B is packed (fused fwd at K = N = 4096, r = 16, M = 16:
@@ -119,7 +126,7 @@ bool streams_b(int64_t m, int64_t k, const PackB& pack_b) {
     case BLayout::kAlongK:
       return k >= kMinDotDepth;
     case BLayout::kAlongJ:
-      return true;
+      return m <= kMaxAlongJStreamRows;
     case BLayout::kOther:
       break;
   }

@@ -336,6 +336,7 @@ void test_builtin_gemm() {
       // The streamed path's row groups (4 at a time, a ragged last group), depths past one
       // streamed depth block with a ragged end, and the first row count that packs instead.
       test_builtin_gemm_case(dt, nk, 13, 50, 4000, 0.5f);
+      test_builtin_gemm_case(dt, nk, 8, 45, 3101, 0.5f);  // the most rows streamed along j
       test_builtin_gemm_case(dt, nk, 16, 33, 3100, 0.0f);
       test_builtin_gemm_case(dt, nk, 17, 40, 70, 1.0f);
       // Streamed depth blocks at their deepest (one and two rows: past 24576 and 12288).
