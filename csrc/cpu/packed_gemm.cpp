@@ -1,5 +1,6 @@
 #include "cpu/packed_gemm.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #ifdef _OPENMP
@@ -44,6 +45,42 @@ int max_threads() {
 #endif
 }
 
+namespace {
+
+// Columns of the busiest thread's items when items of tile_m x tile_n (the last row and column
+// of items ragged) are taken in order by the least-loaded thread, as dynamic scheduling does.
+int64_t busiest_thread_work(int64_t m, int64_t n, int64_t tile_m, int64_t tile_n, int threads) {
+  int64_t load[64] = {};
+  const int slots = std::min(threads, 64);
+  for (int64_t i0 = 0; i0 < m; i0 += tile_m) {
+    for (int64_t j0 = 0; j0 < n; j0 += tile_n) {
+      int64_t* idlest = std::min_element(load, load + slots);
+      *idlest += std::min(tile_m, m - i0) * std::min(tile_n, n - j0);
+    }
+  }
+  return *std::max_element(load, load + slots);
+}
+
+// The packed path's tile width: of the widths from the planned one down to a quarter of it (at
+// least kNR), the one whose busiest thread has the least work, the widest on a tie (each column
+// tile re-packs A). Rounding tiles to kNR otherwise leaves a narrow last tile, and a thread
+// that ends its share early: 1024 columns in six tiles of 192 give the two threads 576 and 448.
+int64_t balanced_tile_n(const TileGrid& grid, int64_t m, int64_t n, int threads) {
+  int64_t best = grid.tile_n;
+  int64_t best_work = busiest_thread_work(m, n, grid.tile_m, best, threads);
+  for (int64_t tile_n = grid.tile_n - kNR; tile_n >= std::max(kNR, grid.tile_n / 4);
+       tile_n -= kNR) {
+    const int64_t work = busiest_thread_work(m, n, grid.tile_m, tile_n, threads);
+    if (work < best_work) {
+      best = tile_n;
+      best_work = work;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
 TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
   // Enough items to keep every thread busy with some balance, splitting columns first: a
   // narrower item only re-packs A (1/(2 tile_n) of its flops), a shorter one re-packs B.
@@ -64,8 +101,9 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
   TileGrid grid;
   grid.tile_n = round_up(ceil_div(n, tiles_n), kNR);
   grid.tile_m = round_up(ceil_div(m, tiles_m), kMR);
-  grid.tiles_n = ceil_div(n, grid.tile_n);
   grid.tiles_m = ceil_div(m, grid.tile_m);
+  if (!streamed && threads > 1) grid.tile_n = balanced_tile_n(grid, m, n, threads);
+  grid.tiles_n = ceil_div(n, grid.tile_n);
   return grid;
 }
 
