@@ -81,8 +81,7 @@ const char* cpu_vector_isa() {
 #endif
 }
 
-bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m) {
-  (void)b_is_nk;  // both layouts measured alike so far
+bool builtin_gemm_preferred(lora_dtype_t dtype, int64_t m) {
   if (dtype != LORA_DTYPE_F32) {
 #if defined(__AVX512BF16__)
     if (dtype == LORA_DTYPE_BF16) return m <= kBf16BuiltinMaxRows;

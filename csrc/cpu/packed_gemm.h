@@ -244,12 +244,9 @@ inline void scale_rows_into(const float* __restrict a_rows, int64_t m, int64_t k
       const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
       float* __restrict row = acc + r * n;
       int64_t j = 0;
-      if constexpr (std::is_same_v<TB, Half>) {
+      if constexpr (kWidenExplicitly<TB>) {
         const VecF v0 = broadcast(a0), v1 = broadcast(a1), v2 = broadcast(a2);
         const VecF v3 = broadcast(a3);
-        // fp16 widens through vcvtph2ps only in this explicit form; the scalar loop's bit
-        // arithmetic took 2x its time at M = 4. For fp32 and bf16 (a shift), gcc's vectorised
-        // scalar loop measured faster than the explicit one (fp32 dY W at M = 16: 1.15x).
         for (; j + kVecLen <= n; j += kVecLen) {
           const VecF sum = ((v0 * load_vec(b0 + j) + v1 * load_vec(b1 + j)) +
                             v2 * load_vec(b2 + j)) + v3 * load_vec(b3 + j);
@@ -287,7 +284,7 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
   const bool along_k = pack_b.layout() == BLayout::kAlongK;
   // Rows of B along j are read once per row of A: widened in registers each time for a few rows,
   // else widened once into fp32 lines (measured, bf16 dY W at K = N = 4096: in place took 0.75x
-  // the copy's time at M = 4, 1.3x at M = 8 and 1.45x at M = 16).
+  // the copy's time at M = 4 and 1.3x at M = 8).
   const bool in_place = pack_b.along_j_in_place() &&
                         (std::is_same_v<TB, float> || m <= kWidenInPlaceMaxRows);
   const int64_t kc_max = few_rows_kc(m);
