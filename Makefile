@@ -12,7 +12,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAI
 retry = for try in 1 2 3; do $(1) && break; test $$try = 3 && exit 1; echo "retrying: $(1)"; sleep 15; done
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* csrc/include/lora_ops/*.h)
 
-.PHONY: demo test test-cpp lint bench install
+.PHONY: demo test test-cpp test-sanitize lint bench install
 
 demo: $(STAMP)
 	$(BIN)/lora-ops demo
@@ -35,6 +35,16 @@ test-cpp: $(STAMP)
 	  -DLORA_OPS_CUBLAS_ROOT=$$($(BIN)/python -c "import glob,os,torch;print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)),'nvidia','cu13'))")
 	PATH=$(abspath $(BIN)):$$PATH cmake --build build-cmake -j2
 	PATH=$(abspath $(BIN)):$$PATH ctest --test-dir build-cmake --output-on-failure
+
+# The CPU kernels and the C ABI's tests again under AddressSanitizer and UBSan (out-of-bounds
+# reads of ragged tiles, misaligned vector loads, out-of-range enums from C callers), no CUDA.
+SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+test-sanitize:
+	cmake -S . -B build-sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLORA_OPS_WITH_CUDA=OFF \
+	  -DCMAKE_CXX_FLAGS="$(SANITIZE)" -DCMAKE_C_FLAGS="$(SANITIZE)" \
+	  -DCMAKE_EXE_LINKER_FLAGS="$(SANITIZE)" -DCMAKE_SHARED_LINKER_FLAGS="$(SANITIZE)"
+	cmake --build build-sanitize -j2
+	ctest --test-dir build-sanitize --output-on-failure
 
 # Unused names, undefined names, shadowed imports: pyflakes over every Python file of the project.
 lint: $(STAMP)

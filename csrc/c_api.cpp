@@ -75,6 +75,9 @@ const char* lora_ops_status_string(lora_status_t status) {
       return "CUDA error";
     case LORA_ERR_CUBLAS:
       return "cuBLAS error";
+    case LORA_STATUS_RANGE_MIN_:
+    case LORA_STATUS_RANGE_MAX_:
+      break;
   }
   return "unknown status";
 }

@@ -79,6 +79,9 @@ void check_status(const char* op, lora_status_t status) {
       TORCH_CHECK(false, op, ": a CUDA launch failed");
     case LORA_ERR_CUBLAS:
       TORCH_CHECK(false, op, ": a cuBLAS call failed");
+    case LORA_STATUS_RANGE_MIN_:
+    case LORA_STATUS_RANGE_MAX_:
+      break;
   }
   TORCH_CHECK(false, op, ": unknown kernel status ", static_cast<int>(status));
 }

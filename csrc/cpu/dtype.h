@@ -108,6 +108,9 @@ lora_status_t dispatch_dtype(lora_dtype_t dtype, Fn&& fn) {
       return fn(Half{});
     case LORA_DTYPE_BF16:
       return fn(BFloat16{});
+    case LORA_DTYPE_RANGE_MIN_:
+    case LORA_DTYPE_RANGE_MAX_:
+      break;
   }
   return LORA_ERR_INVALID_ARGUMENT;
 }

@@ -75,6 +75,9 @@ lora_status_t dispatch_dtype(lora_dtype_t dtype, F&& f) {
       return f(TypeTag<__half>{});
     case LORA_DTYPE_BF16:
       return f(TypeTag<__nv_bfloat16>{});
+    case LORA_DTYPE_RANGE_MIN_:
+    case LORA_DTYPE_RANGE_MAX_:
+      break;
   }
   return LORA_ERR_UNSUPPORTED;
 }

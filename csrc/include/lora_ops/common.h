@@ -13,6 +13,11 @@ typedef enum lora_dtype {
   LORA_DTYPE_F32 = 0,
   LORA_DTYPE_F16 = 1,
   LORA_DTYPE_BF16 = 2,
+  // Not dtypes. They make every int32 a value of the type, so that C++ receives whatever code a
+  // C caller passes as a defined value and rejects it (LORA_ERR_UNSUPPORTED), where a value
+  // outside the enumerators' range would be undefined behaviour; they also fix its size at 4.
+  LORA_DTYPE_RANGE_MIN_ = -2147483647 - 1,
+  LORA_DTYPE_RANGE_MAX_ = 2147483647,
 } lora_dtype_t;
 
 typedef enum lora_status {
@@ -21,6 +26,9 @@ typedef enum lora_status {
   LORA_ERR_UNSUPPORTED = 2,       // valid input this build cannot run (dtype, rank, slices)
   LORA_ERR_CUDA = 3,              // a CUDA runtime call or launch failed
   LORA_ERR_CUBLAS = 4,            // a cuBLAS call failed
+  // Not statuses: every int32 a defined value, as for lora_dtype_t.
+  LORA_STATUS_RANGE_MIN_ = -2147483647 - 1,
+  LORA_STATUS_RANGE_MAX_ = 2147483647,
 } lora_status_t;
 
 // Dropout on the adapter path. `threshold` == 0 means no dropout. An element (row, col) of x is
