@@ -88,7 +88,12 @@ static void test_meta(void) {
   expect(strcmp(lora_ops_status_string(LORA_ERR_INVALID_ARGUMENT),
                 lora_ops_status_string(LORA_ERR_UNSUPPORTED)) != 0,
          "status strings are distinct");
-  expect(lora_ops_status_string((lora_status_t)99) != NULL, "status string of an unknown code");
+  expect(strcmp(lora_ops_status_string((lora_status_t)99), "unknown status") == 0,
+         "status string of an unknown code");
+  expect(strcmp(lora_ops_status_string((lora_status_t)-5), "unknown status") == 0,
+         "status string of a negative code");
+  /* The range enumerators make both enums int32 wide, so every code a caller passes is a value. */
+  expect(sizeof(lora_dtype_t) == 4 && sizeof(lora_status_t) == 4, "the enums are 4 bytes");
 }
 
 /* The CUDA kernels themselves are tested by test_cuda_kernels on a GPU; here, what holds on any
@@ -450,6 +455,9 @@ static void test_invalid(void) {
   expect_status(lora_ops_cpu_lora_linear_fwd((lora_dtype_t)9, 2, 2, 2, 2, buf, 2, buf, NULL, buf,
                                              buf, 1.0f, kNoDropout, buf, buf, NULL),
                 LORA_ERR_INVALID_ARGUMENT, "fwd with an unknown dtype");
+  expect_status(lora_ops_cpu_lora_linear_fwd((lora_dtype_t)-1, 2, 2, 2, 2, buf, 2, buf, NULL, buf,
+                                             buf, 1.0f, kNoDropout, buf, buf, NULL),
+                LORA_ERR_INVALID_ARGUMENT, "fwd with a negative dtype");
   expect_status(lora_ops_cpu_lora_linear_fwd(LORA_DTYPE_F32, 0, 2, 2, 2, NULL, 2, buf, NULL, buf,
                                              buf, 1.0f, kNoDropout, NULL, NULL, NULL),
                 LORA_OK, "fwd with M = 0 and NULL activations");
