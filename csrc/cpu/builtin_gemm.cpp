@@ -60,10 +60,12 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr}; }
 // - fp32, AVX-512: it wins at every shape measured, M = 17-8192 (MKL takes 1.2-2.4x its time
 //   at M = 17-64, 1.15-1.3x at M = 512-8192).
 // - fp16 and bf16 without native half-precision arithmetic: ATen's matmul is 7x to 100x slower.
-// - bf16 with AVX512_BF16 (oneDNN's dot-product instructions; ours widens to fp32 and uses fp32
-//   FMAs): for up to 4 rows, where the product streams the weight, our whole fused op took
-//   0.7-0.9x the time of ATen's bare x W^T and 0.5-0.9x its bare dY W (K = N = 4096); from 5
-//   rows ATen's is faster (ours 1.1x at 5 rows, 2x at 16, 2.3x at 64).
+// - bf16 with AVX512_BF16 (oneDNN, like our packed path from 9 rows, or 5 for dY W, uses the
+//   dot-product instructions; our streamed path widens to fp32): for up to 4 rows our whole
+//   fused op took 0.7-0.9x the time of ATen's bare x W^T and 0.5-0.9x its bare dY W
+//   (K = N = 4096). With more rows, our fused op against ATen's bare product: fwd 0.90 / 1.11 /
+//   1.47 / 1.21 / 1.19 at M = 5 / 8 / 16 / 64 / 256, bwd against dY W 0.90 / 0.85 / 1.12 / 1.12 /
+//   1.15 (before the dot-product path: 1.1x at 5 rows, 2x at 16, 2.3x at 64).
 // - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMV) is a tie
 //   with our whole fused op; from 2 rows, and for dY W at any M, it is 2x to 500x slower.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
@@ -81,7 +83,7 @@ const char* cpu_vector_isa() {
 #endif
 }
 
-bool builtin_gemm_preferred(lora_dtype_t dtype, int64_t m) {
+bool builtin_gemm_preferred(lora_dtype_t dtype, [[maybe_unused]] int64_t m) {
   if (dtype != LORA_DTYPE_F32) {
 #if defined(__AVX512BF16__)
     if (dtype == LORA_DTYPE_BF16) return m <= kBf16BuiltinMaxRows;

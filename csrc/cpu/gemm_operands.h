@@ -54,6 +54,8 @@ inline float dropout_value(const T& v, const lora_dropout_t& dropout, int64_t ro
 // on, A's rows are rows of x: the mask is keyed (row(i), k).
 template <class T>
 struct OperandA {
+  using Element = T;
+
   const T* data;
   int64_t stride_i;
   int64_t stride_k;
@@ -78,6 +80,18 @@ struct OperandA {
         load_span(out, data + src_row * stride_i + k0, kc);
       }
     }
+  }
+
+  // Whether pack_bf16_pairs may be used: rows read as stored (T = BFloat16).
+  bool packs_bf16_pairs() const { return stride_k == 1 && dropout.threshold == 0; }
+
+  // pack() for micro_kernel_bf16: ceil(kc / 2) x kMR words of bf16 pairs, rows >= count zero.
+  void pack_bf16_pairs(uint32_t* __restrict dst, int64_t i, int64_t count, int64_t k0,
+                       int64_t kc) const {
+    static_assert(std::is_same_v<T, BFloat16>, "bf16 operands only");
+    const uint16_t* row_ptr[kMR];
+    for (int64_t r = 0; r < count; ++r) row_ptr[r] = &data[row(i + r) * stride_i + k0].bits;
+    pack_bf16_pairs_panel(dst, row_ptr, static_cast<int>(count), kMR, kc);
   }
 
   void pack(float* __restrict dst, int64_t i, int64_t count, int64_t k0, int64_t kc) const {
@@ -147,6 +161,34 @@ struct OperandB {
       load_span_dropout(dst, src, n, dropout, static_cast<uint32_t>(k), static_cast<uint32_t>(j0));
     } else {
       load_span(dst, src, n);
+    }
+  }
+
+  // Whether pack_bf16_pairs may be used: B along k or along j, read as stored (T = BFloat16).
+  bool packs_bf16_pairs() const {
+    return dropout.threshold == 0 && (stride_k == 1 || stride_j == 1);
+  }
+
+  // pack() for micro_kernel_bf16: panels of ceil(kc / 2) x kNR words of bf16 pairs, panel q at
+  // dst + q * kNR * ceil(kc / 2), columns past n zero.
+  void pack_bf16_pairs(uint32_t* __restrict dst, int64_t k0, int64_t kc, int64_t j0,
+                       int64_t n) const {
+    static_assert(std::is_same_v<T, BFloat16>, "bf16 operands only");
+    const int64_t pairs = ceil_div(kc, 2);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    if (stride_k != 1) {  // along j: a pair is two rows of B apart
+      for (int64_t jp = 0; jp < n; jp += kNR) {
+        pack_bf16_pairs_interleaved(dst + jp * pairs, &data[k0 * stride_k + j0 + jp].bits,
+                                    stride_k, static_cast<int>(std::min(kNR, n - jp)), kc);
+      }
+      return;
+    }
+#endif
+    for (int64_t jp = 0; jp < n; jp += kNR) {
+      const int64_t count = std::min(kNR, n - jp);
+      const uint16_t* col_ptr[kNR];
+      for (int64_t c = 0; c < count; ++c) col_ptr[c] = &data[(j0 + jp + c) * stride_j + k0].bits;
+      pack_bf16_pairs_panel(dst + jp * pairs, col_ptr, static_cast<int>(count), kNR, kc);
     }
   }
 

@@ -120,7 +120,7 @@ lora_status_t shrink(int64_t M, int64_t K, int64_t r_max, int64_t num_slices, co
   };
   const auto streamed = [&](int64_t s, int64_t g) {
     const AdapterGroup& group = groups.groups[g];
-    return streams_b(group.end - group.begin, K, a_t(s, group.adapter));
+    return streams_b(group.end - group.begin, K, OperandA<T>{x, ldx, 1}, a_t(s, group.adapter));
   };
   const bool threaded = worth_threads(M, num_slices * r_max, K);
   const std::vector<GroupTile> tiles = plan_group_tiles(
@@ -156,7 +156,8 @@ lora_status_t expand(int64_t M, int64_t r_max, int64_t num_slices, const float* 
   };
   const auto streamed = [&](int64_t s, int64_t g) {
     const AdapterGroup& group = groups.groups[g];
-    return streams_b(group.end - group.begin, ranks[group.adapter], b_t(s, group.adapter));
+    return streams_b(group.end - group.begin, ranks[group.adapter],
+                     OperandA<float>{t, r_max, 1}, b_t(s, group.adapter));
   };
   int64_t total_width = 0;
   for (int64_t s = 0; s < num_slices; ++s) total_width += slice_width[s];

@@ -8,6 +8,7 @@
 #define LORA_OPS_CPU_PANEL_TRANSPOSE_H_
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -20,11 +21,19 @@ constexpr int panel_row_pointers(int width) { return (width + 7) / 8 * 8; }
 namespace detail {
 
 // The scalar packing of columns p0 .. kc-1 (the whole panel without AVX, the ragged end with).
+// Elements are copied as bytes: the rows may be 32-bit words of bf16 pairs at any 2-byte
+// address (pack_bf16_pairs_panel), not floats.
 inline void transpose_rows_scalar(float* __restrict dst, const float* const* rows, int count,
                                   int width, int64_t p0, int64_t kc) {
   for (int64_t p = p0; p < kc; ++p) {
     float* out = dst + p * width;
-    for (int r = 0; r < width; ++r) out[r] = r < count ? rows[r][p] : 0.0f;
+    for (int r = 0; r < width; ++r) {
+      if (r < count) {
+        std::memcpy(out + r, rows[r] + p, sizeof(float));
+      } else {
+        out[r] = 0.0f;
+      }
+    }
   }
 }
 
@@ -85,6 +94,46 @@ inline void transpose_rows_to_panel(float* __restrict dst, const float* const* r
   detail::transpose_rows_scalar(dst, rows, count, width, 0, kc);
 #endif
 }
+
+// The same panels for the bf16 dot-product micro-kernel: dst[p * width + r] is the pair of
+// elements 2p, 2p + 1 of rows[r] as one 32-bit word (the even element in the low half), for
+// p < ceil(kc / 2); an odd kc's last pair has a zero high half. A pair is two adjacent bf16, so
+// this is the word transpose above; rows may start at any 2-byte address. width <= 32.
+inline void pack_bf16_pairs_panel(uint32_t* __restrict dst, const uint16_t* const* rows, int count,
+                            int width, int64_t kc) {
+  const float* words[32] = {};
+  for (int r = 0; r < count; ++r) words[r] = reinterpret_cast<const float*>(rows[r]);
+  transpose_rows_to_panel(reinterpret_cast<float*>(dst), words, count, width, kc / 2);
+  if (kc % 2 != 0) {
+    uint32_t* last = dst + kc / 2 * width;
+    for (int r = 0; r < width; ++r) last[r] = r < count ? rows[r][kc - 1] : 0u;
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// The same panel, width 32, from a matrix whose columns are the panel's rows: element (p, c) of
+// the panel is the pair (src[2p * ld + c], src[(2p + 1) * ld + c]) for c < count (columns past
+// count zero), p < ceil(kc / 2), an odd kc's last pair with a zero high half. Two rows of src
+// are interleaved 32 columns at a time; masked loads never touch columns past count.
+inline void pack_bf16_pairs_interleaved(uint32_t* __restrict dst, const uint16_t* src, int64_t ld,
+                                        int count, int64_t kc) {
+  const __mmask32 cols = count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+  // unpacklo / unpackhi pair up columns 8l .. 8l+3 / 8l+4 .. 8l+7 of each 128-bit lane l; these
+  // put the 64-bit halves of those lanes back in column order.
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (int64_t p = 0; 2 * p < kc; ++p) {
+    const uint16_t* even = src + 2 * p * ld;
+    const __m512i v0 = _mm512_maskz_loadu_epi16(cols, even);
+    const __m512i v1 =
+        2 * p + 1 < kc ? _mm512_maskz_loadu_epi16(cols, even + ld) : _mm512_setzero_si512();
+    const __m512i lo = _mm512_maskz_unpacklo_epi16(~__mmask32{0}, v0, v1);
+    const __m512i hi = _mm512_maskz_unpackhi_epi16(~__mmask32{0}, v0, v1);
+    _mm512_storeu_si512(dst + p * 32, _mm512_permutex2var_epi64(lo, first, hi));
+    _mm512_storeu_si512(dst + p * 32 + 16, _mm512_permutex2var_epi64(lo, second, hi));
+  }
+}
+#endif
 
 }  // namespace lora_ops::cpu
 

@@ -349,6 +349,13 @@ void test_builtin_gemm() {
       test_builtin_gemm_case(dt, nk, 19, 300, 263, 1.0f);
     }
   }
+  // bf16 pairs (vdpbf16ps where the CPU has it), B along k and along j: several depth blocks
+  // ending in an odd one, rows at odd element offsets (ldb odd here, lda in the k = 300 case
+  // above), partial panels, two row tiles with several row blocks each.
+  for (bool nk : {true, false}) {
+    test_builtin_gemm_case(LORA_DTYPE_BF16, nk, 41, 67, 777, 0.5f);
+    test_builtin_gemm_case(LORA_DTYPE_BF16, nk, 390, 100, 257, 0.0f);
+  }
   test_builtin_gemm_case(LORA_DTYPE_F32, true, 401, 290, 530, 0.0f);
   test_builtin_gemm_case(LORA_DTYPE_F32, false, 401, 290, 530, 0.25f);
   // m == 0 or n == 0 must not touch anything (NULL pointers included).
