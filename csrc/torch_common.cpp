@@ -122,7 +122,7 @@ void aten_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, in
 void base_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
                const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
                int64_t ldc) {
-  const cpu::Gemm gemm = cpu::builtin_gemm_preferred(dtype, m)
+  const cpu::Gemm gemm = cpu::builtin_gemm_preferred(dtype, b_is_nk, m)
                              ? cpu::builtin_gemm()
                              : cpu::Gemm{&aten_gemm, nullptr};
   gemm.fn(gemm.ctx, dtype, b_is_nk, m, n, k, a, lda, b, ldb, beta, c, ldc);

@@ -63,15 +63,19 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr}; }
 // - bf16 with AVX512_BF16 (oneDNN, like our packed path from 9 rows, or 5 for dY W, uses the
 //   dot-product instructions; our streamed path widens to fp32): for up to 4 rows our whole
 //   fused op took 0.7-0.9x the time of ATen's bare x W^T and 0.5-0.9x its bare dY W
-//   (K = N = 4096). With more rows, our fused op against ATen's bare product: fwd 0.90 / 1.11 /
-//   1.47 / 1.21 / 1.19 at M = 5 / 8 / 16 / 64 / 256, bwd against dY W 0.90 / 0.85 / 1.12 / 1.12 /
-//   1.15 (before the dot-product path: 1.1x at 5 rows, 2x at 16, 2.3x at 64).
+//   (K = N = 4096). With more rows, the fused op on our base GEMM (C ABI) against the torch op
+//   on ATen's, fwd: 0.92 / 1.18 / 1.32 / 1.31 / 1.19 at M = 5 / 8 / 12 / 16 / 64; bwd (dY W):
+//   0.90 / 0.84 / 0.86 / 0.96 / 0.94 / 1.00 at M = 8 / 16 / 24 / 32 / 48 / 64, and the fused bwd
+//   took 1.15x ATen's bare dY W at M = 256. Before the dot-product path, ours took 2x ATen's
+//   time at 16 rows and 2.3x at 64.
 // - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMV) is a tie
 //   with our whole fused op; from 2 rows, and for dY W at any M, it is 2x to 500x slower.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
 // measured against a BLAS.
-// With AVX512_BF16, the most rows of a bf16 product the built-in GEMM takes (see above).
+// With AVX512_BF16, the most rows of a bf16 product the built-in GEMM takes (see above): x W^T
+// and dY W.
 constexpr int64_t kBf16BuiltinMaxRows = 4;
+constexpr int64_t kBf16BuiltinMaxRowsDyW = 48;
 
 const char* cpu_vector_isa() {
 #if defined(__AVX512F__)
@@ -83,10 +87,13 @@ const char* cpu_vector_isa() {
 #endif
 }
 
-bool builtin_gemm_preferred(lora_dtype_t dtype, [[maybe_unused]] int64_t m) {
+bool builtin_gemm_preferred(lora_dtype_t dtype, [[maybe_unused]] bool b_is_nk,
+                            [[maybe_unused]] int64_t m) {
   if (dtype != LORA_DTYPE_F32) {
 #if defined(__AVX512BF16__)
-    if (dtype == LORA_DTYPE_BF16) return m <= kBf16BuiltinMaxRows;
+    if (dtype == LORA_DTYPE_BF16) {
+      return m <= (b_is_nk ? kBf16BuiltinMaxRows : kBf16BuiltinMaxRowsDyW);
+    }
 #endif
     return true;
   }

@@ -77,9 +77,9 @@ Gemm builtin_gemm();
 inline constexpr int64_t kBuiltinGemmStreamRows = 16;
 
 // Whether builtin_gemm is faster than a BLAS (ATen's CPU matmul) for a product of m rows in
-// `dtype`, in either layout of B (see builtin_gemm.cpp; decided by the vector units the CPU
-// kernels were compiled for).
-bool builtin_gemm_preferred(lora_dtype_t dtype, int64_t m);
+// `dtype` with B stored [n, k] (b_is_nk, x W^T) or [k, n] (dY W) (see builtin_gemm.cpp; decided
+// by the vector units the CPU kernels were compiled for).
+bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m);
 
 // The vector units the CPU kernels were compiled for ("avx512", "avx2" or "baseline"): their
 // GEMM's tiles and builtin_gemm_preferred depend on it.
