@@ -398,7 +398,9 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
 
 #if defined(__AVX512BF16__)
 // gemm_tile for two bf16 operands that pack as pairs (packs_bf16_pairs), k > 0: the same
-// blocking, panels of words (kKC deep: half the bytes of the fp32 panels), micro_kernel_bf16.
+// blocking and micro-kernel loop over panels of words. A depth block is 2 kKC elements, kKC
+// pairs, as many words as an fp32 block: fused fwd bf16, new/old against kKC elements, 0.885 /
+// 0.925 / 0.924 at M = 16 / 64 / 256; bwd 1.04 / 1.00 at M = 16 / 256.
 template <class PackA, class PackB, class Epilogue>
 void gemm_tile_bf16_pairs(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
                           int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
@@ -406,8 +408,9 @@ void gemm_tile_bf16_pairs(const PackA& pack_a, const PackB& pack_b, const Epilog
   uint32_t* a_words = reinterpret_cast<uint32_t*>(ws.a_pack);
   uint32_t* b_words = reinterpret_cast<uint32_t*>(ws.b_pack);
   const int64_t n_pad = round_up(n, kNR);
-  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-    const int64_t kc = std::min(kKC, k - k0);
+  constexpr int64_t kPairKC = 2 * kKC;
+  for (int64_t k0 = 0; k0 < k; k0 += kPairKC) {
+    const int64_t kc = std::min(kPairKC, k - k0);
     const int64_t pairs = ceil_div(kc, 2);
     pack_b.pack_bf16_pairs(b_words, k0, kc, j0, n);
     for (int64_t ic = 0; ic < m; ic += kMC) {
