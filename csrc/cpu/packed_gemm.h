@@ -128,7 +128,7 @@ inline constexpr bool kBf16DotProducts = false;
 #endif
 
 // Whether the packed path multiplies A and B as bf16 pairs (micro_kernel_bf16): both bf16, both
-// read as stored (no dropout), both contiguous along k.
+// read as stored (no dropout), A contiguous along k, B along k or along j.
 template <class PackA, class PackB>
 inline constexpr bool kBf16Operands = kBf16DotProducts &&
                                       std::is_same_v<typename PackA::Element, BFloat16> &&
@@ -428,10 +428,6 @@ void gemm_tile_bf16_pairs(const PackA& pack_a, const PackB& pack_b, const Epilog
   }
   for (int64_t i = 0; i < m; ++i) epilogue.store(i0 + i, j0, ws.c_tile + i * n_pad, n);
 }
-#else
-template <class PackA, class PackB, class Epilogue>
-void gemm_tile_bf16_pairs(const PackA&, const PackB&, const Epilogue&, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, const GemmScratch&) {}
 #endif
 
 // C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; `streamed` is

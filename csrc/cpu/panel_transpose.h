@@ -99,8 +99,8 @@ inline void transpose_rows_to_panel(float* __restrict dst, const float* const* r
 // elements 2p, 2p + 1 of rows[r] as one 32-bit word (the even element in the low half), for
 // p < ceil(kc / 2); an odd kc's last pair has a zero high half. A pair is two adjacent bf16, so
 // this is the word transpose above; rows may start at any 2-byte address. width <= 32.
-inline void pack_bf16_pairs_panel(uint32_t* __restrict dst, const uint16_t* const* rows, int count,
-                            int width, int64_t kc) {
+inline void pack_bf16_pairs_panel(uint32_t* __restrict dst, const uint16_t* const* rows,
+                                  int count, int width, int64_t kc) {
   const float* words[32] = {};
   for (int r = 0; r < count; ++r) words[r] = reinterpret_cast<const float*>(rows[r]);
   transpose_rows_to_panel(reinterpret_cast<float*>(dst), words, count, width, kc / 2);
