@@ -17,6 +17,9 @@
 //       panel q at dst + q * kNR * kc, columns past n zero;
 //   epilogue.store(int64_t i, int64_t j0, const float* acc, int64_t n)
 //       receives the finished sums C(i, j0 .. j0+n-1).
+// With AVX512_BF16, two bf16 operands whose packs_bf16_pairs() hold are packed instead by
+// pack_bf16_pairs (the same panels, each row a word holding a pair of bf16 along k) for a
+// dot-product micro-kernel (Bf16PairPanels).
 //
 // A product of at most kSmallM rows (decode) uses each element of B too few times to pay for
 // packing it: when B's layout allows (streams_b), B is streamed in place instead, in its
@@ -396,39 +399,82 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
   for (int64_t r = 0; r < m; ++r) epilogue.store(i0 + r, j0, acc + r * n, n);
 }
 
+// The panels of the packed path: fp32 elements along k for micro_kernel, and (AVX512_BF16)
+// words of bf16 pairs along k for micro_kernel_bf16. Each gives the depth of a block in elements
+// of k, the rows of a panel for kc of them, the operands' packing and the micro-kernel.
+struct Fp32Panels {
+  using Word = float;
+  static constexpr int64_t kDepth = kKC;
+  static int64_t rows(int64_t kc) { return kc; }
+  template <class PackA>
+  static void pack_a(const PackA& op, Word* dst, int64_t i, int64_t count, int64_t k0,
+                     int64_t kc) {
+    op.pack(dst, i, count, k0, kc);
+  }
+  template <class PackB>
+  static void pack_b(const PackB& op, Word* dst, int64_t k0, int64_t kc, int64_t j0, int64_t n) {
+    op.pack(dst, k0, kc, j0, n);
+  }
+  static void multiply(int64_t rows, const Word* a, const Word* b, float* c, int64_t ldc,
+                       bool accumulate) {
+    micro_kernel(rows, a, b, c, ldc, accumulate);
+  }
+};
+
 #if defined(__AVX512BF16__)
-// gemm_tile for two bf16 operands that pack as pairs (packs_bf16_pairs), k > 0: the same
-// blocking and micro-kernel loop over panels of words. A depth block is 2 kKC elements, kKC
-// pairs, as many words as an fp32 block: fused fwd bf16, new/old against kKC elements, 0.885 /
-// 0.925 / 0.924 at M = 16 / 64 / 256; bwd 1.04 / 1.00 at M = 16 / 256.
-template <class PackA, class PackB, class Epilogue>
-void gemm_tile_bf16_pairs(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
-                          int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
-                          const GemmScratch& ws) {
-  uint32_t* a_words = reinterpret_cast<uint32_t*>(ws.a_pack);
-  uint32_t* b_words = reinterpret_cast<uint32_t*>(ws.b_pack);
+// A block is 2 kKC elements, kKC pairs: as many words as an fp32 block, so the same scratch
+// (fused fwd bf16, new/old against kKC elements: 0.885 / 0.925 / 0.924 at M = 16 / 64 / 256;
+// bwd 1.04 / 1.00 at M = 16 / 256).
+struct Bf16PairPanels {
+  using Word = uint32_t;
+  static constexpr int64_t kDepth = 2 * kKC;
+  static int64_t rows(int64_t kc) { return ceil_div(kc, 2); }
+  template <class PackA>
+  static void pack_a(const PackA& op, Word* dst, int64_t i, int64_t count, int64_t k0,
+                     int64_t kc) {
+    op.pack_bf16_pairs(dst, i, count, k0, kc);
+  }
+  template <class PackB>
+  static void pack_b(const PackB& op, Word* dst, int64_t k0, int64_t kc, int64_t j0, int64_t n) {
+    op.pack_bf16_pairs(dst, k0, kc, j0, n);
+  }
+  static void multiply(int64_t rows, const Word* a, const Word* b, float* c, int64_t ldc,
+                       bool accumulate) {
+    micro_kernel_bf16(rows, a, b, c, ldc, accumulate);
+  }
+};
+#endif
+
+// The packed path of gemm_tile in one panel format: for each depth block, B's columns packed
+// once, then kMC rows of A at a time, the micro-kernel over every pair of panels.
+template <class Panels, class PackA, class PackB, class Epilogue>
+void gemm_tile_packed(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
+                      int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
+                      const GemmScratch& ws) {
+  using Word = typename Panels::Word;
+  Word* a_pack = reinterpret_cast<Word*>(ws.a_pack);
+  Word* b_pack = reinterpret_cast<Word*>(ws.b_pack);
   const int64_t n_pad = round_up(n, kNR);
-  constexpr int64_t kPairKC = 2 * kKC;
-  for (int64_t k0 = 0; k0 < k; k0 += kPairKC) {
-    const int64_t kc = std::min(kPairKC, k - k0);
-    const int64_t pairs = ceil_div(kc, 2);
-    pack_b.pack_bf16_pairs(b_words, k0, kc, j0, n);
+  if (k == 0) std::fill(ws.c_tile, ws.c_tile + round_up(m, kMR) * n_pad, 0.0f);
+  for (int64_t k0 = 0; k0 < k; k0 += Panels::kDepth) {
+    const int64_t kc = std::min(Panels::kDepth, k - k0);
+    const int64_t rows = Panels::rows(kc);
+    Panels::pack_b(pack_b, b_pack, k0, kc, j0, n);
     for (int64_t ic = 0; ic < m; ic += kMC) {
       const int64_t mc = std::min(kMC, m - ic);
       for (int64_t ip = 0; ip < mc; ip += kMR) {
-        pack_a.pack_bf16_pairs(a_words + ip * pairs, i0 + ic + ip, std::min(kMR, mc - ip), k0, kc);
+        Panels::pack_a(pack_a, a_pack + ip * rows, i0 + ic + ip, std::min(kMR, mc - ip), k0, kc);
       }
       for (int64_t jp = 0; jp < n; jp += kNR) {
         for (int64_t ip = 0; ip < mc; ip += kMR) {
-          micro_kernel_bf16(pairs, a_words + ip * pairs, b_words + jp * pairs,
-                            ws.c_tile + (ic + ip) * n_pad + jp, n_pad, k0 > 0);
+          Panels::multiply(rows, a_pack + ip * rows, b_pack + jp * rows,
+                           ws.c_tile + (ic + ip) * n_pad + jp, n_pad, k0 > 0);
         }
       }
     }
   }
   for (int64_t i = 0; i < m; ++i) epilogue.store(i0 + i, j0, ws.c_tile + i * n_pad, n);
 }
-#endif
 
 // C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; `streamed` is
 // streams_b() of the whole product; m <= kMaxTileM and n <= max_tile_n(streamed). False if
@@ -442,31 +488,15 @@ bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogu
     gemm_tile_few_rows(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
     return true;
   }
+#if defined(__AVX512BF16__)
   if constexpr (kBf16Operands<PackA, PackB>) {
-    if (k > 0 && multiplies_bf16_pairs(pack_a, pack_b)) {
-      gemm_tile_bf16_pairs(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
+    if (multiplies_bf16_pairs(pack_a, pack_b)) {
+      gemm_tile_packed<Bf16PairPanels>(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
       return true;
     }
   }
-  const int64_t n_pad = round_up(n, kNR);
-  if (k == 0) std::fill(ws.c_tile, ws.c_tile + round_up(m, kMR) * n_pad, 0.0f);
-  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-    const int64_t kc = std::min(kKC, k - k0);
-    pack_b.pack(ws.b_pack, k0, kc, j0, n);
-    for (int64_t ic = 0; ic < m; ic += kMC) {
-      const int64_t mc = std::min(kMC, m - ic);
-      for (int64_t ip = 0; ip < mc; ip += kMR) {
-        pack_a.pack(ws.a_pack + ip * kc, i0 + ic + ip, std::min(kMR, mc - ip), k0, kc);
-      }
-      for (int64_t jp = 0; jp < n; jp += kNR) {
-        for (int64_t ip = 0; ip < mc; ip += kMR) {
-          micro_kernel(kc, ws.a_pack + ip * kc, ws.b_pack + jp * kc,
-                       ws.c_tile + (ic + ip) * n_pad + jp, n_pad, k0 > 0);
-        }
-      }
-    }
-  }
-  for (int64_t i = 0; i < m; ++i) epilogue.store(i0 + i, j0, ws.c_tile + i * n_pad, n);
+#endif
+  gemm_tile_packed<Fp32Panels>(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
   return true;
 }
 
