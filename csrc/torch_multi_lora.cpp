@@ -32,6 +32,12 @@ TORCH_LIBRARY_FRAGMENT(lora_ops, m) {
   m.def("multi_lora_linear_dx(Tensor dy, Tensor weight, Tensor[] lora_a, Tensor dt, "
         "Tensor ranks, Tensor? token_adapter=None, Tensor? seg_indptr=None, "
         "Tensor? seg_adapter=None) -> Tensor dx");
+  // The adapter weight gradients of multi_lora_linear_fwd, per slice and factor: fp32 [L, P, Q],
+  // grad[a] = sum over a's rows of u_i^T v_i, computed only up to ranks[a] along rank_dim
+  // (kernels.h). On CUDA it is composed of ATen ops (lora_ops/multi_lora.py).
+  m.def("multi_lora_adapter_grad(Tensor u, Tensor v, Tensor ranks, int rank_dim, "
+        "Tensor? token_adapter=None, Tensor? seg_indptr=None, Tensor? seg_adapter=None) "
+        "-> Tensor grad");
 }
 
 namespace lora_ops::binding {
@@ -41,6 +47,7 @@ constexpr const char* kShrink = "multi_lora_shrink";
 constexpr const char* kExpand = "multi_lora_expand";
 constexpr const char* kLinear = "multi_lora_linear_fwd";
 constexpr const char* kLinearDx = "multi_lora_linear_dx";
+constexpr const char* kAdapterGrad = "multi_lora_adapter_grad";
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -399,6 +406,38 @@ at::Tensor linear_dx_cpu(const at::Tensor& dy, const at::Tensor& weight, at::Ten
   return dx;
 }
 
+at::Tensor adapter_grad_cpu(const at::Tensor& u, const at::Tensor& v, const at::Tensor& ranks,
+                            int64_t rank_dim, const OptTensor& token_adapter,
+                            const OptTensor& seg_indptr, const OptTensor& seg_adapter) {
+  check_dim(kAdapterGrad, "u", u, 2);
+  check_dim(kAdapterGrad, "v", v, 2);
+  const lora_dtype_t u_dtype = to_lora_dtype(kAdapterGrad, "u", u);
+  const lora_dtype_t v_dtype = to_lora_dtype(kAdapterGrad, "v", v);
+  TORCH_CHECK_VALUE(u.scalar_type() == at::kFloat || v.scalar_type() == at::kFloat,
+                    kAdapterGrad, ": one of u and v must be float32, got u ", u.scalar_type(),
+                    " and v ", v.scalar_type());
+  TORCH_CHECK_VALUE(v.device() == u.device(), kAdapterGrad, ": v is on ", v.device(),
+                    " but u is on ", u.device());
+  const int64_t M = u.size(0), P = u.size(1), Q = v.size(1);
+  check_size(kAdapterGrad, "v", v, 0, M, "u's row count");
+  TORCH_CHECK_VALUE(rank_dim == 1 || rank_dim == 2, kAdapterGrad,
+                    ": rank_dim must be 1 (the rows of each gradient) or 2 (its columns), got ",
+                    rank_dim);
+  check_dim(kAdapterGrad, "ranks", ranks, 1);
+  const int64_t L = ranks.size(0);
+  const at::Tensor ranks32 = checked_vector(kAdapterGrad, "ranks", ranks, L, u, "u", true);
+  const Index index = prepare_index(kAdapterGrad, M, u, "u", token_adapter, seg_indptr,
+                                    seg_adapter);
+  check_host_values(kAdapterGrad, ranks32, rank_dim == 1 ? P : Q, index, M);
+  const at::Tensor u2 = rows_unit_stride(u), v2 = rows_unit_stride(v);
+  at::Tensor grad = at::empty({L, P, Q}, u.options().dtype(at::kFloat));
+  check_status(kAdapterGrad, cpu::multi_lora_adapter_grad(
+      u_dtype, v_dtype, M, P, Q, L, u2.data_ptr(), u2.stride(0), v2.data_ptr(), v2.stride(0),
+      ranks32.data_ptr<int32_t>(), static_cast<int>(rank_dim), index.view(),
+      grad.data_ptr<float>()));
+  return grad;
+}
+
 #ifdef LORA_OPS_WITH_CUDA
 at::Tensor shrink_cuda(const at::Tensor& x, at::TensorList lora_a, const at::Tensor& scalings,
                        const at::Tensor& ranks, const OptTensor& token_adapter,
@@ -461,6 +500,7 @@ TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
   m.impl("multi_lora_expand", &expand_cpu);
   m.impl("multi_lora_linear_fwd", &linear_fwd_cpu);
   m.impl("multi_lora_linear_dx", &linear_dx_cpu);
+  m.impl("multi_lora_adapter_grad", &adapter_grad_cpu);
 }
 
 #ifdef LORA_OPS_WITH_CUDA

@@ -295,8 +295,50 @@ def _composed_linear_dx(expand_op):
     return linear_dx
 
 
-def _make_linear_backward(shrink_op, dx_op):
-    """The backward of a multi_lora_linear_fwd op; dx_op has multi_lora_linear_dx's signature."""
+def _adapter_grad_fake(u, v, ranks, rank_dim, token_adapter=None, seg_indptr=None,
+                       seg_adapter=None):
+    torch._check(u.dim() == 2 and v.dim() == 2,
+                 lambda: "multi_lora_adapter_grad: u and v must be 2-D")
+    return u.new_empty(ranks.shape[0], u.shape[1], v.shape[1], dtype=torch.float32)
+
+
+def _composed_adapter_grad(u, v, ranks, rank_dim, token_adapter=None, seg_indptr=None,
+                           seg_adapter=None):
+    """multi_lora_adapter_grad from ATen ops (gram_plan, per_adapter_gram): its CUDA kernel."""
+    num_adapters = ranks.shape[0]
+    index = (token_adapter, seg_indptr, seg_adapter)
+    plan = gram_plan(adapter_of_token(u.shape[0], num_adapters, *index), num_adapters)
+    grad = per_adapter_gram(u, v, plan)
+    within = torch.arange(grad.shape[rank_dim], device=grad.device) < ranks.long()[:, None]
+    return grad * within.unsqueeze(3 - rank_dim)  # [L, r, 1] for rank_dim 1, [L, 1, r] for 2
+
+
+def _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
+    """Every slice's dA = dT^T x and dB = dY^T T per adapter (fp32), all from one gram plan."""
+    num_adapters = ranks.shape[0]
+    plan = gram_plan(adapter_of_token(x.shape[0], num_adapters, *index), num_adapters)
+    d_a = [per_adapter_gram(dt, x, plan) if need else None for dt, need in zip(dts, need_a)]
+    d_b = [per_adapter_gram(dy_s, t_s, plan) if need else None
+           for dy_s, t_s, need in zip(dy_slices, t, need_b)]
+    return d_a, d_b
+
+
+def _kernel_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
+    """_planned_adapter_grads through lora_ops::multi_lora_adapter_grad on CPU (the C++ kernel:
+    one GEMM per adapter instead of tens of small ATen ops); elsewhere the shared plan saves
+    launches."""
+    if x.device.type != "cpu":
+        return _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b)
+    grad = torch.ops.lora_ops.multi_lora_adapter_grad
+    d_a = [grad(dt, x, ranks, 1, *index) if need else None for dt, need in zip(dts, need_a)]
+    d_b = [grad(dy_s, t_s, ranks, 2, *index) if need else None
+           for dy_s, t_s, need in zip(dy_slices, t, need_b)]
+    return d_a, d_b
+
+
+def _make_linear_backward(shrink_op, dx_op, adapter_grads):
+    """The backward of a multi_lora_linear_fwd op; dx_op has multi_lora_linear_dx's signature,
+    adapter_grads _planned_adapter_grads'."""
     def backward(ctx, dy, _dt):
         x, weight, scalings, ranks, token_adapter, seg_indptr, seg_adapter, t, *stacks = ctx.saved_tensors
         lora_a, lora_b = stacks[:ctx.num_slices], stacks[ctx.num_slices:]
@@ -312,12 +354,9 @@ def _make_linear_backward(shrink_op, dx_op):
         d_a = [None] * len(lora_a)
         d_b = [None] * len(lora_b)
         if any(need_a) or any(need_b):
-            num_adapters = lora_a[0].shape[0]
-            plan = gram_plan(adapter_of_token(x.shape[0], num_adapters, *index), num_adapters)
-            d_a = [per_adapter_gram(dt, x, plan).to(a.dtype) if need else None
-                   for dt, a, need in zip(dts or d_a, lora_a, need_a)]
-            d_b = [per_adapter_gram(dy_s, t_s, plan).to(b.dtype) if need else None
-                   for dy_s, t_s, b, need in zip(dy_slices, t, lora_b, need_b)]
+            d_a, d_b = adapter_grads(x, dy_slices, dts or d_a, t, ranks, index, need_a, need_b)
+            d_a = [g.to(a.dtype) if g is not None else None for g, a in zip(d_a, lora_a)]
+            d_b = [g.to(b.dtype) if g is not None else None for g, b in zip(d_b, lora_b)]
         # The base is meant to be frozen; if it is trainable anyway its gradients are the
         # plain linear ones (the adapter term does not depend on W or b).
         dw = (dy.t() @ x).to(weight.dtype) if need_w else None
@@ -333,6 +372,7 @@ def _register(prefix: str) -> None:
     expand_op = getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand")
     if prefix:  # Triton: dX composed of ATen's matmul and the Triton expand
         dx_op = _composed_linear_dx(expand_op)
+        adapter_grads = _planned_adapter_grads
     else:
         # The compiled library: one op, with a C++ kernel on CPU (the kernels' own GEMM; ATen's
         # CPU matmul is slower, in fp16/bf16 by orders of magnitude) and the composition on CUDA.
@@ -340,9 +380,14 @@ def _register(prefix: str) -> None:
         torch.library.register_kernel("lora_ops::multi_lora_linear_dx", "cuda")(
             _composed_linear_dx(expand_op))
         dx_op = torch.ops.lora_ops.multi_lora_linear_dx
+        torch.library.register_fake("lora_ops::multi_lora_adapter_grad")(_adapter_grad_fake)
+        torch.library.register_kernel("lora_ops::multi_lora_adapter_grad", "cuda")(
+            _composed_adapter_grad)
+        adapter_grads = _kernel_adapter_grads
     torch.library.register_autograd(
         f"lora_ops::{prefix}multi_lora_linear_fwd",
-        _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"), dx_op),
+        _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"), dx_op,
+                              adapter_grads),
         setup_context=_linear_setup_context)
 
 

@@ -1,5 +1,6 @@
 // Rows of a multi-adapter batch grouped by adapter, so that each adapter's rows become one GEMM
-// against that adapter's weights (read once per group instead of once per token).
+// against that adapter's weights (read once per group instead of once per token), and the tiles
+// of those GEMMs run as one list the threads share.
 #ifndef LORA_OPS_CPU_ADAPTER_GROUPS_H_
 #define LORA_OPS_CPU_ADAPTER_GROUPS_H_
 
@@ -27,6 +28,33 @@ struct AdapterGroups {
 // for a malformed index (both or neither form, segments not covering 0 .. M in order).
 lora_status_t group_rows_by_adapter(const lora_adapter_index_t& index, int64_t M, int64_t L,
                                     const int32_t* ranks, AdapterGroups& out);
+
+// Whether every one of the L ranks lies in [0, r_max].
+inline bool ranks_valid(const int32_t* ranks, int64_t L, int64_t r_max) {
+  if (L == 0) return true;
+  if (ranks == nullptr) return false;
+  for (int64_t a = 0; a < L; ++a) {
+    if (ranks[a] < 0 || ranks[a] > r_max) return false;
+  }
+  return true;
+}
+
+// A tile of the GEMM of one (slice, adapter group).
+struct GroupTile {
+  int64_t slice;
+  int64_t group;
+  int64_t i0, m, j0, n;
+};
+
+// body(tile) for every tile, spread over the threads; false if any body failed.
+template <class Body>
+bool run_tiles(const std::vector<GroupTile>& tiles, bool threaded, Body&& body) {
+  const int64_t count = static_cast<int64_t>(tiles.size());
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (threaded && count > 1)
+  for (int64_t t = 0; t < count; ++t) failed |= !body(tiles[t]);
+  return failed == 0;
+}
 
 }  // namespace lora_ops::cpu
 

@@ -64,13 +64,6 @@ struct StoreExpand {
   }
 };
 
-// A tile of the GEMM of one (slice, adapter group).
-struct GroupTile {
-  int64_t slice;
-  int64_t group;
-  int64_t i0, m, j0, n;
-};
-
 // Tiles of every (slice, group) GEMM; cols(slice, group) is its column count, streamed(slice,
 // group) whether it streams B (see packed_gemm.h).
 template <class ColsFn, class StreamedFn>
@@ -92,16 +85,6 @@ std::vector<GroupTile> plan_group_tiles(const AdapterGroups& groups, int64_t num
     }
   }
   return tiles;
-}
-
-// body(tile) for every tile, spread over the threads; false if any body failed.
-template <class Body>
-bool run_tiles(const std::vector<GroupTile>& tiles, bool threaded, Body&& body) {
-  const int64_t count = static_cast<int64_t>(tiles.size());
-  int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (threaded && count > 1)
-  for (int64_t t = 0; t < count; ++t) failed |= !body(tiles[t]);
-  return failed == 0;
 }
 
 template <class T>
@@ -194,15 +177,6 @@ void fill_idle_rows(const AdapterGroups& groups, int64_t M, int64_t N, const T* 
 lora_status_t check_slice_count(int64_t num_slices) {
   if (num_slices < 1) return LORA_ERR_INVALID_ARGUMENT;
   return num_slices > LORA_MAX_SLICES ? LORA_ERR_UNSUPPORTED : LORA_OK;
-}
-
-bool ranks_valid(const int32_t* ranks, int64_t L, int64_t r_max) {
-  if (L == 0) return true;
-  if (ranks == nullptr) return false;
-  for (int64_t a = 0; a < L; ++a) {
-    if (ranks[a] < 0 || ranks[a] > r_max) return false;
-  }
-  return true;
 }
 
 // Every stack's data is present when adapters of `rows` x `cols` elements exist.

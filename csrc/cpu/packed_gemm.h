@@ -16,7 +16,10 @@
 //       writes B(k0 .. k0+kc-1, j0 .. j0+n-1) as ceil(n / kNR) panels of kc x kNR (k-major),
 //       panel q at dst + q * kNR * kc, columns past n zero;
 //   epilogue.store(int64_t i, int64_t j0, const float* acc, int64_t n)
-//       receives the finished sums C(i, j0 .. j0+n-1).
+//       receives the finished sums C(i, j0 .. j0+n-1); an epilogue may instead take a work
+//       item's whole tile at once (one that writes C transposed, say) through
+//   epilogue.store_tile(int64_t i0, int64_t m, int64_t j0, int64_t n, const float* c,
+//       int64_t ldc)   C(i0 + i, j0 + j) at c[i * ldc + j].
 // With AVX512_BF16, two bf16 operands whose packs_bf16_pairs() hold are packed instead by
 // pack_bf16_pairs (the same panels, each row a word holding a pair of bf16 along k) for a
 // dot-product micro-kernel (Bf16PairPanels).
@@ -93,9 +96,12 @@ int max_threads();
 // Whether a product is big enough to pay for waking the thread team: about 2^19 multiply-adds
 // (with sleeping waiters, OMP_WAIT_POLICY=PASSIVE, 2^17 made the one-row backward at
 // K = N = 1024 take 1.4x longer: its adapter products each woke the team for a few microseconds
-// of work).
+// of work). worth_threads_for takes the sum of m * n * (k + 16) over several products.
+inline bool worth_threads_for(int64_t work) {
+  return max_threads() > 1 && work >= (int64_t{1} << 19);
+}
 inline bool worth_threads(int64_t m, int64_t n, int64_t k) {
-  return max_threads() > 1 && m * n * (k + 16) >= (int64_t{1} << 19);
+  return worth_threads_for(m * n * (k + 16));
 }
 
 // Work-item tiling of an m x n product: tile_m rows by tile_n columns per item; `streamed` is
@@ -172,6 +178,25 @@ bool streams_b(int64_t m, int64_t k, const PackA& pack_a, const PackB& pack_b) {
       break;
   }
   return false;
+}
+
+template <class Epilogue, class = void>
+struct StoresTiles : std::false_type {};
+template <class Epilogue>
+struct StoresTiles<Epilogue, std::void_t<decltype(std::declval<const Epilogue&>().store_tile(
+                                 int64_t{}, int64_t{}, int64_t{}, int64_t{},
+                                 static_cast<const float*>(nullptr), int64_t{}))>>
+    : std::true_type {};
+
+// Hands a finished tile (C(i0 + i, j0 + j) at c[i * ldc + j]) to the epilogue.
+template <class Epilogue>
+void store_c_tile(const Epilogue& epilogue, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                  const float* c, int64_t ldc) {
+  if constexpr (StoresTiles<Epilogue>::value) {
+    epilogue.store_tile(i0, m, j0, n, c, ldc);
+  } else {
+    for (int64_t i = 0; i < m; ++i) epilogue.store(i0 + i, j0, c + i * ldc, n);
+  }
 }
 
 inline int64_t max_tile_n(bool streamed) { return streamed ? kFewRowsMaxTileN : kMaxTileN; }
@@ -396,7 +421,7 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
       scale_rows_into<float>(a_rows, m, kc, b_row, acc, n);
     }
   }
-  for (int64_t r = 0; r < m; ++r) epilogue.store(i0 + r, j0, acc + r * n, n);
+  store_c_tile(epilogue, i0, m, j0, n, acc, n);
 }
 
 // The panels of the packed path: fp32 elements along k for micro_kernel, and (AVX512_BF16)
@@ -473,7 +498,7 @@ void gemm_tile_packed(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
       }
     }
   }
-  for (int64_t i = 0; i < m; ++i) epilogue.store(i0 + i, j0, ws.c_tile + i * n_pad, n);
+  store_c_tile(epilogue, i0, m, j0, n, ws.c_tile, n_pad);
 }
 
 // C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; `streamed` is

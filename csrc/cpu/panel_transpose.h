@@ -95,6 +95,30 @@ inline void transpose_rows_to_panel(float* __restrict dst, const float* const* r
 #endif
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: 8 x 8 blocks through
+// registers, so that both sides are read and written a vector at a time.
+inline void transpose_block(float* __restrict dst, int64_t ld_dst, const float* __restrict src,
+                            int64_t ld_src, int64_t rows, int64_t cols) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 8 <= rows; i += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      __m256 v[8];
+      for (int r = 0; r < 8; ++r) v[r] = _mm256_loadu_ps(src + (i + r) * ld_src + j);
+      detail::transpose8x8(v);
+      for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (j + q) * ld_dst + i, v[q]);
+    }
+    for (; j < cols; ++j) {
+      for (int r = 0; r < 8; ++r) dst[j * ld_dst + i + r] = src[(i + r) * ld_src + j];
+    }
+  }
+#endif
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t r = i; r < rows; ++r) dst[j * ld_dst + r] = src[r * ld_src + j];
+  }
+}
+
 // The same panels for the bf16 dot-product micro-kernel: dst[p * width + r] is the pair of
 // elements 2p, 2p + 1 of rows[r] as one 32-bit word (the even element in the low half), for
 // p < ceil(kc / 2); an odd kc's last pair has a zero high half. A pair is two adjacent bf16, so

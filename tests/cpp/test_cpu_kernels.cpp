@@ -1035,6 +1035,99 @@ void test_multi_invalid() {
                 "linear_fwd gemm NULL");
 }
 
+// multi_lora_adapter_grad against a double loop over the tokens: out[a] = sum of u_i^T v_i over
+// a's tokens, zero past ranks[a] along rank_dim and for adapters without tokens (out starts as
+// NaN: every element must be written). The rank side is fp32 (dT or T) with NaN past each rank,
+// never to be read; the wide side (x or dY) is `dt`, rows `pad` elements longer than used.
+void test_adapter_grad_case(lora_dtype_t dt, int rank_dim, int64_t M, int64_t L, int64_t r_max,
+                            int64_t wide, bool segments) {
+  const int64_t pad = 3, ld_wide = wide + pad;
+  const Index idx = make_index(M, L);
+  std::vector<int32_t> ranks;
+  for (int64_t l = 0; l < L; ++l) {
+    ranks.push_back(l == 0 ? static_cast<int32_t>(r_max)
+                           : static_cast<int32_t>((l * 5 + 2) % (r_max + 1)));
+  }
+  const auto adapter_of = [&](int64_t i) {
+    const int32_t a = idx.token[i];
+    return (a >= 0 && a < L && ranks[a] > 0) ? a : -1;
+  };
+  Buffer rank_side = random_buffer(LORA_DTYPE_F32, M * r_max);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t a = adapter_of(i);
+    for (int64_t j = a < 0 ? r_max : ranks[a]; j < r_max; ++j) rank_side.set(i * r_max + j, NAN);
+  }
+  const Buffer wide_side = random_buffer(dt, M * ld_wide);
+  const bool u_is_rank = rank_dim == 1;
+  const int64_t P = u_is_rank ? r_max : wide, Q = u_is_rank ? wide : r_max;
+  std::vector<float> out(L * P * Q, NAN);
+  std::vector<double> want(out.size(), 0.0), mag(out.size(), 0.0);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t a = adapter_of(i);
+    if (a < 0) continue;
+    for (int64_t j = 0; j < ranks[a]; ++j) {
+      for (int64_t w = 0; w < wide; ++w) {
+        const double v = rank_side.get(i * r_max + j) * wide_side.get(i * ld_wide + w);
+        const int64_t e = a * P * Q + (u_is_rank ? j * Q + w : w * Q + j);
+        want[e] += v;
+        mag[e] += std::fabs(v);
+      }
+    }
+  }
+  const void* u = u_is_rank ? rank_side.ptr() : wide_side.ptr();
+  const void* v = u_is_rank ? wide_side.ptr() : rank_side.ptr();
+  const lora_status_t st = cpu::multi_lora_adapter_grad(
+      u_is_rank ? LORA_DTYPE_F32 : dt, u_is_rank ? dt : LORA_DTYPE_F32, M, P, Q, L, u,
+      u_is_rank ? r_max : ld_wide, v, u_is_rank ? ld_wide : r_max, ranks.data(), rank_dim,
+      segments ? idx.segments() : idx.tokens(), out.data());
+  char name[160];
+  std::snprintf(name, sizeof name, "adapter_grad %s rank_dim=%d M=%lld L=%lld r_max=%lld wide=%lld %s",
+                dtype_name(dt), rank_dim, static_cast<long long>(M), static_cast<long long>(L),
+                static_cast<long long>(r_max), static_cast<long long>(wide),
+                segments ? "segments" : "tokens");
+  expect_status(st, LORA_OK, name);
+  expect_close(name, out.size(), [&](size_t e) { return static_cast<double>(out[e]); }, want, mag,
+               1e-5);
+}
+
+void test_adapter_grad() {
+  for (lora_dtype_t dt : {LORA_DTYPE_F32, LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
+    for (int rank_dim : {1, 2}) {
+      for (bool segments : {false, true}) {
+        test_adapter_grad_case(dt, rank_dim, 37, 5, 13, 21, segments);
+        test_adapter_grad_case(dt, rank_dim, 1, 3, 4, 9, segments);
+      }
+      test_adapter_grad_case(dt, rank_dim, 0, 3, 4, 9, false);
+      test_adapter_grad_case(dt, rank_dim, 9, 40, 16, 70, false);   // a pool larger than the batch
+      test_adapter_grad_case(dt, rank_dim, 300, 3, 16, 40, true);   // long groups, read in place
+    }
+  }
+  const int64_t M = 4, P = 3, Q = 5, L = 2;
+  std::vector<float> u(M * P, 1.0f), v(M * Q, 1.0f), out(L * P * Q);
+  std::vector<int32_t> ranks = {3, 1}, tok = {0, 1, -1, 0}, big = {4, 1};
+  const lora_adapter_index_t by_token{tok.data(), nullptr, nullptr, 0};
+  const auto grad = [&](lora_dtype_t du, lora_dtype_t dv, int rank_dim, int64_t ldu,
+                        const int32_t* rk, float* o) {
+    return cpu::multi_lora_adapter_grad(du, dv, M, P, Q, L, u.data(), ldu, v.data(), Q, rk,
+                                        rank_dim, by_token, o);
+  };
+  const lora_status_t bad = LORA_ERR_INVALID_ARGUMENT;
+  expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, ranks.data(), out.data()), LORA_OK,
+                "adapter_grad valid");
+  expect_status(grad(LORA_DTYPE_F16, LORA_DTYPE_BF16, 1, P, ranks.data(), out.data()),
+                LORA_ERR_UNSUPPORTED, "adapter_grad neither operand fp32");
+  expect_status(grad(LORA_DTYPE_F32, static_cast<lora_dtype_t>(7), 1, P, ranks.data(), out.data()),
+                bad, "adapter_grad unknown dtype");
+  expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 0, P, ranks.data(), out.data()), bad,
+                "adapter_grad rank_dim 0");
+  expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, big.data(), out.data()), bad,
+                "adapter_grad rank > r_max");
+  expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P - 1, ranks.data(), out.data()), bad,
+                "adapter_grad ldu < P");
+  expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, ranks.data(), nullptr), bad,
+                "adapter_grad out NULL");
+}
+
 }  // namespace
 
 int main() {
@@ -1048,6 +1141,7 @@ int main() {
   test_linear_invalid();
   test_multi();
   test_multi_invalid();
+  test_adapter_grad();
   std::printf("test_cpu_kernels: %d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
