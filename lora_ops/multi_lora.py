@@ -310,7 +310,8 @@ def _composed_adapter_grad(u, v, ranks, rank_dim, token_adapter=None, seg_indptr
     plan = gram_plan(adapter_of_token(u.shape[0], num_adapters, *index), num_adapters)
     grad = per_adapter_gram(u, v, plan)
     within = torch.arange(grad.shape[rank_dim], device=grad.device) < ranks.long()[:, None]
-    return grad * within.unsqueeze(3 - rank_dim)  # [L, r, 1] for rank_dim 1, [L, 1, r] for 2
+    # [L, r, 1] for rank_dim 1, [L, 1, r] for 2; a select, so nothing past a rank leaks in
+    return torch.where(within.unsqueeze(3 - rank_dim), grad, 0.0)
 
 
 def _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
