@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (H100/H200, torch 2.11+cu130, no network): build the
 # extension, run the whole test suite (CUDA tests included), compute-sanitizer memcheck on a
-# fast subset of the CUDA tests, and the GPU benchmark suite; results and a summary under $OUT.
+# fast subset of the CUDA tests, the CUDA backend's kernel times per call (torch.profiler) and the
+# GPU benchmark suite; results and a summary under $OUT.
 # Every phase runs under `timeout` with what is left of an overall deadline (~9 minutes), so
 # the script always ends, and says which phases passed, failed or ran out of time. A phase
 # that ran out of time can be run alone in a second call on the still-warm machine (it keeps
@@ -12,13 +13,13 @@
 #   PHASES="build bench" BENCH_ARGS="--suite full" GPU_CHECK_TOTAL_S=560 bash scripts/gpu_check.sh
 #   PHASES="plans" bash scripts/gpu_check.sh     # the forward without cluster plans, for comparison
 #
-# Settings (environment): PHASES (default "build cppcuda test sanitize bench"; also "plans"), GPU_CHECK_TOTAL_S (540),
+# Settings (environment): PHASES (default "build cppcuda test sanitize profile bench"; also "plans"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
 # SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
 #
 # Files under $OUT (the device tool returns at most 8): log.txt (everything), summary.md,
-# env.txt, pytest-junit.xml, and the benchmark's <date>_<device>_<commit>_gpu.{json,md,png}, named
-# as benchmarks/results/ keeps them.
+# env.txt, pytest-junit.xml, kernels.md, and the benchmark's <date>_<device>_<commit>_gpu.{json,md,png},
+# named as benchmarks/results/ keeps them.
 set -u -o pipefail
 
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -26,7 +27,7 @@ cd "$(dirname "$SELF")/.."
 export OUT=${OUT:-$PWD/gpu_check_out}
 export GPU_CHECK_START=${GPU_CHECK_START:-$(date +%s)}
 export GPU_CHECK_TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
-export PHASES=${PHASES:-"build cppcuda test sanitize bench"}
+export PHASES=${PHASES:-"build cppcuda test sanitize profile bench"}
 export PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -115,6 +116,12 @@ phase_sanitize() {
     2>&1 | tee "$WORK/sanitize.txt"
 }
 
+phase_profile() {
+  # Kernel by kernel, where the CUDA backend's lora_linear spends its time next to the base GEMM
+  # (csrc/cuda/NOTES.md, "what to measure first", item 4).
+  "$PY" benchmarks/profile_kernels.py --reps 10 --out "$OUT/kernels.md"
+}
+
 phase_bench() {
   # The engine checkpoints its JSON after every job and starts no job past its budget; if
   # `timeout` still has to stop it, the summary is rebuilt from the last checkpoint.
@@ -183,6 +190,7 @@ fi
 wanted cppcuda && run_phase cppcuda 150 260
 wanted test && run_phase test 150 220
 wanted sanitize && run_phase sanitize 100 170
+wanted profile && run_phase profile 45 150
 if wanted bench; then
   run_phase bench 420 10
   bench_json=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
@@ -216,6 +224,7 @@ pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" 
   bench_md=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
   bench_md=${bench_md%.json}.md
   if [[ -f "$bench_md" ]]; then cat "$bench_md"; else echo "(no benchmark results)"; fi
+  [[ -f "$OUT/kernels.md" ]] && { echo; cat "$OUT/kernels.md"; }
 } > "$OUT/summary.md"
 echo "=== gpu_check done in $(( $(date +%s) - GPU_CHECK_START ))s; summary in $OUT/summary.md"
 overall=0

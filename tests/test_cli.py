@@ -84,3 +84,23 @@ def test_python_dash_m_runs_the_command():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "backends:" in result.stdout
+
+
+def test_kernel_profile_script_runs_and_lists_each_call(tmp_path, capsys):
+    """benchmarks/profile_kernels.py, which gpu_check.sh runs on the GPU machine, on CPU ops."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "profile_kernels.py"
+    spec = importlib.util.spec_from_file_location("profile_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "kernels.md"
+    backend = "cpu" if build_info()["compiled"] else "reference"
+    assert module.main(["--device", "cpu", "--backend", backend, "--shape", "M=3,K=20,N=12,r=2",
+                        "--dtype", "fp32", "--reps", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    for call in ("base fwd", "base fwd+dgrad", f"{backend} fwd", f"{backend} fwd+bwd"):
+        assert f"| **{call}** | all |" in text
+    assert "aten::linear" in text
+    with pytest.raises(SystemExit, match="needs M, K, N and r"):
+        module.main(["--device", "cpu", "--shape", "M=3,K=20"])
