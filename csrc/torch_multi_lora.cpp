@@ -32,12 +32,13 @@ TORCH_LIBRARY_FRAGMENT(lora_ops, m) {
   m.def("multi_lora_linear_dx(Tensor dy, Tensor weight, Tensor[] lora_a, Tensor dt, "
         "Tensor ranks, Tensor? token_adapter=None, Tensor? seg_indptr=None, "
         "Tensor? seg_adapter=None) -> Tensor dx");
-  // The adapter weight gradients of multi_lora_linear_fwd, per slice and factor: fp32 [L, P, Q],
-  // grad[a] = sum over a's rows of u_i^T v_i, computed only up to ranks[a] along rank_dim
-  // (kernels.h). On CUDA it is composed of ATen ops (lora_ops/multi_lora.py).
+  // The adapter weight gradients of multi_lora_linear_fwd, per slice and factor: [L, P, Q] in
+  // `dtype` (default float32; else u's or v's), grad[a] = sum over a's rows of u_i^T v_i in
+  // fp32, computed only up to ranks[a] along rank_dim (kernels.h). On CUDA it is composed of
+  // ATen ops (lora_ops/multi_lora.py).
   m.def("multi_lora_adapter_grad(Tensor u, Tensor v, Tensor ranks, int rank_dim, "
-        "Tensor? token_adapter=None, Tensor? seg_indptr=None, Tensor? seg_adapter=None) "
-        "-> Tensor grad");
+        "Tensor? token_adapter=None, Tensor? seg_indptr=None, Tensor? seg_adapter=None, "
+        "ScalarType? dtype=None) -> Tensor grad");
 }
 
 namespace lora_ops::binding {
@@ -408,7 +409,8 @@ at::Tensor linear_dx_cpu(const at::Tensor& dy, const at::Tensor& weight, at::Ten
 
 at::Tensor adapter_grad_cpu(const at::Tensor& u, const at::Tensor& v, const at::Tensor& ranks,
                             int64_t rank_dim, const OptTensor& token_adapter,
-                            const OptTensor& seg_indptr, const OptTensor& seg_adapter) {
+                            const OptTensor& seg_indptr, const OptTensor& seg_adapter,
+                            std::optional<at::ScalarType> dtype) {
   check_dim(kAdapterGrad, "u", u, 2);
   check_dim(kAdapterGrad, "v", v, 2);
   const lora_dtype_t u_dtype = to_lora_dtype(kAdapterGrad, "u", u);
@@ -429,12 +431,16 @@ at::Tensor adapter_grad_cpu(const at::Tensor& u, const at::Tensor& v, const at::
   const Index index = prepare_index(kAdapterGrad, M, u, "u", token_adapter, seg_indptr,
                                     seg_adapter);
   check_host_values(kAdapterGrad, ranks32, rank_dim == 1 ? P : Q, index, M);
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  TORCH_CHECK_VALUE(out_type == at::kFloat || out_type == u.scalar_type() ||
+                        out_type == v.scalar_type(),
+                    kAdapterGrad, ": dtype must be float32 or the dtype of u or v, got ", out_type);
   const at::Tensor u2 = rows_unit_stride(u), v2 = rows_unit_stride(v);
-  at::Tensor grad = at::empty({L, P, Q}, u.options().dtype(at::kFloat));
+  at::Tensor grad = at::empty({L, P, Q}, u.options().dtype(out_type));
   check_status(kAdapterGrad, cpu::multi_lora_adapter_grad(
       u_dtype, v_dtype, M, P, Q, L, u2.data_ptr(), u2.stride(0), v2.data_ptr(), v2.stride(0),
       ranks32.data_ptr<int32_t>(), static_cast<int>(rank_dim), index.view(),
-      grad.data_ptr<float>()));
+      to_lora_dtype(kAdapterGrad, "dtype", grad), grad.data_ptr()));
   return grad;
 }
 

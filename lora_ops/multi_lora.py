@@ -296,14 +296,14 @@ def _composed_linear_dx(expand_op):
 
 
 def _adapter_grad_fake(u, v, ranks, rank_dim, token_adapter=None, seg_indptr=None,
-                       seg_adapter=None):
+                       seg_adapter=None, dtype=None):
     torch._check(u.dim() == 2 and v.dim() == 2,
                  lambda: "multi_lora_adapter_grad: u and v must be 2-D")
-    return u.new_empty(ranks.shape[0], u.shape[1], v.shape[1], dtype=torch.float32)
+    return u.new_empty(ranks.shape[0], u.shape[1], v.shape[1], dtype=dtype or torch.float32)
 
 
 def _composed_adapter_grad(u, v, ranks, rank_dim, token_adapter=None, seg_indptr=None,
-                           seg_adapter=None):
+                           seg_adapter=None, dtype=None):
     """multi_lora_adapter_grad from ATen ops (gram_plan, per_adapter_gram): its CUDA kernel."""
     num_adapters = ranks.shape[0]
     index = (token_adapter, seg_indptr, seg_adapter)
@@ -311,28 +311,31 @@ def _composed_adapter_grad(u, v, ranks, rank_dim, token_adapter=None, seg_indptr
     grad = per_adapter_gram(u, v, plan)
     within = torch.arange(grad.shape[rank_dim], device=grad.device) < ranks.long()[:, None]
     # [L, r, 1] for rank_dim 1, [L, 1, r] for 2; a select, so nothing past a rank leaks in
-    return torch.where(within.unsqueeze(3 - rank_dim), grad, 0.0)
+    return torch.where(within.unsqueeze(3 - rank_dim), grad, 0.0).to(dtype or torch.float32)
 
 
 def _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
-    """Every slice's dA = dT^T x and dB = dY^T T per adapter (fp32), all from one gram plan."""
+    """Every slice's dA = dT^T x and dB = dY^T T per adapter, summed in fp32 and returned in
+    x's dtype (the parameters'), all from one gram plan."""
     num_adapters = ranks.shape[0]
     plan = gram_plan(adapter_of_token(x.shape[0], num_adapters, *index), num_adapters)
-    d_a = [per_adapter_gram(dt, x, plan) if need else None for dt, need in zip(dts, need_a)]
-    d_b = [per_adapter_gram(dy_s, t_s, plan) if need else None
+    d_a = [per_adapter_gram(dt, x, plan).to(x.dtype) if need else None
+           for dt, need in zip(dts, need_a)]
+    d_b = [per_adapter_gram(dy_s, t_s, plan).to(x.dtype) if need else None
            for dy_s, t_s, need in zip(dy_slices, t, need_b)]
     return d_a, d_b
 
 
 def _kernel_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
     """_planned_adapter_grads through lora_ops::multi_lora_adapter_grad on CPU (the C++ kernel:
-    one GEMM per adapter instead of tens of small ATen ops); elsewhere the shared plan saves
-    launches."""
+    one GEMM per adapter instead of tens of small ATen ops, written in the parameters' dtype);
+    elsewhere the shared plan saves launches."""
     if x.device.type != "cpu":
         return _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b)
     grad = torch.ops.lora_ops.multi_lora_adapter_grad
-    d_a = [grad(dt, x, ranks, 1, *index) if need else None for dt, need in zip(dts, need_a)]
-    d_b = [grad(dy_s, t_s, ranks, 2, *index) if need else None
+    d_a = [grad(dt, x, ranks, 1, *index, dtype=x.dtype) if need else None
+           for dt, need in zip(dts, need_a)]
+    d_b = [grad(dy_s, t_s, ranks, 2, *index, dtype=x.dtype) if need else None
            for dy_s, t_s, need in zip(dy_slices, t, need_b)]
     return d_a, d_b
 
@@ -355,9 +358,8 @@ def _make_linear_backward(shrink_op, dx_op, adapter_grads):
         d_a = [None] * len(lora_a)
         d_b = [None] * len(lora_b)
         if any(need_a) or any(need_b):
+            # In x's dtype, which the op requires of every stack.
             d_a, d_b = adapter_grads(x, dy_slices, dts or d_a, t, ranks, index, need_a, need_b)
-            d_a = [g.to(a.dtype) if g is not None else None for g, a in zip(d_a, lora_a)]
-            d_b = [g.to(b.dtype) if g is not None else None for g, b in zip(d_b, lora_b)]
         # The base is meant to be frozen; if it is trainable anyway its gradients are the
         # plain linear ones (the adapter term does not depend on W or b).
         dw = (dy.t() @ x).to(weight.dtype) if need_w else None

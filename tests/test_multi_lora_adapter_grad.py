@@ -73,6 +73,10 @@ def test_matches_a_loop_over_tokens(device, backend, dtype, rank_dim, M, L, form
     u_q, v_q = torch.nan_to_num(u.double()), torch.nan_to_num(v.double())  # rounded as given
     want = loop_grad(u_q, v_q, adapter.cpu(), ranks.cpu(), rank_dim)
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    # In the parameters' dtype: the same fp32 sums, rounded once.
+    in_dtype = op(u, v, ranks, rank_dim, *index_args(adapter, L, form), dtype=dtype)
+    assert in_dtype.dtype == dtype
+    torch.testing.assert_close(in_dtype, got.to(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", COMPILED)
@@ -110,6 +114,8 @@ def test_errors_name_the_op_argument_and_what_was_seen(device, backend):
         ((u, v, ranks, 1, adapter[:5]), r"token_adapter must have shape \[6\]"),
         ((u, v, ranks, 1), r"give exactly one index form"),
     ]
+    with pytest.raises(ValueError, match=f"{name}: dtype must be float32 or the dtype of u or v, got BFloat16"):
+        op(u, v, ranks, 1, adapter, dtype=torch.bfloat16)
     for args, pattern in cases:
         with pytest.raises(ValueError, match=f"{name}: {pattern}"):
             op(*args)
@@ -121,6 +127,8 @@ def test_opcheck(device, backend, form):
     u, v, ranks, adapter = problem(7, 3, 4, 6, 2, torch.float32, device)
     v = torch.nan_to_num(v)
     torch.library.opcheck(op, (u, v, ranks, 2, *index_args(adapter, 3, form)))
+    torch.library.opcheck(op, (u, v.half(), ranks, 2, *index_args(adapter, 3, form)),
+                          {"dtype": torch.float16})
 
 
 @needs_op
@@ -133,6 +141,8 @@ def test_the_cuda_composition_on_cpu_matches_the_kernel(rank_dim):
     want = op(u, v, ranks, rank_dim, adapter)
     got = multi_lora._composed_adapter_grad(u, v, ranks, rank_dim, adapter)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    composed = multi_lora._composed_adapter_grad(u, v, ranks, rank_dim, adapter, dtype=torch.bfloat16)
+    torch.testing.assert_close(composed, op(u, v, ranks, rank_dim, adapter, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("device,backend", backend_params(("cpu",), devices=("cuda",)))

@@ -73,39 +73,68 @@ class GroupedRows {
   std::vector<T> copy_;
 };
 
-// out[a] as the GEMMs write it: C(i, j) at out[i * ld + j], or with `transposed` (the rank is
-// out's last dimension) at out[j * ld + i], by blocks through registers (element by element, the
-// transposed stores made dB take twice dA's time).
+// Rows of fp32 sums rounded to the gradient's storage type.
+template <class TO>
+void store_row(TO* __restrict out, const float* __restrict src, int64_t n) {
+  if constexpr (std::is_same_v<TO, float>) {
+    std::memcpy(out, src, sizeof(float) * n);
+  } else {
+    for (int64_t e = 0; e < n; ++e) out[e] = from_float<TO>(src[e]);
+  }
+}
+
+// out[a] (storage type TO) as the GEMMs write it: C(i, j) at out[i * ld + j], or with
+// `transposed` (the rank is out's last dimension) at out[j * ld + i], by blocks through
+// registers (element by element, the transposed stores made dB take twice dA's time).
+template <class TO>
+void store_grad_tile(TO* out, int64_t ld, bool transposed, int64_t i0, int64_t m, int64_t j0,
+                     int64_t n, const float* __restrict c, int64_t ldc) {
+  if (!transposed) {
+    for (int64_t i = 0; i < m; ++i) store_row(out + (i0 + i) * ld + j0, c + i * ldc, n);
+  } else if constexpr (std::is_same_v<TO, float>) {
+    transpose_block(out + j0 * ld + i0, ld, c, ldc, m, n);
+  } else {  // eight columns of C at a time through an fp32 block, then rounded a row at a time
+    float block[8 * kMaxTileM];
+    for (int64_t j = 0; j < n; j += 8) {
+      const int64_t cols = std::min<int64_t>(8, n - j);
+      transpose_block(block, m, c + j, ldc, m, cols);
+      for (int64_t q = 0; q < cols; ++q) store_row(out + (j0 + j + q) * ld + i0, block + q * m, m);
+    }
+  }
+}
+
+// The gradient of one adapter: out points at it, in the storage type `dtype`.
 struct StoreGrad {
-  float* out;
+  void* out;
+  lora_dtype_t dtype;
   int64_t ld;
   bool transposed;
 
-  void store_tile(int64_t i0, int64_t m, int64_t j0, int64_t n, const float* __restrict c,
+  void store_tile(int64_t i0, int64_t m, int64_t j0, int64_t n, const float* c,
                   int64_t ldc) const {
-    if (!transposed) {
-      for (int64_t i = 0; i < m; ++i) {
-        std::memcpy(out + (i0 + i) * ld + j0, c + i * ldc, sizeof(float) * n);
-      }
-      return;
-    }
-    transpose_block(out + j0 * ld + i0, ld, c, ldc, m, n);
+    dispatch_dtype(dtype, [&](auto tag) {
+      using TO = decltype(tag);
+      store_grad_tile(static_cast<TO*>(out), ld, transposed, i0, m, j0, n, c, ldc);
+      return LORA_OK;
+    });
   }
 };
 
 // Zeroes what the GEMMs leave alone: out[a] past its rank (rows when out is rank x wide, else
 // columns), all of out[a] for an adapter without rows.
-void zero_outside_ranks(float* out, int64_t L, int64_t wide, int64_t r_max, const int32_t* ranks,
+template <class TO>
+void zero_outside_ranks(TO* out, int64_t L, int64_t wide, int64_t r_max, const int32_t* ranks,
                         bool transposed, const std::vector<int64_t>& group_of) {
   const int64_t size = wide * r_max;
+  const TO zero = from_float<TO>(0.0f);
 #pragma omp parallel for schedule(static) if (L * size >= kThreadedFillElements && L > 1)
   for (int64_t a = 0; a < L; ++a) {
-    float* o = out + a * size;
+    TO* o = out + a * size;
     const int64_t rank = group_of[a] < 0 ? 0 : ranks[a];
     if (!transposed) {
-      std::fill(o + rank * wide, o + size, 0.0f);
+      std::fill(o + rank * wide, o + size, zero);
     } else {
-      for (int64_t j = 0; j < wide; ++j) std::fill(o + j * r_max + rank, o + (j + 1) * r_max, 0.0f);
+      for (int64_t j = 0; j < wide; ++j) std::fill(o + j * r_max + rank, o + (j + 1) * r_max, zero);
     }
   }
 }
@@ -117,7 +146,7 @@ void zero_outside_ranks(float* out, int64_t L, int64_t wide, int64_t r_max, cons
 template <class TR, class TW>
 lora_status_t adapter_grad(int64_t r_max, int64_t wide, int64_t L, const TR* r_mat, int64_t ldr,
                            const TW* w_mat, int64_t ldw, const int32_t* ranks, bool transposed,
-                           const AdapterGroups& groups, float* out) {
+                           const AdapterGroups& groups, lora_dtype_t out_dtype, void* out) {
   const int64_t num_groups = static_cast<int64_t>(groups.groups.size());
   std::vector<int64_t> group_of(static_cast<size_t>(L), -1);
   std::vector<char> copied(static_cast<size_t>(groups.idle_begin), 0);
@@ -130,7 +159,12 @@ lora_status_t adapter_grad(int64_t r_max, int64_t wide, int64_t L, const TR* r_m
       std::fill(copied.begin() + group.begin, copied.begin() + group.end, 1);
     }
   }
-  zero_outside_ranks(out, L, wide, r_max, ranks, transposed, group_of);
+  dispatch_dtype(out_dtype, [&](auto tag) {
+    zero_outside_ranks(static_cast<decltype(tag)*>(out), L, wide, r_max, ranks, transposed,
+                       group_of);
+    return LORA_OK;
+  });
+  const size_t out_bytes = out_dtype == LORA_DTYPE_F32 ? 4 : 2;
   const GroupedRows<TR> r_rows(groups, copied, r_mat, ldr, r_max);
   const GroupedRows<TW> w_rows(groups, copied, w_mat, ldw, wide);
 
@@ -165,8 +199,8 @@ lora_status_t adapter_grad(int64_t r_max, int64_t wide, int64_t L, const TR* r_m
   const bool ok = run_tiles(tiles, threaded, [&](const GroupTile& tile) {
     const AdapterGroup& group = groups.groups[tile.group];
     const auto [a_op, b_op] = operands(tile.group);
-    const StoreGrad store{out + group.adapter * r_max * wide, transposed ? r_max : wide,
-                          transposed};
+    const StoreGrad store{static_cast<char*>(out) + group.adapter * r_max * wide * out_bytes,
+                          out_dtype, transposed ? r_max : wide, transposed};
     return gemm_tile(a_op, b_op, store, tile.i0, tile.m, tile.j0, tile.n, depth(tile.group),
                      streamed[tile.group] != 0);
   });
@@ -195,13 +229,14 @@ lora_status_t dispatch_dtype_pair(lora_dtype_t u_dtype, lora_dtype_t v_dtype, Fn
 lora_status_t multi_lora_adapter_grad(lora_dtype_t u_dtype, lora_dtype_t v_dtype, int64_t M,
                                       int64_t P, int64_t Q, int64_t L, const void* u, int64_t ldu,
                                       const void* v, int64_t ldv, const int32_t* ranks,
-                                      int rank_dim, lora_adapter_index_t index, float* out) {
+                                      int rank_dim, lora_adapter_index_t index,
+                                      lora_dtype_t out_dtype, void* out) {
   if (!non_negative(M, P, Q, L) || (rank_dim != 1 && rank_dim != 2) ||
       !row_stride_ok(ldu, M, P) || !row_stride_ok(ldv, M, Q)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   if (!present(u, M * P) || !present(v, M * Q) || !present(out, L * P * Q) ||
-      !ranks_valid(ranks, L, rank_dim == 1 ? P : Q)) {
+      !ranks_valid(ranks, L, rank_dim == 1 ? P : Q) || !dtype_known(out_dtype)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   try {
@@ -214,10 +249,12 @@ lora_status_t multi_lora_adapter_grad(lora_dtype_t u_dtype, lora_dtype_t v_dtype
       const auto* u_t = static_cast<const TU*>(u);
       const auto* v_t = static_cast<const TV*>(v);
       if (rank_dim == 1) {  // out[a] = U^T V: U's columns are the rank
-        return adapter_grad<TU, TV>(P, Q, L, u_t, ldu, v_t, ldv, ranks, false, groups, out);
+        return adapter_grad<TU, TV>(P, Q, L, u_t, ldu, v_t, ldv, ranks, false, groups, out_dtype,
+                                    out);
       }
       // out[a] = U^T V = (V^T U)^T: V's columns are the rank
-      return adapter_grad<TV, TU>(Q, P, L, v_t, ldv, u_t, ldu, ranks, true, groups, out);
+      return adapter_grad<TV, TU>(Q, P, L, v_t, ldv, u_t, ldu, ranks, true, groups, out_dtype,
+                                  out);
     });
   } catch (const std::bad_alloc&) {
     return LORA_ERR_UNSUPPORTED;

@@ -1040,7 +1040,7 @@ void test_multi_invalid() {
 // NaN: every element must be written). The rank side is fp32 (dT or T) with NaN past each rank,
 // never to be read; the wide side (x or dY) is `dt`, rows `pad` elements longer than used.
 void test_adapter_grad_case(lora_dtype_t dt, int rank_dim, int64_t M, int64_t L, int64_t r_max,
-                            int64_t wide, bool segments) {
+                            int64_t wide, bool segments, bool out_in_dt = false) {
   const int64_t pad = 3, ld_wide = wide + pad;
   const Index idx = make_index(M, L);
   std::vector<int32_t> ranks;
@@ -1060,7 +1060,9 @@ void test_adapter_grad_case(lora_dtype_t dt, int rank_dim, int64_t M, int64_t L,
   const Buffer wide_side = random_buffer(dt, M * ld_wide);
   const bool u_is_rank = rank_dim == 1;
   const int64_t P = u_is_rank ? r_max : wide, Q = u_is_rank ? wide : r_max;
-  std::vector<float> out(L * P * Q, NAN);
+  const lora_dtype_t out_dtype = out_in_dt ? dt : LORA_DTYPE_F32;
+  Buffer out(out_dtype, L * P * Q);
+  out.fill(NAN);
   std::vector<double> want(out.size(), 0.0), mag(out.size(), 0.0);
   for (int64_t i = 0; i < M; ++i) {
     const int64_t a = adapter_of(i);
@@ -1079,15 +1081,17 @@ void test_adapter_grad_case(lora_dtype_t dt, int rank_dim, int64_t M, int64_t L,
   const lora_status_t st = cpu::multi_lora_adapter_grad(
       u_is_rank ? LORA_DTYPE_F32 : dt, u_is_rank ? dt : LORA_DTYPE_F32, M, P, Q, L, u,
       u_is_rank ? r_max : ld_wide, v, u_is_rank ? ld_wide : r_max, ranks.data(), rank_dim,
-      segments ? idx.segments() : idx.tokens(), out.data());
-  char name[160];
-  std::snprintf(name, sizeof name, "adapter_grad %s rank_dim=%d M=%lld L=%lld r_max=%lld wide=%lld %s",
+      segments ? idx.segments() : idx.tokens(), out_dtype, out.ptr());
+  char name[180];
+  std::snprintf(name, sizeof name,
+                "adapter_grad %s rank_dim=%d M=%lld L=%lld r_max=%lld wide=%lld %s out %s",
                 dtype_name(dt), rank_dim, static_cast<long long>(M), static_cast<long long>(L),
                 static_cast<long long>(r_max), static_cast<long long>(wide),
-                segments ? "segments" : "tokens");
+                segments ? "segments" : "tokens", dtype_name(out_dtype));
   expect_status(st, LORA_OK, name);
-  expect_close(name, out.size(), [&](size_t e) { return static_cast<double>(out[e]); }, want, mag,
-               1e-5);
+  // fp32 sums, then one rounding to the output's dtype.
+  const double tol = std::max(1e-5, 2 * unit_roundoff(out_dtype));
+  expect_close(name, out.size(), [&](size_t e) { return out.get(e); }, want, mag, tol);
 }
 
 void test_adapter_grad() {
@@ -1100,6 +1104,7 @@ void test_adapter_grad() {
       test_adapter_grad_case(dt, rank_dim, 0, 3, 4, 9, false);
       test_adapter_grad_case(dt, rank_dim, 9, 40, 16, 70, false);   // a pool larger than the batch
       test_adapter_grad_case(dt, rank_dim, 300, 3, 16, 40, true);   // long groups, read in place
+      test_adapter_grad_case(dt, rank_dim, 37, 5, 13, 21, false, /*out_in_dt=*/true);
     }
   }
   const int64_t M = 4, P = 3, Q = 5, L = 2;
@@ -1107,9 +1112,9 @@ void test_adapter_grad() {
   std::vector<int32_t> ranks = {3, 1}, tok = {0, 1, -1, 0}, big = {4, 1};
   const lora_adapter_index_t by_token{tok.data(), nullptr, nullptr, 0};
   const auto grad = [&](lora_dtype_t du, lora_dtype_t dv, int rank_dim, int64_t ldu,
-                        const int32_t* rk, float* o) {
+                        const int32_t* rk, float* o, lora_dtype_t d_out = LORA_DTYPE_F32) {
     return cpu::multi_lora_adapter_grad(du, dv, M, P, Q, L, u.data(), ldu, v.data(), Q, rk,
-                                        rank_dim, by_token, o);
+                                        rank_dim, by_token, d_out, o);
   };
   const lora_status_t bad = LORA_ERR_INVALID_ARGUMENT;
   expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, ranks.data(), out.data()), LORA_OK,
@@ -1126,6 +1131,9 @@ void test_adapter_grad() {
                 "adapter_grad ldu < P");
   expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, ranks.data(), nullptr), bad,
                 "adapter_grad out NULL");
+  expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, ranks.data(), out.data(),
+                     static_cast<lora_dtype_t>(-3)),
+                bad, "adapter_grad unknown out dtype");
 }
 
 }  // namespace

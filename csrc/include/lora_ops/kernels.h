@@ -134,18 +134,20 @@ lora_status_t multi_lora_linear_dx(lora_dtype_t dtype, int64_t M, int64_t N, int
                                    lora_adapter_index_t index, void* dx, const Gemm& gemm);
 
 // The adapter weight gradients of multi_lora_linear_fwd, one slice and one factor per call:
-// out [L, P, Q] fp32, out[a] = sum over the rows i whose adapter is a of u[i]^T v[i], where u
+// out [L, P, Q], out[a] = sum over the rows i whose adapter is a of u[i]^T v[i], where u
 // [M, P] and v [M, Q] have row strides ldu and ldv and unit column stride, and one of them is
 // fp32 (the other fp32, fp16 or bf16). rank_dim names the dimension of out that is the
 // adapter's rank (P or Q <= r_max): only out[a]'s first ranks[a] rows (rank_dim 1) or columns
 // (rank_dim 2) are computed, the rest is zero, and so is out[a] for an adapter with no rows.
+// out is stored as out_dtype (fp32 sums rounded once, as the parameter's gradient).
 //   dA_s = multi_lora_adapter_grad(u = dt[s] [M, r_max], v = x [M, K], rank_dim 1)
 //   dB_s = multi_lora_adapter_grad(u = dy_s [M, N_s], v = t[s] [M, r_max], rank_dim 2)
 // Sums are fp32, over each adapter's rows in order.
 lora_status_t multi_lora_adapter_grad(lora_dtype_t u_dtype, lora_dtype_t v_dtype, int64_t M,
                                       int64_t P, int64_t Q, int64_t L, const void* u, int64_t ldu,
                                       const void* v, int64_t ldv, const int32_t* ranks,
-                                      int rank_dim, lora_adapter_index_t index, float* out);
+                                      int rank_dim, lora_adapter_index_t index,
+                                      lora_dtype_t out_dtype, void* out);
 
 }  // namespace cpu
 
