@@ -103,7 +103,7 @@ def _check_adapters(op: str, scalings: Optional[Tensor], ranks: Tensor, num_adap
         _check_vector(op, "scalings", scalings, num_adapters, device, integer=False)
     _check_vector(op, "ranks", ranks, num_adapters, device, integer=True)
     if _values_readable(device) and num_adapters:
-        low, high = int(ranks.min()), int(ranks.max())
+        low, high = _min_max(ranks)
         if low < 0 or high > r_max:
             _fail(op, f"ranks must lie in [0, r_max={r_max}], got values from {low} to {high}")
 
@@ -135,10 +135,15 @@ def _check_index(op: str, num_tokens: int, num_adapters: int, token_adapter: Opt
     return None, seg_indptr.to(torch.int32), seg_adapter.to(torch.int32)
 
 
+def _min_max(t: Tensor) -> Tuple[int, int]:
+    low, high = torch.aminmax(t)  # one op, not two: these checks run on every call
+    return int(low), int(high)
+
+
 def _check_adapter_values(op: str, arg: str, index: Tensor, num_adapters: int) -> None:
     if index.numel() == 0:
         return
-    low, high = int(index.min()), int(index.max())
+    low, high = _min_max(index)
     if low < -1 or high >= num_adapters:
         _fail(op, f"{arg} values must lie in [-1, {num_adapters}) (-1: base only), "
                   f"got values from {low} to {high}")
@@ -639,6 +644,21 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
                                           ranks, token_adapter=index[0], seg_indptr=index[1],
                                           seg_adapter=index[2])
     else:
-        y2d, _ = linear_fwd_op(chosen)(x2d, weight, bias, a_stacks, b_stacks, offsets,
-                                       scalings.to(torch.float32), ranks.to(torch.int32), *index)
+        args = (x2d, weight, bias, a_stacks, b_stacks, offsets, scalings.to(torch.float32),
+                ranks.to(torch.int32), *index)
+        if _records_autograd(x2d, weight, bias, *a_stacks, *b_stacks):
+            y2d, _ = linear_fwd_op(chosen)(*args)
+        else:
+            # Nothing to differentiate: straight to the kernel, past the Python autograd layer
+            # torch.library wraps the op in (half the cost of a decode-sized CPU call).
+            with torch._C._AutoDispatchBelowAutograd():
+                y2d, _ = linear_fwd_op(chosen)(*args)
     return y2d.reshape(*x.shape[:-1], N)
+
+
+def _records_autograd(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on these tensors must go through the op's autograd (always while
+    torch.compile traces: it sees the op whole)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -241,6 +241,25 @@ def test_zero_tokens_forward_and_backward(device, backend):
     assert dx.shape == (0, 40) and all((g == 0).all() for g in d_stacks)
 
 
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_autograd_is_recorded_exactly_when_needed(device, backend):
+    """A call with nothing to differentiate (inference mode, no_grad, or no input requiring
+    grad) skips the op's autograd layer; the result is the same, and a call whose stacks require
+    grad still records it."""
+    p = make_problem(5, "uniform", widths=(8, 4)).to(torch.float32, device)
+    p = replace(p, lora_a=[torch.nan_to_num(a) for a in p.lora_a],
+                lora_b=[torch.nan_to_num(b) for b in p.lora_b])
+    plain = run_linear(p, backend)
+    assert plain.grad_fn is None
+    with torch.inference_mode():
+        assert torch.equal(run_linear(p, backend), plain)
+    trained = replace(p, lora_a=[a.clone().requires_grad_() for a in p.lora_a])
+    recorded = run_linear(trained, backend)
+    assert recorded.grad_fn is not None and torch.equal(recorded.detach(), plain)
+    with torch.no_grad():
+        assert run_linear(trained, backend).grad_fn is None
+
+
 @pytest.mark.parametrize("device,backend", backend_params(("cpu", "cuda", "reference")))
 def test_gradients_equal_training_each_adapter_alone(device, backend):
     """Several adapters trained in one batch get, each, the gradient of training it alone on its
