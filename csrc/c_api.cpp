@@ -167,6 +167,32 @@ lora_status_t lora_ops_cpu_multi_lora_linear_fwd(
   });
 }
 
+lora_status_t lora_ops_cpu_multi_lora_linear_dx(
+    lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t L, int64_t r_max,
+    int64_t num_slices, const void* dy, const void* weight, const lora_adapter_stack_t* lora_a,
+    const float* dt, const int32_t* ranks, lora_adapter_index_t index, void* dx,
+    const lora_cpu_gemm_t* gemm) {
+  return guarded([&] {
+    lora_ops::cpu::Gemm g;
+    if (!to_gemm(gemm, g)) return LORA_ERR_INVALID_ARGUMENT;
+    Stacks a;
+    const lora_status_t status = copy_stacks(lora_a, num_slices, a);
+    if (status != LORA_OK) return status;
+    return lora_ops::cpu::multi_lora_linear_dx(dtype, M, N, K, L, r_max, num_slices, dy, weight,
+                                               a.slice, dt, ranks, index, dx, g);
+  });
+}
+
+lora_status_t lora_ops_cpu_multi_lora_adapter_grad(
+    lora_dtype_t u_dtype, lora_dtype_t v_dtype, int64_t M, int64_t P, int64_t Q, int64_t L,
+    const void* u, int64_t ldu, const void* v, int64_t ldv, const int32_t* ranks, int rank_dim,
+    lora_adapter_index_t index, lora_dtype_t out_dtype, void* out) {
+  return guarded([&] {
+    return lora_ops::cpu::multi_lora_adapter_grad(u_dtype, v_dtype, M, P, Q, L, u, ldu, v, ldv,
+                                                  ranks, rank_dim, index, out_dtype, out);
+  });
+}
+
 }  // extern "C"
 
 #ifdef LORA_OPS_WITH_CUDA

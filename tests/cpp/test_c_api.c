@@ -56,6 +56,16 @@ static int all_close(const float* got, const double* want, const double* mag, si
 }
 
 static const double kTol = 1e-4; /* fp32 storage, depth < 200 */
+
+/* (dY W)[i][k] into *v and its magnitude sum into *va (dy [.., n_out], w [n_out, k_in]). */
+static void add_dy_w(const float* dy, const float* w, int i, int k, int n_out, int k_in, double* v,
+                     double* va) {
+  int n;
+  for (n = 0; n < n_out; ++n) {
+    *v += (double)dy[i * n_out + n] * w[n * k_in + k];
+    *va += fabs((double)dy[i * n_out + n] * w[n * k_in + k]);
+  }
+}
 static const lora_dropout_t kNoDropout = {0u, 0u, 1.0f};
 
 /* A caller-supplied GEMM: naive loops, counting its calls. */
@@ -178,10 +188,7 @@ static void test_linear(const lora_cpu_gemm_t* gemm, const char* name) {
     }
     for (k = 0; k < K; ++k) {
       double v = 0, va = 0;
-      for (n = 0; n < N; ++n) {
-        v += (double)dy[i * N + n] * w[n * K + k];
-        va += fabs((double)dy[i * N + n] * w[n * K + k]);
-      }
+      add_dy_w(dy, w, i, k, N, K, &v, &va);
       for (j = 0; j < R; ++j) {
         v += ds[i * R + j] * a[j * K + k];
         va += ds_mag[i * R + j] * fabs(a[j * K + k]);
@@ -297,9 +304,117 @@ static void test_linear_bf16(void) {
   expect(ok, "cpu_lora_linear_fwd bf16 matches");
 }
 
+enum { kMultiM = 6, kMultiK = 7, kMultiL = 2, kMultiRMax = 3, kMultiS = 2, kMultiN = 5 };
+
+/* The multi-adapter backward of test_multi's layer through the C ABI, against double loops:
+ * dT_s by a shrink of dY's slice s over B_s viewed as [L, r_max, N_s], dx by linear_dx, dA_s and
+ * dB_s by adapter_grad (t: the forward's t_workspace). Each step is checked from the kernel
+ * outputs of the step before. */
+static void test_multi_backward(const float* x, const float* w, float* const* a, float* const* b,
+                                const lora_adapter_stack_t* as, const float* t,
+                                const int64_t* widths, const int64_t* offsets,
+                                const int32_t* ranks, const float* scalings,
+                                const int32_t* tokens, lora_adapter_index_t index) {
+  enum { M = kMultiM, K = kMultiK, L = kMultiL, RMAX = kMultiRMax, S = kMultiS, N = kMultiN };
+  float* dy = random_floats(M * N);
+  float dt[S * M * RMAX], dx[M * K], da[L * RMAX * K], db[L * N * RMAX];
+  double ref[M * K + L * RMAX * K + L * N * RMAX], mag[M * K + L * RMAX * K + L * N * RMAX];
+  lora_adapter_stack_t bt[S];
+  int s, i, j, k, n, ad;
+  const int64_t P = RMAX;
+
+  for (s = 0; s < S; ++s) {
+    bt[s].data = b[s];
+    bt[s].stride_l = widths[s] * RMAX;
+    bt[s].stride_row = 1; /* row j of the view: column j of B_s[a] */
+    bt[s].stride_col = RMAX;
+    expect_status(lora_ops_cpu_multi_lora_shrink(LORA_DTYPE_F32, M, widths[s], L, RMAX, 1,
+                                                 dy + offsets[s], N, &bt[s], scalings, ranks,
+                                                 index, dt + s * M * RMAX),
+                  LORA_OK, "multi-adapter bwd: dT by a shrink over B^T");
+    for (i = 0; i < M; ++i) {
+      ad = tokens[i] >= 0 && tokens[i] < L ? tokens[i] : -1;
+      for (j = 0; j < RMAX; ++j) {
+        double v = 0, va = 0;
+        for (n = 0; ad >= 0 && j < ranks[ad] && n < widths[s]; ++n) {
+          const double p = (double)dy[i * N + offsets[s] + n] * b[s][(ad * widths[s] + n) * RMAX + j];
+          v += p * scalings[ad];
+          va += fabs(p * scalings[ad]);
+        }
+        ref[i * RMAX + j] = v;
+        mag[i * RMAX + j] = va;
+      }
+    }
+    expect(all_close(dt + s * M * RMAX, ref, mag, M * RMAX, kTol), "multi-adapter bwd: dT matches");
+  }
+
+  expect_status(lora_ops_cpu_multi_lora_linear_dx(LORA_DTYPE_F32, M, N, K, L, RMAX, S, dy, w, as,
+                                                  dt, ranks, index, dx, NULL),
+                LORA_OK, "multi-adapter bwd: dx");
+  for (i = 0; i < M; ++i) {
+    ad = tokens[i] >= 0 && tokens[i] < L ? tokens[i] : -1;
+    for (k = 0; k < K; ++k) {
+      double v = 0, va = 0;
+      add_dy_w(dy, w, i, k, N, K, &v, &va);
+      for (s = 0; s < S; ++s) {
+        for (j = 0; ad >= 0 && j < ranks[ad]; ++j) {
+          const double p = (double)dt[(s * M + i) * RMAX + j] * a[s][(ad * RMAX + j) * K + k];
+          v += p;
+          va += fabs(p);
+        }
+      }
+      ref[i * K + k] = v;
+      mag[i * K + k] = va;
+    }
+  }
+  expect(all_close(dx, ref, mag, M * K, kTol), "multi-adapter bwd: dx matches");
+
+  for (s = 0; s < S; ++s) {
+    const int64_t width = widths[s];
+    /* dA_s[a][j][k] = sum over a's rows of dT_s[i][j] x[i][k], j < rank. */
+    expect_status(lora_ops_cpu_multi_lora_adapter_grad(LORA_DTYPE_F32, LORA_DTYPE_F32, M, P, K, L,
+                                                       dt + s * M * RMAX, RMAX, x, K, ranks, 1,
+                                                       index, LORA_DTYPE_F32, da),
+                  LORA_OK, "multi-adapter bwd: dA");
+    /* dB_s[a][n][j] = sum over a's rows of dY[i][off + n] t_s[i][j], j < rank. */
+    expect_status(lora_ops_cpu_multi_lora_adapter_grad(LORA_DTYPE_F32, LORA_DTYPE_F32, M, width,
+                                                       RMAX, L, dy + offsets[s], N,
+                                                       t + s * M * RMAX, RMAX, ranks, 2, index,
+                                                       LORA_DTYPE_F32, db),
+                  LORA_OK, "multi-adapter bwd: dB");
+    for (i = 0; i < L * RMAX * K + L * width * RMAX; ++i) ref[i] = mag[i] = 0;
+    for (i = 0; i < M; ++i) {
+      ad = tokens[i] >= 0 && tokens[i] < L ? tokens[i] : -1;
+      for (j = 0; ad >= 0 && j < ranks[ad]; ++j) {
+        for (k = 0; k < K; ++k) {
+          const double p = (double)dt[(s * M + i) * RMAX + j] * x[i * K + k];
+          ref[(ad * RMAX + j) * K + k] += p;
+          mag[(ad * RMAX + j) * K + k] += fabs(p);
+        }
+        for (n = 0; n < width; ++n) {
+          const double p = (double)dy[i * N + offsets[s] + n] * t[(s * M + i) * RMAX + j];
+          ref[L * RMAX * K + (ad * width + n) * RMAX + j] += p;
+          mag[L * RMAX * K + (ad * width + n) * RMAX + j] += fabs(p);
+        }
+      }
+    }
+    expect(all_close(da, ref, mag, L * RMAX * K, kTol), "multi-adapter bwd: dA matches");
+    expect(all_close(db, ref + L * RMAX * K, mag + L * RMAX * K, L * width * RMAX, kTol),
+           "multi-adapter bwd: dB matches");
+  }
+  expect_status(lora_ops_cpu_multi_lora_adapter_grad(LORA_DTYPE_F16, LORA_DTYPE_BF16, M, P, K, L,
+                                                     dt, RMAX, x, K, ranks, 1, index,
+                                                     LORA_DTYPE_F32, da),
+                LORA_ERR_UNSUPPORTED, "adapter_grad with neither operand fp32");
+  expect_status(lora_ops_cpu_multi_lora_linear_dx(LORA_DTYPE_F32, M, N, K, L, RMAX, S, dy, w, NULL,
+                                                  dt, ranks, index, dx, NULL),
+                LORA_ERR_INVALID_ARGUMENT, "linear_dx with NULL stacks");
+  free(dy);
+}
+
 /* Multi-adapter: token and segment index forms, -1 rows, two slices. */
 static void test_multi(void) {
-  enum { M = 6, K = 7, L = 2, RMAX = 3, S = 2, N = 5 };
+  enum { M = kMultiM, K = kMultiK, L = kMultiL, RMAX = kMultiRMax, S = kMultiS, N = kMultiN };
   const int64_t widths[S] = {3, 2}, offsets[S] = {0, 3};
   const int32_t ranks[L] = {3, 2};
   const float scalings[L] = {0.5f, 2.0f};
@@ -416,6 +531,8 @@ static void test_multi(void) {
     expect(user_gemm_calls == 1 && all_close(y, y_ref, y_mag, M * N, kTol),
            "multi-adapter linear_fwd runs its base GEMM through the user GEMM");
   }
+
+  test_multi_backward(x, w, a, b, as, t, widths, offsets, ranks, scalings, tokens, by_token);
 
   expect_status(lora_ops_cpu_multi_lora_shrink(LORA_DTYPE_F32, M, K, L, RMAX, 0, x, K, as, scalings,
                                                ranks, by_token, t),

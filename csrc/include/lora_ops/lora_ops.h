@@ -98,6 +98,26 @@ LORA_OPS_API lora_status_t lora_ops_cpu_multi_lora_linear_fwd(
     const int32_t* ranks, lora_adapter_index_t index, float* t_workspace, void* y,
     const lora_cpu_gemm_t* gemm);
 
+/* The multi-adapter backward. dT_s = scalings[a] * dY_s B_s[a] is a multi_lora_shrink of the
+ * columns of dy in slice s over B_s viewed as [L, r_max, N_s] (its row and column strides
+ * swapped). Then dx [M, K] = dy W + sum_s dT_s A_s[a_i] (dy [M, N] and weight [N, K]
+ * contiguous, dt [num_slices, M, r_max] fp32): */
+LORA_OPS_API lora_status_t lora_ops_cpu_multi_lora_linear_dx(
+    lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t L, int64_t r_max,
+    int64_t num_slices, const void* dy, const void* weight, const lora_adapter_stack_t* lora_a,
+    const float* dt, const int32_t* ranks, lora_adapter_index_t index, void* dx,
+    const lora_cpu_gemm_t* gemm);
+
+/* and the adapters' weight gradients, one slice and factor a call: out [L, P, Q] (out_dtype),
+ * out[a] = the sum over the rows i of adapter a of u[i]^T v[i] (u [M, P], v [M, Q], row strides
+ * ldu, ldv; one of them fp32), computed up to ranks[a] along rank_dim (1: P, 2: Q) and zero
+ * elsewhere: dA_s with u = dT_s, v = x, rank_dim 1; dB_s with u = dy's slice s, v = t[s] (the
+ * forward's t_workspace), rank_dim 2. */
+LORA_OPS_API lora_status_t lora_ops_cpu_multi_lora_adapter_grad(
+    lora_dtype_t u_dtype, lora_dtype_t v_dtype, int64_t M, int64_t P, int64_t Q, int64_t L,
+    const void* u, int64_t ldu, const void* v, int64_t ldv, const int32_t* ranks, int rank_dim,
+    lora_adapter_index_t index, lora_dtype_t out_dtype, void* out);
+
 /* ---- CUDA --------------------------------------------------------------------------------- */
 /* Device pointers, except the lora_adapter_stack_t arrays and slice_offset/slice_width (host
  * arrays; the stacks' data pointers are device pointers). `stream` is a cudaStream_t (NULL: the
