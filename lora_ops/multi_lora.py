@@ -331,27 +331,19 @@ def _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
     return d_a, d_b
 
 
-def _kernel_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
-    """_planned_adapter_grads through lora_ops::multi_lora_adapter_grad on CPU (the C++ kernel:
-    one GEMM per adapter instead of tens of small ATen ops, written in the parameters' dtype);
-    elsewhere the shared plan saves launches."""
-    if x.device.type != "cpu":
-        return _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b)
-    grad = torch.ops.lora_ops.multi_lora_adapter_grad
-    d_a = [grad(dt, x, ranks, 1, *index, dtype=x.dtype) if need else None
-           for dt, need in zip(dts, need_a)]
-    d_b = [grad(dy_s, t_s, ranks, 2, *index, dtype=x.dtype) if need else None
-           for dy_s, t_s, need in zip(dy_slices, t, need_b)]
-    return d_a, d_b
-
-
-def _make_linear_backward(shrink_op, dx_op, adapter_grads):
-    """The backward of a multi_lora_linear_fwd op; dx_op has multi_lora_linear_dx's signature,
-    adapter_grads _planned_adapter_grads'."""
+def _make_linear_backward(shrink_op, dx_op):
+    """The backward of a multi_lora_linear_fwd op; dx_op has multi_lora_linear_dx's signature.
+    (The C++ op's autograd for CPU tensors is csrc/torch_multi_lora_autograd.cpp, the same
+    formula with multi_lora_adapter_grad for the weight gradients.)"""
     def backward(ctx, dy, _dt):
         x, weight, scalings, ranks, token_adapter, seg_indptr, seg_adapter, t, *stacks = ctx.saved_tensors
         lora_a, lora_b = stacks[:ctx.num_slices], stacks[ctx.num_slices:]
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, weight, *stacks)):
+            # The ops below have no derivatives: second-order terms would silently go missing.
+            raise RuntimeError("multi_lora_linear: double backward is not supported (backward or "
+                               "autograd.grad with create_graph=True through it); call it "
+                               "without create_graph")
         index = (token_adapter, seg_indptr, seg_adapter)
         dy = dy.contiguous()
         widths = [b.shape[1] for b in lora_b]
@@ -364,7 +356,8 @@ def _make_linear_backward(shrink_op, dx_op, adapter_grads):
         d_b = [None] * len(lora_b)
         if any(need_a) or any(need_b):
             # In x's dtype, which the op requires of every stack.
-            d_a, d_b = adapter_grads(x, dy_slices, dts or d_a, t, ranks, index, need_a, need_b)
+            d_a, d_b = _planned_adapter_grads(x, dy_slices, dts or d_a, t, ranks, index, need_a,
+                                              need_b)
         # The base is meant to be frozen; if it is trainable anyway its gradients are the
         # plain linear ones (the adapter term does not depend on W or b).
         dw = (dy.t() @ x).to(weight.dtype) if need_w else None
@@ -380,7 +373,6 @@ def _register(prefix: str) -> None:
     expand_op = getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand")
     if prefix:  # Triton: dX composed of ATen's matmul and the Triton expand
         dx_op = _composed_linear_dx(expand_op)
-        adapter_grads = _planned_adapter_grads
     else:
         # The compiled library: one op, with a C++ kernel on CPU (the kernels' own GEMM; ATen's
         # CPU matmul is slower, in fp16/bf16 by orders of magnitude) and the composition on CUDA.
@@ -391,11 +383,10 @@ def _register(prefix: str) -> None:
         torch.library.register_fake("lora_ops::multi_lora_adapter_grad")(_adapter_grad_fake)
         torch.library.register_kernel("lora_ops::multi_lora_adapter_grad", "cuda")(
             _composed_adapter_grad)
-        adapter_grads = _kernel_adapter_grads
+    # For the C++ op this serves CUDA tensors: CPU ones have a C++ autograd kernel (AutogradCPU).
     torch.library.register_autograd(
         f"lora_ops::{prefix}multi_lora_linear_fwd",
-        _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"), dx_op,
-                              adapter_grads),
+        _make_linear_backward(getattr(torch.ops.lora_ops, f"{prefix}multi_lora_shrink"), dx_op),
         setup_context=_linear_setup_context)
 
 

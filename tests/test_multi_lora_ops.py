@@ -260,6 +260,20 @@ def test_autograd_is_recorded_exactly_when_needed(device, backend):
         assert run_linear(trained, backend).grad_fn is None
 
 
+@pytest.mark.parametrize("device,backend", KERNELS)
+def test_double_backward_is_refused(device, backend):
+    """The backward's ops have no derivatives of their own: create_graph=True is an error, not
+    gradients silently missing their second-order terms."""
+    p = op_problem(device)
+    x = p.x.clone().requires_grad_()
+    y = multi_lora_linear(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scalings, p.ranks,
+                          token_adapter=p.token_adapter, slice_offsets=p.offsets, backend=backend)
+    with pytest.raises(RuntimeError, match="multi_lora_linear: double backward is not supported"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    (dx,) = torch.autograd.grad(y.sum(), x)  # a plain backward still works
+    assert dx.shape == x.shape
+
+
 @pytest.mark.parametrize("device,backend", backend_params(("cpu", "cuda", "reference")))
 def test_gradients_equal_training_each_adapter_alone(device, backend):
     """Several adapters trained in one batch get, each, the gradient of training it alone on its
