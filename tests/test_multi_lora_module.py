@@ -195,10 +195,11 @@ def test_mixed_batch_routes_a_whole_model():
             pass
 
 
-@pytest.mark.parametrize("device,backend", backend_params(("cuda", "cpu", "reference")))
+@pytest.mark.parametrize("device,backend", backend_params(("cuda", "cpu", "triton", "reference")))
 def test_compile_fullgraph_training_step(device, backend):
     """forward + backward traced whole by torch.compile (dynamo + AOT autograd; aot_eager spares
-    the code generation, which is not what is tested), adapters chosen by a slot tensor."""
+    the code generation, which is not what is tested), adapters chosen by a slot tensor. The
+    C++ autograd kernel (cpu) and the Python formula (cuda, triton) are both traced."""
     torch._dynamo.reset()
     layer = build(device, torch.float32, backend, make_adapters([2, 8, 5]))
     x = torch.randn(2, 7, K, device=device)
