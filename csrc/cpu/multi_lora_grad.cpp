@@ -177,9 +177,9 @@ lora_status_t adapter_grad(int64_t r_max, int64_t wide, int64_t L, const TR* r_m
     return std::make_pair(OperandA<TR>{rg.data, 1, rg.ld}, OperandB<TW>{wg.data, wg.ld, 1});
   };
   const auto depth = [&](int64_t g) { return groups.groups[g].end - groups.groups[g].begin; };
-  // Multiply-adds plus a couple per stored output: a few tokens' gradients are mostly stores,
-  // which one thread does faster than the team wakes up (one token at K = N = 2048, r = 16 took
-  // ~110 us a call threaded, the wake-up of sleeping waiters included).
+  // Counted as worth_threads does (a few tokens' gradients are mostly stores, which one thread
+  // does faster than the team wakes up: one token at K = N = 2048, r = 16 took ~110 us a call
+  // threaded, 23-29 us on one thread).
   int64_t work = 0;
   for (int64_t g = 0; g < num_groups; ++g) {
     work += ranks[groups.groups[g].adapter] * wide * (depth(g) + 2);

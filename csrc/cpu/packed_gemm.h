@@ -93,15 +93,18 @@ GemmScratch thread_gemm_scratch();
 // Threads an OpenMP region of the kernels may use (1 without OpenMP).
 int max_threads();
 
-// Whether a product is big enough to pay for waking the thread team: about 2^19 multiply-adds
-// (with sleeping waiters, OMP_WAIT_POLICY=PASSIVE, 2^17 made the one-row backward at
-// K = N = 1024 take 1.4x longer: its adapter products each woke the team for a few microseconds
-// of work). worth_threads_for takes the sum of m * n * (k + 16) over several products.
+// Whether a product is big enough to pay for waking the thread team: about 2^19 multiply-adds,
+// each output counted as 2 more (with sleeping waiters, OMP_WAIT_POLICY=PASSIVE, 2^17 made the
+// one-row backward at K = N = 1024 take 1.4x longer: its adapter products each woke the team for
+// a few microseconds of work; and counting an output as 16 threaded the depth-1 weight
+// gradients of that backward: C ABI A/B against 16, bwd M = 1 / 4 at K = 4096, N = 1024 or 4096,
+// fp32 0.82 / 0.96, bf16 0.89-0.91 / 0.87; fwd and M = 16 unchanged within the noise).
+// worth_threads_for takes the sum of m * n * (k + 2) over several products.
 inline bool worth_threads_for(int64_t work) {
   return max_threads() > 1 && work >= (int64_t{1} << 19);
 }
 inline bool worth_threads(int64_t m, int64_t n, int64_t k) {
-  return worth_threads_for(m * n * (k + 16));
+  return worth_threads_for(m * n * (k + 2));
 }
 
 // Work-item tiling of an m x n product: tile_m rows by tile_n columns per item; `streamed` is
