@@ -19,28 +19,27 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import lora_ops
+from lora_ops.bench.cases import DTYPES, LinearCase, parse_shape
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = ["M=1,K=4096,N=4096,r=16", "M=16,K=4096,N=4096,r=16",
                   "M=1024,K=4096,N=4096,r=16", "M=4096,K=4096,N=4096,r=16",
                   "M=4096,K=4096,N=4096,r=64"]
 
 
-def parse_shape(spec: str) -> dict:
-    dims = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if key not in ("M", "K", "N", "r"):
-            raise SystemExit(f"profile_kernels: unknown dimension {key!r} in --shape (M, K, N, r)")
-        dims[key] = int(value)
-    if len(dims) != 4:
-        raise SystemExit(f"profile_kernels: --shape needs M, K, N and r, got {spec!r}")
-    return dims
+def linear_case(spec: str, dtype: str) -> LinearCase:
+    """A single-adapter case in the bench's --shape syntax (lora_ops.bench.cases)."""
+    try:
+        case = parse_shape(spec, dtype)
+    except ValueError as err:
+        raise SystemExit(f"profile_kernels: --shape needs M, K, N and r: {err}") from None
+    if not isinstance(case, LinearCase):
+        raise SystemExit(f"profile_kernels: --shape needs M, K, N and r (one adapter), got {spec!r}")
+    return case
 
 
-def calls(dims: dict, dtype: torch.dtype, device: str, backend: str):
+def calls(case: LinearCase, device: str, backend: str):
     """name -> a function making one call of each timed variant."""
-    M, K, N, r = dims["M"], dims["K"], dims["N"], dims["r"]
+    M, K, N, r, dtype = case.M, case.K, case.N, case.r, DTYPES[case.dtype]
     gen = torch.Generator(device=device).manual_seed(0)
     t = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=device) * scale).to(dtype)
     x, w, b = t(M, K), t(N, K, scale=K ** -0.5), t(N)
@@ -92,11 +91,10 @@ def kernel_times(fn, device: str, reps: int):
     return sorted(rows, key=lambda row: -row[1])
 
 
-def report(dims: dict, dtype_name: str, device: str, backend: str, reps: int) -> str:
-    shape = ",".join(f"{k}={v}" for k, v in dims.items())
-    lines = [f"### {shape} {dtype_name} on {device}", "",
+def report(case: LinearCase, device: str, backend: str, reps: int) -> str:
+    lines = [f"### M={case.M},K={case.K},N={case.N},r={case.r} {case.dtype} on {device}", "",
              "| call | kernel | µs per call | launches per call |", "|---|---|---|---|"]
-    for name, fn in calls(dims, DTYPES[dtype_name], device, backend).items():
+    for name, fn in calls(case, device, backend).items():
         rows = kernel_times(fn, device, reps)
         lines.append(f"| **{name}** | all | {sum(r[1] for r in rows):.1f} | "
                      f"{sum(r[2] for r in rows):.0f} |")
@@ -108,7 +106,8 @@ def report(dims: dict, dtype_name: str, device: str, backend: str, reps: int) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", action="append", help="M=..,K=..,N=..,r=.. (repeatable)")
+    parser.add_argument("--shape", action="append",
+                        help="M=..,K=..,N=..,r=..[,dtype=..] as for lora-ops bench (repeatable)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", choices=["cuda", "cpu"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
                          f"{args.device} (available: {usable})")
     text = [f"# lora_linear kernel times ({backend} backend), torch {torch.__version__}", ""]
     for spec in args.shape or DEFAULT_SHAPES:
-        text.append(report(parse_shape(spec), args.dtype, args.device, backend, args.reps))
+        text.append(report(linear_case(spec, args.dtype), args.device, backend, args.reps))
         print(text[-1], flush=True)
         if args.out:  # after every shape: a run stopped by a time limit keeps what it measured
             with open(args.out, "w") as f:

@@ -307,13 +307,16 @@ def _adapter_grad_fake(u, v, ranks, rank_dim, token_adapter=None, seg_indptr=Non
     return u.new_empty(ranks.shape[0], u.shape[1], v.shape[1], dtype=dtype or torch.float32)
 
 
+def _token_gram_plan(num_tokens: int, ranks: Tensor, index: Index) -> "GramPlan":
+    """gram_plan of the tokens of one index form, over the len(ranks) adapters."""
+    return gram_plan(adapter_of_token(num_tokens, ranks.shape[0], *index), ranks.shape[0])
+
+
 def _composed_adapter_grad(u, v, ranks, rank_dim, token_adapter=None, seg_indptr=None,
                            seg_adapter=None, dtype=None):
     """multi_lora_adapter_grad from ATen ops (gram_plan, per_adapter_gram): its CUDA kernel."""
-    num_adapters = ranks.shape[0]
-    index = (token_adapter, seg_indptr, seg_adapter)
-    plan = gram_plan(adapter_of_token(u.shape[0], num_adapters, *index), num_adapters)
-    grad = per_adapter_gram(u, v, plan)
+    grad = per_adapter_gram(u, v, _token_gram_plan(u.shape[0], ranks,
+                                                   (token_adapter, seg_indptr, seg_adapter)))
     within = torch.arange(grad.shape[rank_dim], device=grad.device) < ranks.long()[:, None]
     # [L, r, 1] for rank_dim 1, [L, 1, r] for 2; a select, so nothing past a rank leaks in
     return torch.where(within.unsqueeze(3 - rank_dim), grad, 0.0).to(dtype or torch.float32)
@@ -322,8 +325,7 @@ def _composed_adapter_grad(u, v, ranks, rank_dim, token_adapter=None, seg_indptr
 def _planned_adapter_grads(x, dy_slices, dts, t, ranks, index, need_a, need_b):
     """Every slice's dA = dT^T x and dB = dY^T T per adapter, summed in fp32 and returned in
     x's dtype (the parameters'), all from one gram plan."""
-    num_adapters = ranks.shape[0]
-    plan = gram_plan(adapter_of_token(x.shape[0], num_adapters, *index), num_adapters)
+    plan = _token_gram_plan(x.shape[0], ranks, index)
     d_a = [per_adapter_gram(dt, x, plan).to(x.dtype) if need else None
            for dt, need in zip(dts, need_a)]
     d_b = [per_adapter_gram(dy_s, t_s, plan).to(x.dtype) if need else None
@@ -339,7 +341,7 @@ def _make_linear_backward(shrink_op, dx_op):
         x, weight, scalings, ranks, token_adapter, seg_indptr, seg_adapter, t, *stacks = ctx.saved_tensors
         lora_a, lora_b = stacks[:ctx.num_slices], stacks[ctx.num_slices:]
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, weight, *stacks)):
+        if torch.is_grad_enabled() and any(g.requires_grad for g in (dy, x, weight, *stacks)):
             # The ops below have no derivatives: second-order terms would silently go missing.
             raise RuntimeError("multi_lora_linear: double backward is not supported (backward or "
                                "autograd.grad with create_graph=True through it); call it "
@@ -640,8 +642,9 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
         if _records_autograd(x2d, weight, bias, *a_stacks, *b_stacks):
             y2d, _ = linear_fwd_op(chosen)(*args)
         else:
-            # Nothing to differentiate: straight to the kernel, past the Python autograd layer
-            # torch.library wraps the op in (half the cost of a decode-sized CPU call).
+            # Nothing to differentiate: straight to the kernel. For CUDA tensors and the Triton
+            # twin this skips the Python autograd layer of torch.library (on CPU, before the C++
+            # autograd kernel, it was half a decode-sized call); the C++ one passes through alike.
             with torch._C._AutoDispatchBelowAutograd():
                 y2d, _ = linear_fwd_op(chosen)(*args)
     return y2d.reshape(*x.shape[:-1], N)
