@@ -48,6 +48,19 @@ def _adapter_of(index_ptr, i, L):
 
 
 @triton.jit
+def _segment_work(seg_indptr_ptr, seg_adapter_ptr, num_segments, M, L,
+                  BLOCK_M: tl.constexpr, SEG_BLOCK: tl.constexpr):
+    """(adapter, first row, end row) of this program's segment tile (program_id 0, see
+    _segment_tile); adapter -1 when the tile has no adapter work: past the last tile, or a
+    segment that names no adapter."""
+    seg, row_start, row_end = _segment_tile(seg_indptr_ptr, num_segments, M, tl.program_id(0),
+                                            BLOCK_M, SEG_BLOCK)
+    in_range = seg < num_segments
+    adapter = tl.load(seg_adapter_ptr + seg, mask=in_range, other=-1).to(tl.int64)
+    return tl.where(in_range & (adapter >= 0) & (adapter < L), adapter, -1), row_start, row_end
+
+
+@triton.jit
 def _gemv_shrink(x_row, stride_xk, a_ptr, stride_ar, stride_ak, t_row, rank, scale, k_start, k_end,
                  ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     for r0 in range(0, rank, BLOCK_R):
@@ -126,11 +139,8 @@ def _shrink_segment_kernel(x_ptr, seg_indptr_ptr, seg_adapter_ptr, ranks_ptr, sc
                            NUM_SLICES: tl.constexpr, ATOMIC: tl.constexpr,
                            OPERAND: tl.constexpr, PRECISION: tl.constexpr, SEG_BLOCK: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    seg, row_start, row_end = _segment_tile(seg_indptr_ptr, num_segments, M, tl.program_id(0),
-                                            BLOCK_M, SEG_BLOCK)
-    if seg >= num_segments:
-        return
-    adapter = _adapter_of(seg_adapter_ptr, seg, L)
+    adapter, row_start, row_end = _segment_work(seg_indptr_ptr, seg_adapter_ptr, num_segments, M, L,
+                                                BLOCK_M, SEG_BLOCK)
     if adapter < 0:
         return
     slice_id = tl.program_id(1)
@@ -218,11 +228,8 @@ def _expand_segment_kernel(t_ptr, seg_indptr_ptr, seg_adapter_ptr, ranks_ptr, y_
                            NUM_SLICES: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr,
                            SEG_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_R: tl.constexpr):
-    seg, row_start, row_end = _segment_tile(seg_indptr_ptr, num_segments, M, tl.program_id(0),
-                                            BLOCK_M, SEG_BLOCK)
-    if seg >= num_segments:
-        return
-    adapter = _adapter_of(seg_adapter_ptr, seg, L)
+    adapter, row_start, row_end = _segment_work(seg_indptr_ptr, seg_adapter_ptr, num_segments, M, L,
+                                                BLOCK_M, SEG_BLOCK)
     if adapter < 0:
         return
     slice_id = tl.program_id(1)
