@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lora_ops import _backend
 from lora_ops import reference
+from lora_ops.reference.tokens import tokens_2d
 
 OP = "lora_linear"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -163,7 +164,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     seed = 0 if seed is None else int(seed)
     chosen = _backend.resolve_backend(OP, backend, x.device)
     flat = x.dim() == 2  # the common case: no views to make on the way in and out
-    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    x2d = x if flat else tokens_2d(x)
     scaling = float(scaling)
     if chosen == "reference":
         y2d, _ = reference.lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, scaling, p, seed)

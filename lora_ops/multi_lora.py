@@ -37,6 +37,7 @@ from torch import Tensor
 from lora_ops import _backend
 from lora_ops.reference import multi_lora as reference
 from lora_ops.reference.multi_lora import adapter_of_token
+from lora_ops.reference.tokens import tokens_2d
 
 MAX_SLICES = 8  # LORA_MAX_SLICES in csrc/include/lora_ops/common.h
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -526,7 +527,7 @@ def _tokens_2d(op: str, arg: str, t: Tensor, features: Optional[int] = None) -> 
         _fail(op, f"{arg} must have at least 1 dimension (features last), got a 0-D tensor")
     if features is not None and t.shape[-1] != features:
         _fail(op, f"{arg} has {t.shape[-1]} features but {features} were expected")
-    return t.reshape(-1, t.shape[-1])
+    return tokens_2d(t)
 
 
 def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,

@@ -5,9 +5,10 @@ import torch.nn.functional as F
 
 import lora_ops
 from lora_ops import reference
+from lora_ops.reference.tokens import tokens_2d
 from tests.helpers import DTYPES, assert_close_scaled, backend_params
 
-# (leading dims of x, K, N, r): M = 0 and 1, K and N off multiples of 8, r = 1, 3-D x.
+# (leading dims of x, K, N, r): M = 0 and 1, K and N off multiples of 8, r = 1, 1-D and 3-D x, K = 0.
 SHAPES = [
     ((0,), 16, 8, 4),
     ((1,), 33, 17, 1),
@@ -19,6 +20,10 @@ SHAPES = [
     # depth blocks (1536 deep at 16 rows).
     ((4, 4), 1603, 26, 16),
     ((17,), 72, 33, 8),
+    # A 1-D x (one token, as nn.Linear takes it), and no features at all: y = b, dx empty.
+    ((), 9, 7, 2),
+    ((2, 3), 0, 5, 2),
+    ((), 0, 6, 3),
 ]
 
 
@@ -27,16 +32,16 @@ def make_operands(lead, K, N, r, dtype, device, bias=True):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
     x = rnd(*lead, K)
-    w = rnd(N, K, scale=K ** -0.5)
+    w = rnd(N, K, scale=max(K, 1) ** -0.5)
     b = rnd(N) if bias else None
-    a = rnd(r, K, scale=K ** -0.5)
+    a = rnd(r, K, scale=max(K, 1) ** -0.5)
     bb = rnd(N, r, scale=r ** -0.5)
     return x, w, b, a, bb
 
 
 def eager_lowp(x, w, b, a, bb, s, p=0.0, seed=0):
     """PEFT-style eager LoRA in the operands' own dtype: PyTorch's own low-precision error."""
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = tokens_2d(x)
     d = reference.apply_dropout(x2d, seed, p)
     y = F.linear(x2d, w, b) + s * F.linear(F.linear(d, a), bb)
     return y.reshape(*x.shape[:-1], w.shape[0])

@@ -242,6 +242,26 @@ def test_zero_tokens_forward_and_backward(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", MAIN)
+def test_no_features(device, backend):
+    """K = 0: y = b on every row, and the gradients of the empty x and A are empty, B's zero."""
+    p = make_problem(7, "uniform", K=0, widths=(8, 4)).to(torch.float32, device)
+    dy = torch.randn(7, 12, device=device)
+    dx, *d_stacks = without_padding(p, linear_grads(p, backend, "token", dy))
+    assert dx.shape == (7, 0) and all((g == 0).all() for g in d_stacks)
+    torch.testing.assert_close(run_linear(p, backend), p.bias.expand(7, 12))
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_one_dimensional_x_is_one_token(device, backend):
+    """x [K], as nn.Linear takes it: y [N], the result for x [1, K]."""
+    p = make_problem(1, "uniform", widths=(8, 4), base_only=0.0).to(torch.float32, device)
+    flat = replace(p, x=p.x[0])
+    y = run_linear(flat, backend)
+    assert y.shape == (12,)
+    torch.testing.assert_close(y, run_linear(p, backend)[0])
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
 def test_autograd_is_recorded_exactly_when_needed(device, backend):
     """A call with nothing to differentiate (inference mode, no_grad, or no input requiring
     grad) skips the op's autograd layer; the result is the same, and a call whose stacks require

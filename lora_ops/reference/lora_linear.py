@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from lora_ops.reference.dropout import apply_dropout, dropout_keep_mask
+from lora_ops.reference.tokens import tokens_2d
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,7 +20,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                 dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """y = x W^T + b + scaling * (drop(x) A^T) B^T for x [..., K]; differentiable by autograd."""
-    y2d, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b,
+    y2d, _ = lora_linear_fwd(tokens_2d(x), weight, bias, lora_a, lora_b,
                              scaling, dropout_p, seed)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
