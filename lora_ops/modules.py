@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_ops.adapter_args import check_alpha, check_dropout, check_rank
 from lora_ops.lora_linear import lora_linear
 
 
@@ -52,10 +53,10 @@ class LoRALinear(nn.Module):
 
     def _init_adapter(self, r: int, lora_alpha: Optional[float], lora_dropout: float,
                       use_rslora: bool, backend: Optional[str]) -> None:
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+        check_rank("LoRALinear", "r", r)
+        if lora_alpha is not None:
+            check_alpha("LoRALinear", "lora_alpha", lora_alpha)
+        check_dropout("LoRALinear", lora_dropout)
         self.r = r
         self.lora_alpha = r if lora_alpha is None else lora_alpha
         self.use_rslora = use_rslora

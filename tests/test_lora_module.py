@@ -83,3 +83,16 @@ def test_low_precision_base_with_fp32_adapter():
     y = layer(torch.randn(3, 16, dtype=torch.bfloat16))
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and layer.lora_B.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": 0}, "r must be a positive int"),
+    ({"r": 2.0}, "r must be a positive int"),
+    ({"r": 2, "lora_alpha": float("nan")}, "lora_alpha must be a positive number"),
+    ({"r": 2, "lora_alpha": float("inf")}, "lora_alpha must be a positive number"),
+    ({"r": 2, "lora_alpha": "16"}, "lora_alpha must be a positive number"),
+    ({"r": 2, "lora_dropout": 1.0}, "lora_dropout must be a number in"),
+], ids=["r0", "r-float", "alpha-nan", "alpha-inf", "alpha-str", "dropout-1"])
+def test_bad_hyper_parameters_name_the_module_and_argument(kwargs, message):
+    with pytest.raises(ValueError, match=f"LoRALinear: {message}"):
+        lora_ops.LoRALinear.from_linear(nn.Linear(8, 4), **kwargs)

@@ -132,6 +132,9 @@ def test_errors_name_what_was_seen():
         layer.add_adapter("__base__", a, b, 1.0)
     with pytest.raises(ValueError, match="scaling must be a Python number"):
         layer.add_adapter("s", a, b, torch.tensor(1.0))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scaling must be finite"):
+            layer.add_adapter("s", a, b, bad)
     layer.add_adapter("second", a, b, 1.0)
     with pytest.raises(RuntimeError, match=r"all 2 adapter slots are taken"):
         layer.add_adapter("third", a, b, 1.0)

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from lora_ops.model.inject import (LayerSpec, check_alpha, check_dropout, check_patterns, check_rank,
-                                   check_targets_are_linear, linear_names)
+from lora_ops.adapter_args import check_alpha, check_dropout, check_rank
+from lora_ops.model.inject import LayerSpec, check_patterns, check_targets_are_linear, linear_names
 from lora_ops.model.targets import check_spec, find_targets, pattern_value
 
 CONFIG_NAME = "adapter_config.json"

@@ -1,10 +1,10 @@
 """inject: put LoRALinear layers into any PyTorch model in place, choosing layers as PEFT does."""
-import numbers
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 from torch import nn
 
+from lora_ops.adapter_args import check_alpha, check_dropout, check_rank
 from lora_ops.model.targets import ADAPTER_LAYERS, TargetSpec, check_spec, find_targets, pattern_value
 from lora_ops.modules import LoRALinear
 
@@ -16,21 +16,6 @@ class LayerSpec:
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
-
-
-def check_rank(op: str, argument: str, r) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{op}: {argument} must be a positive int, got {r!r}")
-
-
-def check_alpha(op: str, argument: str, alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-        raise ValueError(f"{op}: {argument} must be a positive number, got {alpha!r}")
-
-
-def check_dropout(op: str, p) -> None:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: lora_dropout must be a number in [0, 1), got {p!r}")
 
 
 def check_patterns(op: str, rank_pattern: Optional[Mapping], alpha_pattern: Optional[Mapping]) -> None:
