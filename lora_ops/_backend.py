@@ -81,6 +81,13 @@ def _usable(interpreted: bool) -> Dict[str, Tuple[str, ...]]:
     return {"cpu": tuple(cpu), "cuda": tuple(cuda)}
 
 
+# What torch.compile sees of the lookup: its result, a constant at trace time (tracing into the
+# caches instead made Dynamo warn about lru_cache on every compile of a model with LoRA layers).
+@torch.compiler.assume_constant_result
+def _usable_on(device_type: str) -> Optional[Tuple[str, ...]]:
+    return _usable(triton_interpreted()).get(device_type)
+
+
 def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> str:
     """The backend `op` runs on for tensors on `device`.
 
@@ -89,7 +96,7 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> 
     is an error, never a silent fallback.
     """
     explicit = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
-    usable = _usable(triton_interpreted()).get(device.type)
+    usable = _usable_on(device.type)
     if usable is None:
         raise ValueError(f"{op}: tensors on device '{device}' are not supported "
                          f"(lora_ops runs on cpu and cuda)")
