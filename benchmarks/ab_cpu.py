@@ -9,6 +9,7 @@ prints each build's median and the median over rounds of the paired ratio new / 
 
     python benchmarks/ab_cpu.py                                  # HEAD vs working tree
     python benchmarks/ab_cpu.py --base HEAD~2 --op bwd --shape M=64,K=2048,N=2048,r=16,dtype=bf16
+    python benchmarks/ab_cpu.py --op multi_fwd --shape T=64,U=16,K=2048,N=2048,r=16,dist=identical
 
 Both builds use the built-in GEMM (the C ABI's default), not ATen's BLAS.
 """
@@ -30,11 +31,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from lora_ops.bench.cases import LinearCase, parse_shape  # noqa: E402
+from lora_ops.bench.adapter_mix import token_adapter  # noqa: E402
+from lora_ops.bench.cases import LinearCase, MultiCase, parse_shape  # noqa: E402
+from lora_ops.multi_lora import segments_from_token_adapter  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": (torch.float32, 0), "fp16": (torch.float16, 1), "bf16": (torch.bfloat16, 2)}
 DEFAULT_SHAPES = ["M=16,K=4096,N=4096,r=16", "M=64,K=2048,N=2048,r=16", "M=256,K=4096,N=1024,r=16"]
+DEFAULT_MULTI_SHAPES = ["T=64,U=16,K=2048,N=2048,r=16,dist=identical",
+                        "T=64,U=16,K=2048,N=2048,r=16,dist=uniform", "T=1,U=1,K=2048,N=2048,r=16"]
 
 
 class Dropout(ctypes.Structure):
@@ -43,6 +48,16 @@ class Dropout(ctypes.Structure):
 
 
 NO_DROPOUT = Dropout(0, 0, 1.0)
+
+
+class AdapterStack(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("stride_l", ctypes.c_int64),
+                ("stride_row", ctypes.c_int64), ("stride_col", ctypes.c_int64)]
+
+
+class AdapterIndex(ctypes.Structure):
+    _fields_ = [("token_adapter", ctypes.c_void_p), ("seg_indptr", ctypes.c_void_p),
+                ("seg_adapter", ctypes.c_void_p), ("num_segments", ctypes.c_int64)]
 
 
 def export_tree(rev: str, dest: str) -> str:
@@ -104,6 +119,44 @@ class KernelCall:
             raise RuntimeError(f"{self.label}: the kernel returned status {status}")
 
 
+class MultiKernelCall(KernelCall):
+    """lora_ops_cpu_multi_lora_linear_fwd of a multi-adapter case (one slice) through the C ABI."""
+
+    def __init__(self, lib: ctypes.CDLL, op: str, case: MultiCase):
+        torch_dtype, code = DTYPES[case.dtype]
+        T, U, K, N, r_max = case.T, case.U, case.K, case.N, case.r_max
+        index = token_adapter(T, U, case.dist, case.none_frac)
+        self.label = f"{op} {case.label()}"
+        self.buffers = {
+            "x": torch.randn(T, K).to(torch_dtype), "w": torch.randn(N, K).to(torch_dtype),
+            "b": torch.randn(N).to(torch_dtype), "a": torch.randn(U, r_max, K).to(torch_dtype),
+            "bb": torch.randn(U, N, r_max).to(torch_dtype), "scalings": torch.full((U,), 2.0),
+            "ranks": torch.tensor([case.adapter_rank(a) for a in range(U)], dtype=torch.int32),
+            "t": torch.empty(1, T, r_max), "y": torch.empty(T, N, dtype=torch_dtype),
+            "offset": torch.zeros(1, dtype=torch.int64),
+            "width": torch.full((1,), N, dtype=torch.int64)}
+        if case.index == "segment":
+            # The batch in segment order, as a prefill engine lays it out.
+            _, seg_indptr, seg_adapter = segments_from_token_adapter(index, U)
+            self.buffers["indptr"] = seg_indptr.to(torch.int32)
+            self.buffers["segments"] = seg_adapter.to(torch.int32)
+            idx = AdapterIndex(None, self.buffers["indptr"].data_ptr(),
+                               self.buffers["segments"].data_ptr(), seg_adapter.numel())
+        else:
+            self.buffers["index"] = index
+            idx = AdapterIndex(index.data_ptr(), None, None, 0)
+        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in self.buffers.items()}
+        i64 = ctypes.c_int64
+        a, bb = self.buffers["a"], self.buffers["bb"]
+        self.stacks = (AdapterStack(a.data_ptr(), *a.stride()), AdapterStack(bb.data_ptr(), *bb.stride()))
+        self.fn = lib.lora_ops_cpu_multi_lora_linear_fwd
+        self.args = (code, i64(T), i64(N), i64(K), i64(U), i64(r_max), i64(1), p["x"], i64(K),
+                     p["w"], p["b"], ctypes.byref(self.stacks[0]), ctypes.byref(self.stacks[1]),
+                     p["offset"], p["width"], p["scalings"], p["ranks"], idx, p["t"], p["y"],
+                     None)
+        self.fn.restype = ctypes.c_int
+
+
 def time_interleaved(calls: Sequence[Callable[[], None]], rounds: int) -> list[list[float]]:
     """Seconds of each call in each round; the order alternates so neither build always leads."""
     for call in calls:
@@ -124,11 +177,14 @@ def paired_ratio(base: Sequence[float], new: Sequence[float]) -> tuple[float, fl
     return statistics.median(ratios), sum(r < 1.0 for r in ratios) / len(ratios)
 
 
-def parse_case(spec: str, dtype: str) -> LinearCase:
-    """A single-adapter case in the bench's --shape syntax: M=64,K=2048,N=2048,r=16[,dtype=bf16]."""
+def parse_case(spec: str, dtype: str, op: str) -> LinearCase | MultiCase:
+    """A case in the bench's --shape syntax: M=64,K=2048,N=2048,r=16[,dtype=bf16] for fwd and
+    bwd, T=64,U=16,K=2048,N=2048,r=16[,dist=..,index=..] for multi_fwd."""
     case = parse_shape(spec, dtype)
-    if not isinstance(case, LinearCase):
-        raise ValueError(f"ab_cpu: --shape '{spec}': only single-adapter cases (M=...) are timed")
+    want = MultiCase if op == "multi_fwd" else LinearCase
+    if not isinstance(case, want):
+        form = "T=..,U=.." if want is MultiCase else "M=.."
+        raise ValueError(f"ab_cpu: --shape '{spec}': --op {op} times {form} cases")
     return case
 
 
@@ -137,14 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", default="HEAD", help="git revision of the baseline build")
     parser.add_argument("--new", default=None,
                         help="git revision of the build under test (default: the working tree)")
-    parser.add_argument("--op", choices=["fwd", "bwd"], default="fwd")
+    parser.add_argument("--op", choices=["fwd", "bwd", "multi_fwd"], default="fwd")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--shape", action="append",
                         help="M=..,K=..,N=..,r=..[,dtype=..] as for lora-ops bench (repeatable)")
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args(argv)
     try:
-        cases = [parse_case(s, args.dtype) for s in args.shape or DEFAULT_SHAPES]
+        defaults = DEFAULT_MULTI_SHAPES if args.op == "multi_fwd" else DEFAULT_SHAPES
+        cases = [parse_case(s, args.dtype, args.op) for s in args.shape or defaults]
     except ValueError as err:
         parser.error(str(err))
 
@@ -164,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# {args.base} (base) vs {args.new or 'working tree'} (new), "
               f"{torch.get_num_threads()} threads, {args.rounds} rounds")
         for case in cases:
-            calls = [KernelCall(libs[name], args.op, case) for name in ("base", "new")]
+            call = MultiKernelCall if args.op == "multi_fwd" else KernelCall
+            calls = [call(libs[name], args.op, case) for name in ("base", "new")]
             base_t, new_t = time_interleaved(calls, args.rounds)
             ratio, faster = paired_ratio(base_t, new_t)
             print(f"{calls[0].label:<40} base {statistics.median(base_t) * 1e3:9.3f} ms  "

@@ -31,10 +31,16 @@ def test_time_interleaved_alternates_which_build_runs_first():
     assert [len(t) for t in times] == [4, 4] and all(s >= 0 for t in times for s in t)
 
 
-def test_parse_case_takes_single_adapter_shapes_in_the_bench_syntax():
-    case = ab_cpu.parse_case("M=64,K=2048,N=1024,r=16,dtype=bf16", "fp32")
+def test_parse_case_takes_the_shapes_of_its_op_in_the_bench_syntax():
+    case = ab_cpu.parse_case("M=64,K=2048,N=1024,r=16,dtype=bf16", "fp32", "fwd")
     assert (case.M, case.K, case.N, case.r, case.dtype) == (64, 2048, 1024, 16, "bf16")
-    with pytest.raises(ValueError, match="only single-adapter"):
-        ab_cpu.parse_case("T=64,U=16,K=2048,N=2048,r=16", "fp32")
+    with pytest.raises(ValueError, match="--op bwd times M="):
+        ab_cpu.parse_case("T=64,U=16,K=2048,N=2048,r=16", "fp32", "bwd")
     with pytest.raises(ValueError, match="lacks r="):
-        ab_cpu.parse_case("M=64,K=2048,N=1024", "fp32")
+        ab_cpu.parse_case("M=64,K=2048,N=1024", "fp32", "fwd")
+    multi = ab_cpu.parse_case("T=64,U=16,K=2048,N=512,r=16,dist=identical,index=segment",
+                              "fp16", "multi_fwd")
+    assert (multi.T, multi.U, multi.N, multi.dist, multi.index, multi.dtype) == (
+        64, 16, 512, "identical", "segment", "fp16")
+    with pytest.raises(ValueError, match="--op multi_fwd times T="):
+        ab_cpu.parse_case("M=64,K=2048,N=1024,r=16", "fp32", "multi_fwd")

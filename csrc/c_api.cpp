@@ -47,7 +47,7 @@ bool to_gemm(const lora_cpu_gemm_t* user, lora_ops::cpu::Gemm& out) {
     return true;
   }
   if (user->fn == nullptr) return false;
-  out = lora_ops::cpu::Gemm{&call_user_gemm, const_cast<lora_cpu_gemm_t*>(user)};
+  out = lora_ops::cpu::Gemm{&call_user_gemm, const_cast<lora_cpu_gemm_t*>(user), nullptr};
   return true;
 }
 

@@ -124,13 +124,15 @@ void base_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, in
                int64_t ldc) {
   const cpu::Gemm gemm = cpu::builtin_gemm_preferred(dtype, b_is_nk, m)
                              ? cpu::builtin_gemm()
-                             : cpu::Gemm{&aten_gemm, nullptr};
+                             : cpu::Gemm{&aten_gemm, nullptr, nullptr};
   gemm.fn(gemm.ctx, dtype, b_is_nk, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace
 
-cpu::Gemm cpu_base_gemm() { return cpu::Gemm{&base_gemm, nullptr}; }
+cpu::Gemm cpu_base_gemm() {
+  return cpu::Gemm{&base_gemm, nullptr, &cpu::builtin_gemm_preferred};
+}
 
 #ifdef LORA_OPS_WITH_CUDA
 cuda::Context cuda_context(const at::Tensor& like, size_t bytes, at::Tensor& workspace_holder) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/phased_work.h"
 #include "lora_ops/common.h"
 
 namespace lora_ops::cpu {
@@ -49,11 +50,10 @@ struct GroupTile {
 // body(tile) for every tile, spread over the threads; false if any body failed.
 template <class Body>
 bool run_tiles(const std::vector<GroupTile>& tiles, bool threaded, Body&& body) {
-  const int64_t count = static_cast<int64_t>(tiles.size());
-  int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (threaded && count > 1)
-  for (int64_t t = 0; t < count; ++t) failed |= !body(tiles[t]);
-  return failed == 0;
+  const auto item = [&](int64_t t) { return body(tiles[t]); };
+  PhasedWork work;
+  work.add(static_cast<int64_t>(tiles.size()), item);
+  return work.run(threaded);
 }
 
 }  // namespace lora_ops::cpu

@@ -12,22 +12,6 @@ namespace lora_ops::cpu {
 
 namespace {
 
-template <class T>
-struct StoreGemm {
-  T* c;
-  int64_t ldc;
-  float beta;
-
-  void store(int64_t i, int64_t j0, const float* __restrict acc, int64_t n) const {
-    T* __restrict o = c + i * ldc + j0;
-    if (beta == 0.0f) {  // C is not read: it may hold anything, NaN included
-      for (int64_t j = 0; j < n; ++j) o[j] = from_float<T>(acc[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) o[j] = from_float<T>(acc[j] + beta * to_float(o[j]));
-    }
-  }
-};
-
 void builtin_gemm_fn(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
                      const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
                      int64_t ldc) {
@@ -35,10 +19,10 @@ void builtin_gemm_fn(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const OperandA<T> a_op{static_cast<const T*>(a), lda, 1};
-    const OperandB<T> b_op = b_is_nk ? OperandB<T>{static_cast<const T*>(b), 1, ldb}
-                                     : OperandB<T>{static_cast<const T*>(b), ldb, 1};
     T* ct = static_cast<T*>(c);
-    const lora_status_t status = parallel_gemm(a_op, b_op, StoreGemm<T>{ct, ldc, beta}, m, n, k);
+    const lora_status_t status =
+        parallel_gemm(a_op, gemm_operand_b(static_cast<const T*>(b), ldb, b_is_nk),
+                      StoreGemm<T>{ct, ldc, beta}, m, n, k);
     if (status != LORA_OK) {
       // The callback cannot return a status: a GEMM that could not run leaves NaN, never a
       // plausible-looking result.
@@ -49,9 +33,11 @@ void builtin_gemm_fn(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t
   });
 }
 
+bool always_builtin(lora_dtype_t, bool, int64_t) { return true; }
+
 }  // namespace
 
-Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr}; }
+Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 
 // Measured in one process against ATen's CPU matmul on 2-core AMD EPYC machines, with the fused
 // op's base products (K and N of 333-14336):

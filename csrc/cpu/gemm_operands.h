@@ -280,6 +280,29 @@ struct StoreScaled {
   }
 };
 
+// c[i * ldc + j] = C(i, j) + beta * c[i * ldc + j], rounded to T: a plain GEMM's epilogue.
+template <class T>
+struct StoreGemm {
+  T* c;
+  int64_t ldc;
+  float beta;
+
+  void store(int64_t i, int64_t j0, const float* __restrict acc, int64_t n) const {
+    T* __restrict o = c + i * ldc + j0;
+    if (beta == 0.0f) {  // C is not read: it may hold anything, NaN included
+      for (int64_t j = 0; j < n; ++j) o[j] = from_float<T>(acc[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) o[j] = from_float<T>(acc[j] + beta * to_float(o[j]));
+    }
+  }
+};
+
+// op(b) of a plain GEMM (kernels.h's Gemm): b is [n, k] when b_is_nk, else [k, n].
+template <class T>
+OperandB<T> gemm_operand_b(const T* b, int64_t ldb, bool b_is_nk) {
+  return b_is_nk ? OperandB<T>{b, 1, ldb} : OperandB<T>{b, ldb, 1};
+}
+
 }  // namespace lora_ops::cpu
 
 #endif  // LORA_OPS_CPU_GEMM_OPERANDS_H_

@@ -10,9 +10,11 @@
 #include <new>
 
 #include "common/arg_checks.h"
+#include "cpu/base_gemm_phase.h"
 #include "cpu/dtype.h"
 #include "cpu/gemm_operands.h"
 #include "cpu/packed_gemm.h"
+#include "cpu/phased_work.h"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops::cpu {
@@ -72,17 +74,16 @@ lora_status_t fwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* x, int64_
                   float scaling, lora_dropout_t dropout, T* s_out, T* y, lora_dtype_t dtype,
                   const Gemm& gemm) {
   // S is rounded to T as it is stored; the second pass reads it back, as backward will.
-  lora_status_t status =
-      parallel_gemm(OperandA<T>{x, ldx, 1, nullptr, dropout}, OperandB<T>{lora_a, 1, K},
-                    StoreScaled<T>{s_out, r, 1.0f}, M, r, K);
-  if (status != LORA_OK) return status;
-  status = parallel_gemm(OperandA<T>{s_out, r, 1}, OperandB<T>{lora_b, 1, r},
-                         StoreBiasScaled<T>{y, N, bias, scaling}, M, N, r);
-  if (status != LORA_OK) return status;
-  if (M > 0 && N > 0 && K > 0) {
-    gemm.fn(gemm.ctx, dtype, /*b_is_nk=*/true, M, N, K, x, ldx, weight, K, 1.0f, y, N);
-  }
-  return LORA_OK;
+  const auto shrink = plan_gemm(OperandA<T>{x, ldx, 1, nullptr, dropout},
+                                OperandB<T>{lora_a, 1, K}, StoreScaled<T>{s_out, r, 1.0f}, M, r, K);
+  const auto expand = plan_gemm(OperandA<T>{s_out, r, 1}, OperandB<T>{lora_b, 1, r},
+                                StoreBiasScaled<T>{y, N, bias, scaling}, M, N, r);
+  PhasedWork work;
+  bool threaded = add_phase(work, shrink);
+  work.barrier();
+  threaded = add_phase(work, expand) || threaded;
+  return run_then_base_gemm(work, threaded, gemm, dtype, /*b_is_nk=*/true, M, N, K, x, ldx,
+                            weight, K, y, N);
 }
 
 template <class T>
@@ -90,37 +91,31 @@ lora_status_t bwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* dy, const
                   const void* weight, const T* lora_a, const T* lora_b, const T* s_saved,
                   float scaling, lora_dropout_t dropout, T* dx, T* d_lora_a, T* d_lora_b,
                   lora_dtype_t dtype, const Gemm& gemm) {
-  lora_status_t status = LORA_OK;
-  if (d_lora_b != nullptr) {
-    status = parallel_gemm(OperandA<T>{dy, 1, N}, OperandB<T>{s_saved, r, 1},
-                           StoreScaled<T>{d_lora_b, r, scaling}, N, r, M);
-    if (status != LORA_OK) return status;
-  }
-  if (dx == nullptr && d_lora_a == nullptr) return LORA_OK;
-
+  const bool want_ds = dx != nullptr || d_lora_a != nullptr;
   std::unique_ptr<float[]> ds_buffer;
-  if (M * r > 0) {
+  if (want_ds && M * r > 0) {
     ds_buffer.reset(new (std::nothrow) float[M * r]);
     if (!ds_buffer) return LORA_ERR_UNSUPPORTED;
   }
   float* ds = ds_buffer.get();
-  status = parallel_gemm(OperandA<T>{dy, N, 1}, OperandB<T>{lora_b, r, 1},
-                         StoreScaled<float>{ds, r, scaling}, M, r, N);
-  if (status != LORA_OK) return status;
-  if (d_lora_a != nullptr) {
-    status = parallel_gemm(OperandA<float>{ds, 1, r}, OperandB<T>{x, ldx, 1, dropout},
-                           StoreScaled<T>{d_lora_a, K, 1.0f}, r, K, M);
-    if (status != LORA_OK) return status;
-  }
-  if (dx != nullptr) {
-    status = parallel_gemm(OperandA<float>{ds, r, 1}, OperandB<T>{lora_a, K, 1},
-                           StoreMaskedDx<T>{dx, K, dropout}, M, K, r);
-    if (status != LORA_OK) return status;
-    if (M > 0 && N > 0 && K > 0) {
-      gemm.fn(gemm.ctx, dtype, /*b_is_nk=*/false, M, K, N, dy, N, weight, K, 1.0f, dx, K);
-    }
-  }
-  return LORA_OK;
+  // A product not asked for is planned with no rows: no work items.
+  const auto d_b = plan_gemm(OperandA<T>{dy, 1, N}, OperandB<T>{s_saved, r, 1},
+                             StoreScaled<T>{d_lora_b, r, scaling}, d_lora_b ? N : 0, r, M);
+  const auto d_s = plan_gemm(OperandA<T>{dy, N, 1}, OperandB<T>{lora_b, r, 1},
+                             StoreScaled<float>{ds, r, scaling}, want_ds ? M : 0, r, N);
+  const auto d_a = plan_gemm(OperandA<float>{ds, 1, r}, OperandB<T>{x, ldx, 1, dropout},
+                             StoreScaled<T>{d_lora_a, K, 1.0f}, d_lora_a ? r : 0, K, M);
+  const auto dx_adapter = plan_gemm(OperandA<float>{ds, r, 1}, OperandB<T>{lora_a, K, 1},
+                                    StoreMaskedDx<T>{dx, K, dropout}, dx ? M : 0, K, r);
+  PhasedWork work;
+  bool threaded = add_phase(work, d_b);
+  threaded = add_phase(work, d_s) || threaded;
+  work.barrier();  // dA and dX read dS
+  threaded = add_phase(work, d_a) || threaded;
+  threaded = add_phase(work, dx_adapter) || threaded;
+  if (dx == nullptr) return work.run(threaded) ? LORA_OK : LORA_ERR_UNSUPPORTED;
+  return run_then_base_gemm(work, threaded, gemm, dtype, /*b_is_nk=*/false, M, K, N, dy, N,
+                            weight, K, dx, K);
 }
 
 }  // namespace

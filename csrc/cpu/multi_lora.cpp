@@ -10,10 +10,12 @@
 #include <vector>
 
 #include "cpu/adapter_groups.h"
+#include "cpu/base_gemm_phase.h"
 #include "common/arg_checks.h"
 #include "cpu/dtype.h"
 #include "cpu/gemm_operands.h"
 #include "cpu/packed_gemm.h"
+#include "cpu/phased_work.h"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops::cpu {
@@ -87,92 +89,155 @@ std::vector<GroupTile> plan_group_tiles(const AdapterGroups& groups, int64_t num
   return tiles;
 }
 
+// B(k, j) = stack[adapter][j][k]: an adapter's matrix as the GEMM's B, its columns along k.
 template <class T>
-const T* adapter_data(const AdapterStack& stack, int64_t adapter) {
-  return static_cast<const T*>(stack.data) + adapter * stack.stride_l;
+OperandB<T> adapter_operand(const AdapterStack& stack, int64_t adapter) {
+  return OperandB<T>{static_cast<const T*>(stack.data) + adapter * stack.stride_l,
+                     stack.stride_col, stack.stride_row};
 }
 
+// The shrink's work items: t[s, row, j] = scaling * x[row] . A_s[a][j] for j < rank, a tile of
+// one (slice, group) GEMM each (a phase of a PhasedWork).
 template <class T>
-lora_status_t shrink(int64_t M, int64_t K, int64_t r_max, int64_t num_slices, const T* x,
-                     int64_t ldx, const AdapterStack* lora_a, const float* scalings,
-                     const int32_t* ranks, const AdapterGroups& groups, float* t) {
+struct ShrinkArgs {
+  int64_t M, K, r_max;
+  const T* x;
+  int64_t ldx;
+  const AdapterStack* lora_a;
+  const float* scalings;
+  const int32_t* ranks;
+  const AdapterGroups& groups;
+  float* t;
+};
+
+template <class T>
+struct ShrinkTiles {
+  ShrinkArgs<T> a;
+  bool threaded;
+  std::vector<GroupTile> tiles;
+
+  ShrinkTiles(const ShrinkArgs<T>& args, int64_t num_slices)
+      : a(args), threaded(worth_threads(a.M, num_slices * a.r_max, a.K)) {
+    tiles = plan_group_tiles(
+        a.groups, num_slices,
+        [&](int64_t, int64_t g) -> int64_t { return a.ranks[a.groups.groups[g].adapter]; },
+        [&](int64_t s, int64_t g) { return streamed(s, g); }, threaded ? max_threads() : 1);
+    // The idle rows' t is zero (the tiles never reach them): written here, before any tile runs.
+    for (int64_t s = 0; s < num_slices; ++s) {
+      for (int64_t p = a.groups.idle_begin; p < a.M; ++p) {
+        float* row = a.t + (s * a.M + a.groups.rows[p]) * a.r_max;
+        std::fill(row, row + a.r_max, 0.0f);
+      }
+    }
+  }
   // B(k, j) = A_s[a][j][k]: the adapter's first `rank` rows, never the ones past it.
-  const auto a_t = [&](int64_t s, int64_t adapter) {
-    return OperandB<T>{adapter_data<T>(lora_a[s], adapter), lora_a[s].stride_col,
-                       lora_a[s].stride_row};
-  };
-  const auto streamed = [&](int64_t s, int64_t g) {
-    const AdapterGroup& group = groups.groups[g];
-    return streams_b(group.end - group.begin, K, OperandA<T>{x, ldx, 1}, a_t(s, group.adapter));
-  };
-  const bool threaded = worth_threads(M, num_slices * r_max, K);
-  const std::vector<GroupTile> tiles = plan_group_tiles(
-      groups, num_slices,
-      [&](int64_t, int64_t g) -> int64_t { return ranks[groups.groups[g].adapter]; }, streamed,
-      threaded ? max_threads() : 1);
-  const bool ok = run_tiles(tiles, threaded, [&](const GroupTile& tile) {
-    const AdapterGroup& group = groups.groups[tile.group];
-    const int64_t* rows = groups.rows.data() + group.begin;
-    const StoreShrink out{t + tile.slice * M * r_max, r_max, rows, scalings[group.adapter],
-                          ranks[group.adapter]};
-    return gemm_tile(OperandA<T>{x, ldx, 1, rows}, a_t(tile.slice, group.adapter), out, tile.i0,
-                     tile.m, tile.j0, tile.n, K, streamed(tile.slice, tile.group));
-  });
-  for (int64_t s = 0; s < num_slices; ++s) {
-    for (int64_t p = groups.idle_begin; p < M; ++p) {
-      float* row = t + (s * M + groups.rows[p]) * r_max;
-      std::fill(row, row + r_max, 0.0f);
-    }
+  OperandB<T> a_t(int64_t s, int64_t adapter) const {
+    return adapter_operand<T>(a.lora_a[s], adapter);
   }
-  return ok ? LORA_OK : LORA_ERR_UNSUPPORTED;
-}
+  bool streamed(int64_t s, int64_t g) const {
+    const AdapterGroup& group = a.groups.groups[g];
+    return streams_b(group.end - group.begin, a.K, OperandA<T>{a.x, a.ldx, 1},
+                     a_t(s, group.adapter));
+  }
+  int64_t items() const { return static_cast<int64_t>(tiles.size()); }
+  bool operator()(int64_t item) const {
+    const GroupTile& tile = tiles[item];
+    const AdapterGroup& group = a.groups.groups[tile.group];
+    const int64_t* rows = a.groups.rows.data() + group.begin;
+    const StoreShrink out{a.t + tile.slice * a.M * a.r_max, a.r_max, rows,
+                          a.scalings[group.adapter], a.ranks[group.adapter]};
+    return gemm_tile(OperandA<T>{a.x, a.ldx, 1, rows}, a_t(tile.slice, group.adapter), out,
+                     tile.i0, tile.m, tile.j0, tile.n, a.K, streamed(tile.slice, tile.group));
+  }
+};
+
+// The expand's work items: y[row, offset_s + n] (+)= t[s, row, :rank] . B_s[a][n, :rank], with
+// `overwrite` y = bias + term instead (see StoreExpand).
+template <class T>
+struct ExpandArgs {
+  int64_t M, r_max;
+  const float* t;
+  const AdapterStack* lora_b;
+  const int64_t* slice_offset;
+  const int64_t* slice_width;
+  const int32_t* ranks;
+  const AdapterGroups& groups;
+  T* y;
+  int64_t ldy;
+  const T* bias;
+  bool overwrite;
+};
 
 template <class T>
-lora_status_t expand(int64_t M, int64_t r_max, int64_t num_slices, const float* t,
-                     const AdapterStack* lora_b, const int64_t* slice_offset,
-                     const int64_t* slice_width, const int32_t* ranks, const AdapterGroups& groups,
-                     T* y, int64_t ldy, const T* bias, bool overwrite) {
+struct ExpandTiles {
+  ExpandArgs<T> a;
+  bool threaded;
+  std::vector<GroupTile> tiles;
+
+  ExpandTiles(const ExpandArgs<T>& args, int64_t num_slices)
+      : a(args), threaded(worth_threads(a.M, total_width(num_slices), a.r_max)) {
+    tiles = plan_group_tiles(
+        a.groups, num_slices, [&](int64_t s, int64_t) { return a.slice_width[s]; },
+        [&](int64_t s, int64_t g) { return streamed(s, g); }, threaded ? max_threads() : 1);
+  }
+  int64_t total_width(int64_t num_slices) const {
+    int64_t width = 0;
+    for (int64_t s = 0; s < num_slices; ++s) width += a.slice_width[s];
+    return width;
+  }
   // B(k, n) = B_s[a][n][k] for k < rank: the depth of this GEMM is the adapter's own rank.
-  const auto b_t = [&](int64_t s, int64_t adapter) {
-    return OperandB<T>{adapter_data<T>(lora_b[s], adapter), lora_b[s].stride_col,
-                       lora_b[s].stride_row};
-  };
-  const auto streamed = [&](int64_t s, int64_t g) {
-    const AdapterGroup& group = groups.groups[g];
-    return streams_b(group.end - group.begin, ranks[group.adapter],
-                     OperandA<float>{t, r_max, 1}, b_t(s, group.adapter));
-  };
-  int64_t total_width = 0;
-  for (int64_t s = 0; s < num_slices; ++s) total_width += slice_width[s];
-  const bool threaded = worth_threads(M, total_width, r_max);
-  const std::vector<GroupTile> tiles = plan_group_tiles(
-      groups, num_slices, [&](int64_t s, int64_t) { return slice_width[s]; }, streamed,
-      threaded ? max_threads() : 1);
-  const bool ok = run_tiles(tiles, threaded, [&](const GroupTile& tile) {
-    const AdapterGroup& group = groups.groups[tile.group];
-    const int64_t* rows = groups.rows.data() + group.begin;
-    const StoreExpand<T> out{y, ldy, rows, slice_offset[tile.slice], bias, overwrite};
-    return gemm_tile(OperandA<float>{t + tile.slice * M * r_max, r_max, 1, rows},
-                     b_t(tile.slice, group.adapter), out, tile.i0, tile.m, tile.j0, tile.n,
-                     ranks[group.adapter], streamed(tile.slice, tile.group));
-  });
-  return ok ? LORA_OK : LORA_ERR_UNSUPPORTED;
-}
-
-// y[row, :] = bias (or 0) for the rows without adapter work; the base GEMM adds x W^T next.
-template <class T>
-void fill_idle_rows(const AdapterGroups& groups, int64_t M, int64_t N, const T* bias, T* y) {
-  const bool threaded = worth_threads(M - groups.idle_begin, N, 0);
-#pragma omp parallel for schedule(static) if (threaded)
-  for (int64_t p = groups.idle_begin; p < M; ++p) {
-    T* __restrict row = y + groups.rows[p] * N;
-    if (bias != nullptr) {
-      std::copy(bias, bias + N, row);
-    } else {
-      std::fill(row, row + N, from_float<T>(0.0f));
-    }
+  OperandB<T> b_t(int64_t s, int64_t adapter) const {
+    return adapter_operand<T>(a.lora_b[s], adapter);
   }
-}
+  bool streamed(int64_t s, int64_t g) const {
+    const AdapterGroup& group = a.groups.groups[g];
+    return streams_b(group.end - group.begin, a.ranks[group.adapter],
+                     OperandA<float>{a.t, a.r_max, 1}, b_t(s, group.adapter));
+  }
+  int64_t items() const { return static_cast<int64_t>(tiles.size()); }
+  bool operator()(int64_t item) const {
+    const GroupTile& tile = tiles[item];
+    const AdapterGroup& group = a.groups.groups[tile.group];
+    const int64_t* rows = a.groups.rows.data() + group.begin;
+    const StoreExpand<T> out{a.y, a.ldy, rows, a.slice_offset[tile.slice], a.bias, a.overwrite};
+    return gemm_tile(OperandA<float>{a.t + tile.slice * a.M * a.r_max, a.r_max, 1, rows},
+                     b_t(tile.slice, group.adapter), out, tile.i0, tile.m, tile.j0, tile.n,
+                     a.ranks[group.adapter], streamed(tile.slice, tile.group));
+  }
+};
+
+// y[row, :] = bias (or 0) for the rows without adapter work, a block of rows per work item; the
+// base GEMM adds x W^T next.
+template <class T>
+struct IdleRowFill {
+  const AdapterGroups& groups;
+  int64_t M, N;
+  const T* bias;
+  T* y;
+  bool threaded;
+  int64_t rows_per_item;
+
+  IdleRowFill(const AdapterGroups& g, int64_t m, int64_t n, const T* b, T* out)
+      : groups(g), M(m), N(n), bias(b), y(out),
+        threaded(worth_threads(m - g.idle_begin, n, 0)),
+        rows_per_item(std::max<int64_t>(
+            1, ceil_div(m - g.idle_begin, threaded ? max_threads() : 1))) {}
+
+  int64_t items() const { return ceil_div(M - groups.idle_begin, rows_per_item); }
+  bool operator()(int64_t item) const {
+    const int64_t begin = groups.idle_begin + item * rows_per_item;
+    const int64_t end = std::min(M, begin + rows_per_item);
+    for (int64_t p = begin; p < end; ++p) {
+      T* __restrict row = y + groups.rows[p] * N;
+      if (bias != nullptr) {
+        std::copy(bias, bias + N, row);
+      } else {
+        std::fill(row, row + N, from_float<T>(0.0f));
+      }
+    }
+    return true;
+  }
+};
 
 lora_status_t check_slice_count(int64_t num_slices) {
   if (num_slices < 1) return LORA_ERR_INVALID_ARGUMENT;
@@ -262,8 +327,10 @@ lora_status_t multi_lora_shrink(lora_dtype_t dtype, int64_t M, int64_t K, int64_
   if (status != LORA_OK) return status;
   return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
     using T = decltype(tag);
-    return shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a, scalings,
-                     ranks, groups, t);
+    const ShrinkTiles<T> shrink(ShrinkArgs<T>{M, K, r_max, static_cast<const T*>(x), ldx, lora_a,
+                                              scalings, ranks, groups, t},
+                                num_slices);
+    return run_phase(shrink);
   });
 }
 
@@ -277,8 +344,11 @@ lora_status_t multi_lora_expand(lora_dtype_t dtype, int64_t M, int64_t L, int64_
   if (status != LORA_OK) return status;
   return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
     using T = decltype(tag);
-    return expand<T>(M, r_max, num_slices, t, lora_b, slice_offset, slice_width, ranks, groups,
-                     static_cast<T*>(y), ldy, nullptr, /*overwrite=*/false);
+    const ExpandTiles<T> expand(ExpandArgs<T>{M, r_max, t, lora_b, slice_offset, slice_width,
+                                              ranks, groups, static_cast<T*>(y), ldy, nullptr,
+                                              /*overwrite=*/false},
+                                num_slices);
+    return run_phase(expand);
   });
 }
 
@@ -302,18 +372,24 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
   }
   return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
     using T = decltype(tag);
-    lora_status_t st = shrink<T>(M, K, r_max, num_slices, static_cast<const T*>(x), ldx, lora_a,
-                                 scalings, ranks, groups, t_workspace);
-    if (st != LORA_OK) return st;
-    st = expand<T>(M, r_max, num_slices, t_workspace, lora_b, slice_offset, slice_width, ranks,
-                   groups, static_cast<T*>(y), N, static_cast<const T*>(bias),
-                   /*overwrite=*/true);
-    if (st != LORA_OK) return st;
-    fill_idle_rows<T>(groups, M, N, static_cast<const T*>(bias), static_cast<T*>(y));
-    if (M > 0 && N > 0 && K > 0) {
-      gemm.fn(gemm.ctx, dtype, /*b_is_nk=*/true, M, N, K, x, ldx, weight, K, 1.0f, y, N);
-    }
-    return LORA_OK;
+    const T* xt = static_cast<const T*>(x);
+    T* yt = static_cast<T*>(y);
+    const T* bt = static_cast<const T*>(bias);
+    const ShrinkTiles<T> shrink(
+        ShrinkArgs<T>{M, K, r_max, xt, ldx, lora_a, scalings, ranks, groups, t_workspace},
+        num_slices);
+    const IdleRowFill<T> idle(groups, M, N, bt, yt);
+    const ExpandTiles<T> expand(ExpandArgs<T>{M, r_max, t_workspace, lora_b, slice_offset,
+                                              slice_width, ranks, groups, yt, N, bt,
+                                              /*overwrite=*/true},
+                                num_slices);
+    PhasedWork work;
+    bool threaded = add_phase(work, shrink);
+    threaded = add_phase(work, idle) || threaded;  // other rows than the shrink's and expand's
+    work.barrier();
+    threaded = add_phase(work, expand) || threaded;
+    return run_then_base_gemm(work, threaded, gemm, dtype, /*b_is_nk=*/true, M, N, K, xt, ldx,
+                              weight, K, yt, N);
   });
 }
 
@@ -344,16 +420,24 @@ lora_status_t multi_lora_linear_dx(lora_dtype_t dtype, int64_t M, int64_t N, int
   return run_grouped(dtype, index, M, L, ranks, [&](auto tag, const AdapterGroups& groups) {
     using T = decltype(tag);
     T* out = static_cast<T*>(dx);
+    // Each slice's term covers the whole of dx: the first one writes it, the others add theirs
+    // in slice order, one phase each.
+    std::vector<ExpandTiles<T>> terms;
+    terms.reserve(num_slices);
     for (int64_t s = 0; s < num_slices; ++s) {
-      const lora_status_t st = expand<T>(M, r_max, 1, dt + s * M * r_max, &a_t[s], &offset, &K,
-                                         ranks, groups, out, K, nullptr, /*overwrite=*/s == 0);
-      if (st != LORA_OK) return st;
+      terms.emplace_back(ExpandArgs<T>{M, r_max, dt + s * M * r_max, &a_t[s], &offset, &K, ranks,
+                                       groups, out, K, nullptr, /*overwrite=*/s == 0},
+                         1);
     }
-    fill_idle_rows<T>(groups, M, K, nullptr, out);
-    if (M > 0 && N > 0 && K > 0) {
-      gemm.fn(gemm.ctx, dtype, /*b_is_nk=*/false, M, K, N, dy, N, weight, K, 1.0f, out, K);
+    const IdleRowFill<T> idle(groups, M, K, nullptr, out);
+    PhasedWork work;
+    bool threaded = add_phase(work, idle);
+    for (const ExpandTiles<T>& term : terms) {
+      threaded = add_phase(work, term) || threaded;
+      work.barrier();
     }
-    return LORA_OK;
+    return run_then_base_gemm(work, threaded, gemm, dtype, /*b_is_nk=*/false, M, K, N,
+                              static_cast<const T*>(dy), N, weight, K, out, K);
   });
 }
 

@@ -52,6 +52,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu/phased_work.h"
 #include "cpu/vec.h"
 #include "lora_ops/common.h"
 #include "lora_ops/kernels.h"
@@ -528,25 +529,59 @@ bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogu
   return true;
 }
 
-// The whole m x n product, work items spread over the threads. LORA_ERR_UNSUPPORTED if a
-// thread's scratch could not be allocated (the only way it fails).
+// The work items of the whole m x n product, planned for the thread team when the product is
+// worth waking it (worth_threads), else as one thread's: a phase of a PhasedWork.
+template <class PackA, class PackB, class Epilogue>
+struct GemmTiles {
+  PackA pack_a;
+  PackB pack_b;
+  Epilogue epilogue;
+  int64_t m, n, k;
+  bool threaded, streamed;
+  TileGrid grid;
+
+  int64_t items() const { return m > 0 && n > 0 ? grid.tiles_m * grid.tiles_n : 0; }
+  bool operator()(int64_t item) const {
+    const int64_t i0 = item / grid.tiles_n * grid.tile_m;
+    const int64_t j0 = item % grid.tiles_n * grid.tile_n;
+    return gemm_tile(pack_a, pack_b, epilogue, i0, std::min(grid.tile_m, m - i0), j0,
+                     std::min(grid.tile_n, n - j0), k, streamed);
+  }
+};
+
+template <class PackA, class PackB, class Epilogue>
+GemmTiles<PackA, PackB, Epilogue> plan_gemm(const PackA& pack_a, const PackB& pack_b,
+                                            const Epilogue& epilogue, int64_t m, int64_t n,
+                                            int64_t k) {
+  const bool threaded = m > 0 && n > 0 && worth_threads(m, n, k);
+  const bool streamed = m > 0 && n > 0 && streams_b(m, k, pack_a, pack_b);
+  const TileGrid grid =
+      m > 0 && n > 0 ? plan_tiles(m, n, threaded ? max_threads() : 1, streamed) : TileGrid{};
+  return GemmTiles<PackA, PackB, Epilogue>{pack_a, pack_b, epilogue, m, n, k,
+                                           threaded, streamed, grid};
+}
+
+// Appends the product's tiles to `work` as a phase; whether it wants the thread team.
+template <class Tiles>
+bool add_phase(PhasedWork& work, const Tiles& tiles) {
+  work.add(tiles.items(), tiles);
+  return tiles.threaded;
+}
+
+// Runs the items of one phase alone. LORA_ERR_UNSUPPORTED if a thread's GEMM scratch could not
+// be allocated (the only way a tile fails).
+template <class Tiles>
+lora_status_t run_phase(const Tiles& tiles) {
+  PhasedWork work;
+  const bool threaded = add_phase(work, tiles);
+  return work.run(threaded) ? LORA_OK : LORA_ERR_UNSUPPORTED;
+}
+
+// The whole m x n product, work items spread over the threads.
 template <class PackA, class PackB, class Epilogue>
 lora_status_t parallel_gemm(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
                             int64_t m, int64_t n, int64_t k) {
-  if (m == 0 || n == 0) return LORA_OK;
-  const bool threaded = worth_threads(m, n, k);
-  const bool streamed = streams_b(m, k, pack_a, pack_b);
-  const TileGrid grid = plan_tiles(m, n, threaded ? max_threads() : 1, streamed);
-  const int64_t items = grid.tiles_m * grid.tiles_n;
-  int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (threaded && items > 1)
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t i0 = item / grid.tiles_n * grid.tile_m;
-    const int64_t j0 = item % grid.tiles_n * grid.tile_n;
-    failed |= !gemm_tile(pack_a, pack_b, epilogue, i0, std::min(grid.tile_m, m - i0), j0,
-                         std::min(grid.tile_n, n - j0), k, streamed);
-  }
-  return failed ? LORA_ERR_UNSUPPORTED : LORA_OK;
+  return run_phase(plan_gemm(pack_a, pack_b, epilogue, m, n, k));
 }
 
 }  // namespace lora_ops::cpu

@@ -6,6 +6,8 @@
 // the kernel sees. A result passes when |got - want| <= tol * mag, where mag is the sum of the
 // magnitudes of every term of that output and tol covers the dtype's rounding (output and
 // saved intermediates) plus fp32 accumulation over the depth.
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -13,6 +15,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
@@ -20,6 +23,7 @@
 #endif
 
 #include "cpu/dtype.h"
+#include "cpu/phased_work.h"
 #include "cpu/vec.h"
 #include "lora_ops/dropout_hash.h"
 #include "lora_ops/kernels.h"
@@ -619,9 +623,68 @@ void test_thread_count_invariance() {
   omp_set_num_threads(threads > 1 ? threads : 2);
   cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(),
                        0.5f, drop, s2.ptr(), y2.ptr(), cpu::builtin_gemm());
+  const Buffer dy = random_buffer(LORA_DTYPE_BF16, M * N);
+  Buffer dx1(LORA_DTYPE_BF16, M * K), da1(LORA_DTYPE_BF16, r * K), db1(LORA_DTYPE_BF16, N * r);
+  Buffer dx2(LORA_DTYPE_BF16, M * K), da2(LORA_DTYPE_BF16, r * K), db2(LORA_DTYPE_BF16, N * r);
+  cpu::lora_linear_bwd(LORA_DTYPE_BF16, M, N, K, r, dy.ptr(), x.ptr(), K, w.ptr(), a.ptr(),
+                       b.ptr(), s2.ptr(), 0.5f, drop, dx2.ptr(), da2.ptr(), db2.ptr(),
+                       cpu::builtin_gemm());
+  omp_set_num_threads(1);
+  cpu::lora_linear_bwd(LORA_DTYPE_BF16, M, N, K, r, dy.ptr(), x.ptr(), K, w.ptr(), a.ptr(),
+                       b.ptr(), s2.ptr(), 0.5f, drop, dx1.ptr(), da1.ptr(), db1.ptr(),
+                       cpu::builtin_gemm());
   omp_set_num_threads(threads);
   expect(s1.bytes == s2.bytes && y1.bytes == y2.bytes, "fwd bitwise equal on 1 and 2+ threads");
+  expect(dx1.bytes == dx2.bytes && da1.bytes == da2.bytes && db1.bytes == db2.bytes,
+         "bwd bitwise equal on 1 and 2+ threads");
 #endif
+}
+
+// PhasedWork: every item runs once, an item of a phase only after every item of the phase
+// before it has finished, on one thread or the team; a failing item fails the run but the
+// others still run; empty parts and repeated barriers change nothing.
+void test_phased_work() {
+  for (const bool threaded : {false, true}) {
+    const std::string mode = threaded ? " (threaded)" : " (one thread)";
+    constexpr int64_t kItems[] = {1, 37, 5, 64};  // phases 0, 1, 1, 2: two parts share phase 1
+    std::vector<std::atomic<int>> runs(1 + 37 + 5 + 64);
+    std::atomic<int> finished_by_phase[3] = {};
+    std::atomic<int> early{0};
+    const int64_t phase_items[3] = {1, 42, 64};
+    auto part = [&](int64_t offset, int phase) {
+      return [&, offset, phase](int64_t item) {
+        if (phase > 0 && finished_by_phase[phase - 1].load() != phase_items[phase - 1]) ++early;
+        // Slow first items, so that a thread not waiting for them would start the next phase.
+        if (item == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        ++runs[offset + item];
+        ++finished_by_phase[phase];
+        return !(phase == 2 && item == 63);  // the last item fails
+      };
+    };
+    const auto p0 = part(0, 0), p1a = part(1, 1), p1b = part(38, 1), p2 = part(43, 2);
+    const auto never = [&](int64_t) {
+      ++early;
+      return false;
+    };
+    cpu::PhasedWork work;
+    work.barrier();  // nothing before it: no phase
+    work.add(kItems[0], p0);
+    work.add(0, never);
+    work.barrier();
+    work.add(kItems[1], p1a);
+    work.add(kItems[2], p1b);
+    work.barrier();
+    work.barrier();
+    work.add(kItems[3], p2);
+    expect(work.items() == 107, "phased work counts its items" + mode);
+    expect(!work.run(threaded), "phased work reports the failed item" + mode);
+    bool once = true;
+    for (const std::atomic<int>& n : runs) once = once && n.load() == 1;
+    expect(once, "phased work runs every item once" + mode);
+    expect(early.load() == 0, "phased work starts no item before the phase before it" + mode);
+    cpu::PhasedWork empty;
+    expect(empty.run(threaded), "phased work without items" + mode);
+  }
 }
 
 void test_linear_invalid() {
@@ -1146,6 +1209,7 @@ int main() {
   test_dropout_masks_nan();
   test_linear_empty();
   test_thread_count_invariance();
+  test_phased_work();
   test_linear_invalid();
   test_multi();
   test_multi_invalid();

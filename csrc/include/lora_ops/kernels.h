@@ -64,6 +64,14 @@ struct Gemm {
              const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
              int64_t ldc);
   void* ctx;
+  // Whether fn would run builtin_gemm for such a product (null: never). A kernel then runs the
+  // product's tiles itself, in the parallel region of its adapter products (one wake-up of the
+  // thread team per kernel instead of one per product: cpu/phased_work.h).
+  bool (*uses_builtin)(lora_dtype_t dtype, bool b_is_nk, int64_t m) = nullptr;
+
+  bool runs_builtin(lora_dtype_t dtype, bool b_is_nk, int64_t m) const {
+    return uses_builtin != nullptr && uses_builtin(dtype, b_is_nk, m);
+  }
 };
 
 // Portable blocked GEMM (OpenMP, fp32 accumulation) used when no other GEMM is supplied.
