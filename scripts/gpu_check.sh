@@ -11,7 +11,7 @@
 #   bash scripts/gpu_check.sh                                    # all phases
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
 #   PHASES="build bench" BENCH_ARGS="--suite full" GPU_CHECK_TOTAL_S=560 bash scripts/gpu_check.sh
-#   PHASES="plans" bash scripts/gpu_check.sh     # the forward without cluster plans, for comparison
+#   PHASES="plans" bash scripts/gpu_check.sh     # without cluster plans / tensor-core tiles, to compare
 #
 # Settings (environment): PHASES (default "build cppcuda test sanitize profile bench"; also "plans"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
@@ -140,6 +140,13 @@ phase_plans() {
     --dtype bf16 --mode fwd --shape M=1,K=4096,N=4096,r=16 --shape M=16,K=4096,N=4096,r=16 \
     --shape M=1024,K=4096,N=4096,r=16 --time-budget 60 --warmup-ms 10 --rep-ms 40 \
     --out-dir "$OUT/noclusters"
+  # The adapter products on SIMT tiles (what fp32 runs) instead of tensor cores, at the sizes
+  # where they are compute bound, against the bench phase's rows of the same shapes.
+  mkdir -p "$OUT/nomma"
+  LORA_OPS_CUDA_MMA=0 "$PY" -m lora_ops.bench --ops lora_linear --backends cuda --peers "" \
+    --dtype bf16 --mode both --shape M=1024,K=4096,N=4096,r=16 \
+    --shape M=4096,K=4096,N=4096,r=16 --shape M=4096,K=4096,N=4096,r=64 --time-budget 60 \
+    --warmup-ms 10 --rep-ms 40 --out-dir "$OUT/nomma"
 }
 
 # A phase runs as this script in a child process, so that `timeout` can stop it and all it started.

@@ -50,3 +50,16 @@ def test_cluster_and_fallback_plans_agree_with_oracle(device, backend, clusters,
     monkeypatch.setenv("LORA_OPS_CUDA_CLUSTERS", clusters)
     x, w, b, a, bb = make_operands((M,), 2048, 520, 100, torch.bfloat16, device)
     check_parity(device, backend, torch.bfloat16, x, w, b, a, bb, s=0.5, p=0.1, seed=M)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))
+@pytest.mark.parametrize("mma", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [17, 300, 8200])
+def test_tensor_core_and_simt_tiles_agree_with_oracle(device, backend, mma, dtype, M, monkeypatch):
+    # fp16 / bf16 adapter products run on tensor-core tiles (sm_80+); LORA_OPS_CUDA_MMA=0 (read
+    # on every call) switches to the SIMT tiles fp32 uses. M = 8200 takes the fused plan where
+    # clusters are off, the others the split or cluster plan; r = 72 spans two rank tiles.
+    monkeypatch.setenv("LORA_OPS_CUDA_MMA", mma)
+    x, w, b, a, bb = make_operands((M,), 264, 136, 72, dtype, device)
+    check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5, p=0.1, seed=M)

@@ -12,12 +12,16 @@
 // Splitting the reductions (over N for dS, over M for dB and dA) keeps enough blocks in flight
 // when M, N or r is small; the split counts come from the shape alone, so a shape always gets
 // the same plan and the same bits. Any of dx, dA, dB may be NULL: its work is skipped.
+// The products run on tensor-core tiles for fp16 / bf16 (mma_tile.cuh: dS, an fp32 sum, is then
+// rounded to dtype where it is an operand of dx and dA, as eager PyTorch rounds it), on SIMT
+// tiles for fp32 or with LORA_OPS_CUDA_MMA=0.
 #include <stdint.h>
 
 #include "common.cuh"
 #include "dtype.cuh"
 #include "launchers.cuh"
 #include "lora_ops/kernels.h"
+#include "mma_tile.cuh"
 #include "tile_gemm.cuh"
 
 namespace lora_ops {
@@ -152,24 +156,25 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_dy_kernel(const BwdArgs p) {
 }
 
 // dx_init tile (64 rows x 64 columns of dx): keep_scale mask (dS A).
-template <typename T>
-__device__ __forceinline__ void dx_init_tile(const BwdArgs& p, WideTile::Smem& sm, unsigned b) {
-  const unsigned k_tiles = static_cast<unsigned>(ceil_div(p.K, WideTile::BN));
-  const int64_t k0 = static_cast<int64_t>(b % k_tiles) * WideTile::BN;
-  const int64_t m0 = static_cast<int64_t>(b / k_tiles) * WideTile::BM;
-  float acc[WideTile::TM * WideTile::TN] = {};
-  tile_gemm<WideTile, Contig::kKd, Contig::kRow>(
+template <typename T, class Wide>
+__device__ __forceinline__ void dx_init_tile(const BwdArgs& p, typename Wide::Smem& sm,
+                                             unsigned b) {
+  const unsigned k_tiles = static_cast<unsigned>(ceil_div(p.K, Wide::BN));
+  const int64_t k0 = static_cast<int64_t>(b % k_tiles) * Wide::BN;
+  const int64_t m0 = static_cast<int64_t>(b / k_tiles) * Wide::BM;
+  float acc[Wide::TM * Wide::TN] = {};
+  tile_gemm<Wide, Contig::kKd, Contig::kRow>(
       sm, 0, p.r, SplitSum<false>{p.ds_part, p.M, p.r, m0, p.ds_split.count},
       ColsOf<T>{static_cast<const T*>(p.a), p.K, k0, p.K}, acc);
   T* dx = static_cast<T*>(p.dx);
 #pragma unroll
-  for (int i = 0; i < WideTile::TM; ++i) {
-    const int64_t m = m0 + WideTile::row_of(i);
+  for (int i = 0; i < Wide::TM; ++i) {
+    const int64_t m = m0 + Wide::row_of(i);
 #pragma unroll
-    for (int j = 0; j < WideTile::TN; ++j) {
-      const int64_t k = k0 + WideTile::col_of(j);
+    for (int j = 0; j < Wide::TN; ++j) {
+      const int64_t k = k0 + Wide::col_of(j);
       if (m < p.M && k < p.K) {
-        dx[m * p.K + k] = from_float<T>(dropout_apply(p.dropout, m, k, acc[i * WideTile::TN + j]));
+        dx[m * p.K + k] = from_float<T>(dropout_apply(p.dropout, m, k, acc[i * Wide::TN + j]));
       }
     }
   }
@@ -210,16 +215,16 @@ __device__ __forceinline__ void da_tile(const BwdArgs& p, typename Tl::Smem& sm,
 }
 
 // Launch 2. Blocks [0, dx_blocks): dx_init tiles; then dA tiles x splits; then dB finishing.
-template <typename T, class Tl>
+template <typename T, class Tl, class Wide>
 __global__ void __launch_bounds__(kThreads, 2) bwd_ds_kernel(const BwdArgs p) {
   __shared__ union {
-    WideTile::Smem dx;
+    typename Wide::Smem dx;
     typename Tl::Smem da;
   } sm;
   __shared__ int is_last;
   unsigned b = blockIdx.x;
   if (b < p.dx_blocks) {
-    dx_init_tile<T>(p, sm.dx, b);
+    dx_init_tile<T, Wide>(p, sm.dx, b);
     return;
   }
   b -= p.dx_blocks;
@@ -239,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_ds_kernel(const BwdArgs p) {
   }
 }
 
-template <typename T, class Tl>
+template <typename T, class Tl, class Wide>
 lora_status_t run_bwd(const BwdArgs& args, cudaStream_t stream) {
   const unsigned stage1 = args.ds_blocks + args.db_blocks;
   if (stage1 > 0) {
@@ -248,7 +253,7 @@ lora_status_t run_bwd(const BwdArgs& args, cudaStream_t stream) {
   }
   const unsigned stage2 = args.dx_blocks + args.da_blocks + args.db_fin_blocks;
   if (stage2 > 0) {
-    bwd_ds_kernel<T, Tl><<<stage2, kThreads, 0, stream>>>(args);
+    bwd_ds_kernel<T, Tl, Wide><<<stage2, kThreads, 0, stream>>>(args);
     LORA_RETURN_IF_ERROR(launch_status());
   }
   return LORA_OK;
@@ -339,8 +344,12 @@ lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
 
   LORA_RETURN_IF_ERROR(detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return plan.thin ? detail::run_bwd<T, detail::ThinTile>(args, ctx.stream)
-                     : detail::run_bwd<T, detail::WideTile>(args, ctx.stream);
+    return detail::dispatch_tiles<T>([&](auto tiles) {
+      using Thin = typename decltype(tiles)::Thin;
+      using Wide = typename decltype(tiles)::Wide;
+      return plan.thin ? detail::run_bwd<T, Thin, Wide>(args, ctx.stream)
+                       : detail::run_bwd<T, Wide, Wide>(args, ctx.stream);
+    });
   }));
   if (!want_dx) return LORA_OK;
   return detail::gemm_add_dy_w(ctx, dtype, M, N, K, dy, weight, dx);

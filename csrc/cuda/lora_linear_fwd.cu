@@ -16,8 +16,10 @@
 //  instead of the last two: a cluster per 64-row tile splits the shrink's depth between its
 //  blocks, adds their partials through distributed shared memory and writes y_init; then
 //  cuBLAS. 2 launches for any M.
-// The adapter products are fp32 SIMT tiles (tile_gemm.cuh); y_init is rounded to dtype once
-// before cuBLAS adds x W^T, as the CPU backend does.
+// The adapter products run on tensor-core tiles for fp16 / bf16 (mma_tile.cuh; operands rounded
+// to dtype as they are staged) and on fp32 SIMT tiles for fp32 or with LORA_OPS_CUDA_MMA=0
+// (tile_gemm.cuh); y_init is rounded to dtype once before cuBLAS adds x W^T, as the CPU backend
+// does.
 #include <stdint.h>
 
 #include "cluster.cuh"
@@ -26,6 +28,7 @@
 #include "launchers.cuh"
 #include "lora_linear_fwd.cuh"
 #include "lora_ops/kernels.h"
+#include "mma_tile.cuh"
 #include "tile_gemm.cuh"
 
 namespace lora_ops {
@@ -77,20 +80,20 @@ FwdPlan plan_fwd(int64_t M, int64_t K, int64_t r, void* workspace) {
   return plan;
 }
 
-template <typename T>
+template <typename T, class Wide>
 __device__ __forceinline__ void store_y_tile(const FwdArgs& p, int64_t m0, int64_t n0,
-                                             const float (&acc)[WideTile::TM * WideTile::TN]) {
+                                             const float (&acc)[Wide::TM * Wide::TN]) {
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
 #pragma unroll
-  for (int i = 0; i < WideTile::TM; ++i) {
-    const int64_t m = m0 + WideTile::row_of(i);
+  for (int i = 0; i < Wide::TM; ++i) {
+    const int64_t m = m0 + Wide::row_of(i);
 #pragma unroll
-    for (int j = 0; j < WideTile::TN; ++j) {
-      const int64_t n = n0 + WideTile::col_of(j);
+    for (int j = 0; j < Wide::TN; ++j) {
+      const int64_t n = n0 + Wide::col_of(j);
       if (m < p.M && n < p.N) {
         const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
-        y[m * p.N + n] = from_float<T>(fmaf(p.scaling, acc[i * WideTile::TN + j], b));
+        y[m * p.N + n] = from_float<T>(fmaf(p.scaling, acc[i * Wide::TN + j], b));
       }
     }
   }
@@ -140,24 +143,24 @@ __host__ __device__ inline int64_t y_col_tiles(int64_t N) {
 
 // Block = (64-row tile, 64-column tile): y = b + scaling * S B^T; the blocks of column tile 0
 // also store S.
-template <typename T>
+template <typename T, class Wide>
 __global__ void __launch_bounds__(kThreads, 2) expand_init_kernel(const FwdArgs p) {
-  __shared__ WideTile::Smem sm;
+  __shared__ typename Wide::Smem sm;
   const unsigned n_tiles = static_cast<unsigned>(y_col_tiles(p.N));
   const unsigned n_tile = blockIdx.x % n_tiles;
-  const int64_t n0 = static_cast<int64_t>(n_tile) * WideTile::BN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x / n_tiles) * WideTile::BM;
+  const int64_t n0 = static_cast<int64_t>(n_tile) * Wide::BN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x / n_tiles) * Wide::BM;
   const RoundedS<T> s{SplitSum<false>{p.s_part, p.M, p.r, m0, p.splits}};
 
-  float acc[WideTile::TM * WideTile::TN] = {};
-  tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
+  float acc[Wide::TM * Wide::TN] = {};
+  tile_gemm<Wide, Contig::kKd, Contig::kKd>(
       sm, 0, p.r, s, RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N}, acc);
-  store_y_tile<T>(p, m0, n0, acc);
+  store_y_tile<T, Wide>(p, m0, n0, acc);
 
   if (n_tile == 0) {
     T* s_out = static_cast<T*>(p.s_out);
     const int r = static_cast<int>(p.r);
-    for (int i = threadIdx.x; i < WideTile::BM * r; i += kThreads) {
+    for (int i = threadIdx.x; i < Wide::BM * r; i += kThreads) {
       const int row = i / r, j = i % r;
       if (m0 + row < p.M) s_out[(m0 + row) * p.r + j] = from_float<T>(s(row, j));
     }
@@ -173,12 +176,13 @@ struct TileS {
 
 // Block = 64-row tile: S for the tile (into shared memory and s_out), then y = b + scaling S B^T
 // for every column.
-template <typename T, class Tl>
+template <typename T, class Tl, class Wide>
 __global__ void __launch_bounds__(kThreads, 2) fused_adapter_kernel(const FwdArgs p) {
-  static_assert(Tl::BM == WideTile::BM, "both phases cover the same rows");
+  static_assert(Tl::BM == WideTile::BM && Wide::BM == WideTile::BM,
+                "both phases cover the same rows");
   __shared__ union {
     typename Tl::Smem shrink;
-    WideTile::Smem expand;
+    typename Wide::Smem expand;
   } sm;
   __shared__ float s_tile[WideTile::BM][kFusedMaxRank];
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * WideTile::BM;
@@ -206,13 +210,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_adapter_kernel(const FwdArg
   }
   __syncthreads();
 
-  for (int64_t n0 = 0; n0 < p.N; n0 += WideTile::BN) {
-    float acc[WideTile::TM * WideTile::TN] = {};
-    tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
+  for (int64_t n0 = 0; n0 < p.N; n0 += Wide::BN) {
+    float acc[Wide::TM * Wide::TN] = {};
+    tile_gemm<Wide, Contig::kKd, Contig::kKd>(
         sm.expand, 0, p.r, TileS{&s_tile[0][0], kFusedMaxRank},
         RowsOf<T>{static_cast<const T*>(p.b), p.r, n0, p.N},
         acc);
-    store_y_tile<T>(p, m0, n0, acc);
+    store_y_tile<T, Wide>(p, m0, n0, acc);
   }
 }
 
@@ -221,13 +225,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_adapter_kernel(const FwdArg
 // cluster's partials in block-rank order through distributed shared memory (S, rounded to
 // dtype; block 0 stores it to s_out), then split the tile's column tiles of
 // y = b + scaling * S B^T between them. Replaces the split plan's two launches with one.
-template <typename T, class Tl>
+template <typename T, class Tl, class Wide>
 __global__ void __launch_bounds__(kThreads, 2) cluster_adapter_kernel(const FwdArgs p) {
 #ifdef LORA_OPS_HAS_CLUSTERS
-  static_assert(Tl::BM == WideTile::BM, "both phases cover the same rows");
+  static_assert(Tl::BM == WideTile::BM && Wide::BM == WideTile::BM,
+                "both phases cover the same rows");
   __shared__ union {
     typename Tl::Smem shrink;
-    WideTile::Smem expand;
+    typename Wide::Smem expand;
   } sm;
   extern __shared__ float dyn_smem[];
   const int64_t r = p.r;
@@ -271,11 +276,11 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_adapter_kernel(const FwdA
   const int64_t n_tiles = ceil_div(p.N, WideTile::BN);
   for (int64_t n_tile = block_rank; n_tile < n_tiles; n_tile += kClusterBlocks) {
     const int64_t n0 = n_tile * WideTile::BN;
-    float acc[WideTile::TM * WideTile::TN] = {};
-    tile_gemm<WideTile, Contig::kKd, Contig::kKd>(
+    float acc[Wide::TM * Wide::TN] = {};
+    tile_gemm<Wide, Contig::kKd, Contig::kKd>(
         sm.expand, 0, r, TileS{s_tile, r}, RowsOf<T>{static_cast<const T*>(p.b), r, n0, p.N},
         acc);
-    store_y_tile<T>(p, m0, n0, acc);
+    store_y_tile<T, Wide>(p, m0, n0, acc);
   }
   cluster_wait();  // no block leaves while a peer may still read its partials
 #else
@@ -283,19 +288,22 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_adapter_kernel(const FwdA
 #endif
 }
 
-template <typename T>
+template <typename T, class Tiles>
 lora_status_t run_fused(const FwdArgs& args, bool thin, cudaStream_t stream) {
+  using Thin = typename Tiles::Thin;
+  using Wide = typename Tiles::Wide;
   const int64_t blocks = ceil_div(args.M, WideTile::BM);
   if (blocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
+  const unsigned grid = static_cast<unsigned>(blocks);
   if (thin) {
-    fused_adapter_kernel<T, ThinTile><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+    fused_adapter_kernel<T, Thin, Wide><<<grid, kThreads, 0, stream>>>(args);
   } else {
-    fused_adapter_kernel<T, WideTile><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+    fused_adapter_kernel<T, Wide, Wide><<<grid, kThreads, 0, stream>>>(args);
   }
   return launch_status();
 }
 
-template <typename T>
+template <typename T, class Tiles>
 lora_status_t run_split(const FwdArgs& args, bool thin, cudaStream_t stream) {
   const int64_t row_tiles = ceil_div(args.M, WideTile::BM);
   if (args.r > 0) {
@@ -304,22 +312,25 @@ lora_status_t run_split(const FwdArgs& args, bool thin, cudaStream_t stream) {
     if (shrink_blocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
     const unsigned grid = static_cast<unsigned>(shrink_blocks);
     if (thin) {
-      shrink_split_kernel<T, ThinTile><<<grid, kThreads, 0, stream>>>(args);
+      shrink_split_kernel<T, typename Tiles::Thin><<<grid, kThreads, 0, stream>>>(args);
     } else {
-      shrink_split_kernel<T, WideTile><<<grid, kThreads, 0, stream>>>(args);
+      shrink_split_kernel<T, typename Tiles::Wide><<<grid, kThreads, 0, stream>>>(args);
     }
     LORA_RETURN_IF_ERROR(launch_status());
   }
   const int64_t expand_blocks = row_tiles * y_col_tiles(args.N);
   if (expand_blocks > INT32_MAX) return LORA_ERR_UNSUPPORTED;
-  expand_init_kernel<T><<<static_cast<unsigned>(expand_blocks), kThreads, 0, stream>>>(args);
+  expand_init_kernel<T, typename Tiles::Wide>
+      <<<static_cast<unsigned>(expand_blocks), kThreads, 0, stream>>>(args);
   return launch_status();
 }
 
 // The cluster plan, if this GPU has clusters and S of a row tile fits in shared memory:
 // *launched tells whether it ran.
-template <typename T>
+template <typename T, class Tiles>
 lora_status_t run_cluster(FwdArgs args, bool thin, cudaStream_t stream, bool* launched) {
+  using Thin = typename Tiles::Thin;
+  using Wide = typename Tiles::Wide;
   *launched = false;
   if (args.r > kClusterMaxRank || !clusters_enabled()) return LORA_OK;
   const int64_t clusters = ceil_div(args.M, WideTile::BM);
@@ -327,11 +338,25 @@ lora_status_t run_cluster(FwdArgs args, bool thin, cudaStream_t stream, bool* la
   args.split_len = round_up(ceil_div(args.K, kClusterBlocks), ThinTile::BK);
   const size_t smem = 2 * sizeof(float) * WideTile::BM * static_cast<size_t>(args.r);
   const auto kernel =
-      thin ? cluster_adapter_kernel<T, ThinTile> : cluster_adapter_kernel<T, WideTile>;
+      thin ? cluster_adapter_kernel<T, Thin, Wide> : cluster_adapter_kernel<T, Wide, Wide>;
   if (!allow_dynamic_smem(kernel, smem)) return LORA_OK;  // r > 96 needs more than 48 KB
   if (max_active_clusters(reinterpret_cast<const void*>(kernel), smem) <= 0) return LORA_OK;
   *launched = true;
   return launch_clusters(kernel, static_cast<int>(clusters), smem, stream, args);
+}
+
+// The adapter kernels of the fused or split plan (or the cluster plan in their place), on the
+// tiles this device runs for T.
+template <typename T>
+lora_status_t run_adapter(const FwdArgs& args, const FwdPlan& plan, cudaStream_t stream) {
+  return dispatch_tiles<T>([&](auto tiles) {
+    using Tiles = decltype(tiles);
+    bool launched = false;
+    LORA_RETURN_IF_ERROR((run_cluster<T, Tiles>(args, plan.thin, stream, &launched)));
+    if (launched) return LORA_OK;
+    return plan.path == FwdPath::kFused ? run_fused<T, Tiles>(args, plan.thin, stream)
+                                        : run_split<T, Tiles>(args, plan.thin, stream);
+  });
 }
 
 }  // namespace
@@ -419,12 +444,7 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
   }
 
   LORA_RETURN_IF_ERROR(detail::dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    bool launched = false;
-    LORA_RETURN_IF_ERROR(detail::run_cluster<T>(args, plan.thin, ctx.stream, &launched));
-    if (launched) return LORA_OK;
-    return plan.path == detail::FwdPath::kFused ? detail::run_fused<T>(args, plan.thin, ctx.stream)
-                                                : detail::run_split<T>(args, plan.thin, ctx.stream);
+    return detail::run_adapter<typename decltype(tag)::type>(args, plan, ctx.stream);
   }));
   return detail::gemm_add_x_wt(ctx, dtype, M, N, K, x, ldx, weight, y);
 }

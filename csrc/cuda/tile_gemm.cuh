@@ -21,6 +21,33 @@ namespace detail {
 // neighbouring threads read neighbouring addresses.
 enum class Contig { kKd, kRow };
 
+// Loads the block's operand values for depth [kd0, kd0 + BK) of rows [0, kRows), 0 past
+// kd_end, and hands each to put(row, kk, value). The thread map follows the operand's
+// contiguous direction, so neighbouring threads read neighbouring addresses.
+template <int BK, int kRows, Contig kOrder, class F, class Put>
+__device__ __forceinline__ void stage_block(int64_t kd0, int64_t kd_end, const F& f,
+                                            const Put& put) {
+  for (int idx = threadIdx.x; idx < kRows * BK; idx += kThreads) {
+    int row, kk;
+    if (kOrder == Contig::kRow) {
+      row = idx % kRows;
+      kk = idx / kRows;
+    } else {
+      kk = idx % BK;
+      row = idx / BK;
+    }
+    const int64_t kd = kd0 + kk;
+    put(row, kk, kd < kd_end ? f(row, kd) : 0.0f);
+  }
+}
+
+template <int BK, int kRows, Contig kOrder, class F>
+__device__ __forceinline__ void stage_operand(float (&s)[BK][kRows + 4], int64_t kd0,
+                                              int64_t kd_end, const F& f) {
+  stage_block<BK, kRows, kOrder>(kd0, kd_end, f,
+                                 [&](int row, int kk, float v) { s[kk][row] = v; });
+}
+
 template <int BM_, int BN_, int TM_, int TN_>
 struct Tile {
   static constexpr int BM = BM_, BN = BN_, TM = TM_, TN = TN_, BK = 16;
@@ -41,64 +68,53 @@ struct Tile {
   static __device__ __forceinline__ int col_of(int j) {
     return static_cast<int>(threadIdx.x) % kColThreads * TN + j;
   }
+
+  // acc += P Q^T over kd in [kd_begin, kd_end) (see tile_gemm below).
+  template <Contig kPOrder, Contig kQOrder, class PF, class QF>
+  static __device__ __forceinline__ void gemm(Smem& sm, int64_t kd_begin, int64_t kd_end,
+                                              const PF& p, const QF& q, float (&acc)[TM * TN]) {
+    const int row0 = row_of(0), col0 = col_of(0);
+    for (int64_t kd0 = kd_begin; kd0 < kd_end; kd0 += BK) {
+      __syncthreads();  // the previous step's reads of sm are done
+      stage_operand<BK, BM, kPOrder>(sm.p, kd0, kd_end, p);
+      stage_operand<BK, BN, kQOrder>(sm.q, kd0, kd_end, q);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[TM], b[TN];
+#pragma unroll
+        for (int i = 0; i < TM; i += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(&sm.p[kk][row0 + i]);
+          a[i] = v.x;
+          a[i + 1] = v.y;
+          a[i + 2] = v.z;
+          a[i + 3] = v.w;
+        }
+#pragma unroll
+        for (int j = 0; j < TN; ++j) b[j] = sm.q[kk][col0 + j];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+#pragma unroll
+          for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], b[j], acc[i * TN + j]);
+        }
+      }
+    }
+    __syncthreads();
+  }
 };
 
 // 64 x 64 for products whose BN side is wide; 64 x 16 for a BN side that is a rank <= 16, so a
-// small rank does not pay for 64 columns.
+// small rank does not pay for 64 columns. mma_tile.cuh has their tensor-core twins.
 using WideTile = Tile<64, 64, 4, 4>;
 using ThinTile = Tile<64, 16, 4, 1>;
 
-template <int BK, int kRows, Contig kOrder, class F>
-__device__ __forceinline__ void stage_operand(float (&s)[BK][kRows + 4], int64_t kd0,
-                                              int64_t kd_end, const F& f) {
-  for (int idx = threadIdx.x; idx < kRows * BK; idx += kThreads) {
-    int row, kk;
-    if (kOrder == Contig::kRow) {
-      row = idx % kRows;
-      kk = idx / kRows;
-    } else {
-      kk = idx % BK;
-      row = idx / BK;
-    }
-    const int64_t kd = kd0 + kk;
-    s[kk][row] = kd < kd_end ? f(row, kd) : 0.0f;
-  }
-}
-
-// acc += P Q^T over kd in [kd_begin, kd_end). Every thread of the block must call it; sm may be
-// reused by the caller as soon as it returns.
+// acc += P Q^T over kd in [kd_begin, kd_end), on tile type Tl (SIMT here, or MmaTile). Every
+// thread of the block must call it; sm may be reused by the caller as soon as it returns.
 template <class Tl, Contig kPOrder, Contig kQOrder, class PF, class QF>
 __device__ __forceinline__ void tile_gemm(typename Tl::Smem& sm, int64_t kd_begin, int64_t kd_end,
                                           const PF& p, const QF& q,
                                           float (&acc)[Tl::TM * Tl::TN]) {
-  constexpr int BK = Tl::BK, TM = Tl::TM, TN = Tl::TN;
-  const int row0 = Tl::row_of(0), col0 = Tl::col_of(0);
-  for (int64_t kd0 = kd_begin; kd0 < kd_end; kd0 += BK) {
-    __syncthreads();  // the previous step's reads of sm are done
-    stage_operand<BK, Tl::BM, kPOrder>(sm.p, kd0, kd_end, p);
-    stage_operand<BK, Tl::BN, kQOrder>(sm.q, kd0, kd_end, q);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      float a[TM], b[TN];
-#pragma unroll
-      for (int i = 0; i < TM; i += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(&sm.p[kk][row0 + i]);
-        a[i] = v.x;
-        a[i + 1] = v.y;
-        a[i + 2] = v.z;
-        a[i + 3] = v.w;
-      }
-#pragma unroll
-      for (int j = 0; j < TN; ++j) b[j] = sm.q[kk][col0 + j];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], b[j], acc[i * TN + j]);
-      }
-    }
-  }
-  __syncthreads();
+  Tl::template gemm<kPOrder, kQOrder>(sm, kd_begin, kd_end, p, q, acc);
 }
 
 // ---- Operands: (row, kd) -> fp32 value, 0 outside the matrix. ----

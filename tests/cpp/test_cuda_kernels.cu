@@ -10,8 +10,9 @@
 //
 // Inputs are small multiples of 1/64, exact in every dtype, so the oracle sees the very values
 // the kernel sees. A result passes when |got - want| <= tol, with tol built from the magnitudes
-// of the terms of that output: the dtype's rounding of the output and of any stored
-// intermediate, plus a worst-case fp32 accumulation bound over the depth.
+// of the terms of that output: the dtype's rounding of the output, of any stored intermediate
+// and of the fp32 operands that tensor-core tiles round to dtype (dropped x, dS), plus a
+// worst-case fp32 accumulation bound over the depth.
 //
 // Prints a line per case and exits 0 when all pass, 1 on any failure, 77 (ctest's skip code)
 // when no CUDA device is present. Built with -DLORA_TEST_CPU_BACKEND and linked with csrc/cpu,
@@ -596,9 +597,13 @@ void test_fwd(Backend& be, lora_dtype_t d, const LinearShape& s, const Dropout& 
   }
 
   const double eps = dtype_eps(d);
+  // Tensor-core tiles round their operands to dtype as they stage them: dropped x is then
+  // rounded (by at most eps / 2 of each term), as an eager PyTorch dropout's output is.
+  const double operand_eps = drop.on() ? eps : 0.0;
   const std::vector<double> s_got = decode(first_s, d), y_got = decode(first_y, d);
   for (int64_t i = 0; i < M * r; ++i) {
-    check.value("S", i, s_got[i], s_ref[i], eps * std::fabs(s_ref[i]) + (K + 32) * kU32 * s_mag[i]);
+    check.value("S", i, s_got[i], s_ref[i],
+                eps * std::fabs(s_ref[i]) + ((K + 32) * kU32 + operand_eps) * s_mag[i]);
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
@@ -615,9 +620,10 @@ void test_fwd(Backend& be, lora_dtype_t d, const LinearShape& s, const Dropout& 
       const double bn = with_bias ? bias[n] : 0.0;
       const double init = bn + scaling * lora;  // what the adapter kernel writes before the GEMM
       const double want = base + init;
-      // Roundings: y, y_init, S (a flip of at most one step per element); fp32 sums of y and
-      // of S.
+      // Roundings: y, y_init, S (a flip of at most one step per element), dropped x as an MMA
+      // operand; fp32 sums of y and of S.
       const double tol = eps * (std::fabs(want) + std::fabs(init) + scaling * lora_mag) +
+                         operand_eps * scaling * s_err_mag +
                          (K + r + 32) * kU32 *
                              (base_mag + std::fabs(bn) + scaling * (lora_mag + s_err_mag));
       check.value("y", m * N + n, y_got[m * N + n], want, tol);
@@ -700,8 +706,8 @@ void test_bwd(Backend& be, lora_dtype_t d, const LinearShape& s, const Dropout& 
           lora_mag += f * ds_mag[m * r + j] * std::fabs(a[j * K + k]);
         }
         const double want = base + lora;
-        const double tol =
-            eps * (std::fabs(want) + std::fabs(lora)) + acc_depth * (base_mag + lora_mag);
+        // dS (an fp32 sum) is rounded to dtype where tensor-core tiles take it as an operand.
+        const double tol = eps * (std::fabs(want) + lora_mag) + acc_depth * (base_mag + lora_mag);
         check.value("dx", m * K + k, got[m * K + k], want, tol);
       }
     }
@@ -716,8 +722,9 @@ void test_bwd(Backend& be, lora_dtype_t d, const LinearShape& s, const Dropout& 
           acc += ds[m * r + j] * xd;
           mag += ds_mag[m * r + j] * std::fabs(xd);
         }
+        // dS and dropped x rounded to dtype as tensor-core operands: eps / 2 of each term each.
         check.value("dA", j * K + k, got[j * K + k], round_to(d, acc),
-                    eps * std::fabs(acc) + acc_depth * mag);
+                    eps * (std::fabs(acc) + mag) + acc_depth * mag);
       }
     }
   }
@@ -1192,6 +1199,14 @@ int main(int argc, char** argv) {
       run_suite(cuda, /*quick=*/true);
       run_graph_cases(cuda);
       unsetenv("LORA_OPS_CUDA_CLUSTERS");
+    }
+    // fp16 / bf16 products run on tensor-core tiles on sm_80+; the SIMT tiles that fp32 (and
+    // older GPUs) run are checked for them here.
+    if (prop.major >= 8) {
+      std::printf("== backend cuda, tensor-core tiles switched off (LORA_OPS_CUDA_MMA=0)\n");
+      setenv("LORA_OPS_CUDA_MMA", "0", 1);
+      run_suite(cuda, /*quick=*/true);
+      unsetenv("LORA_OPS_CUDA_MMA");
     }
   }
   std::printf("test_cuda_kernels: %d cases, %d failed\n", g_cases, g_failed_cases);
