@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "lora_ops/kernels.h"
+#include "torch_common.h"
 
 TORCH_LIBRARY(lora_ops, m) {
   m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
@@ -32,6 +33,14 @@ pybind11::dict build_info() {
   info["openmp"] = false;
 #endif
   info["cpu_vector_isa"] = lora_ops::cpu::cpu_vector_isa();
+  // Not a build setting but what this machine's ATen matmul runs on, which decides with the
+  // above where the CPU kernels hand their base GEMM to it (benchmark records carry it).
+  const lora_ops::cpu::BlasTraits& blas = lora_ops::binding::aten_blas_traits();
+  pybind11::dict aten_blas;
+  aten_blas["mkl_on_intel"] = blas.mkl_on_intel;
+  aten_blas["fp16_native"] = blas.fp16_native;
+  aten_blas["bf16_amx"] = blas.bf16_amx;
+  info["cpu_aten_blas"] = aten_blas;
   return info;
 }
 

@@ -1,6 +1,10 @@
 #include "torch_common.h"
 
+#include <ATen/cpu/Utils.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 #ifdef LORA_OPS_WITH_CUDA
@@ -118,11 +122,15 @@ void aten_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, in
 
 // The faster of ATen's BLAS and the built-in GEMM for this product (builtin_gemm_preferred:
 // ATen's fp32 BLAS is often slower at few rows, its half-precision matmul far slower on CPUs
-// without native bf16 / fp16 arithmetic, and faster for bf16 on those with it).
+// without native bf16 / fp16 arithmetic, and faster on those with it, by far with AMX).
+bool prefers_builtin(lora_dtype_t dtype, bool b_is_nk, int64_t m) {
+  return cpu::builtin_gemm_preferred(dtype, b_is_nk, m, aten_blas_traits());
+}
+
 void base_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, int64_t k,
                const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c,
                int64_t ldc) {
-  const cpu::Gemm gemm = cpu::builtin_gemm_preferred(dtype, b_is_nk, m)
+  const cpu::Gemm gemm = prefers_builtin(dtype, b_is_nk, m)
                              ? cpu::builtin_gemm()
                              : cpu::Gemm{&aten_gemm, nullptr, nullptr};
   gemm.fn(gemm.ctx, dtype, b_is_nk, m, n, k, a, lda, b, ldb, beta, c, ldc);
@@ -130,8 +138,35 @@ void base_gemm(void*, lora_dtype_t dtype, bool b_is_nk, int64_t m, int64_t n, in
 
 }  // namespace
 
-cpu::Gemm cpu_base_gemm() {
-  return cpu::Gemm{&base_gemm, nullptr, &cpu::builtin_gemm_preferred};
+// What ATen's matmul runs on here (read once: it cannot change within a process). oneDNN takes
+// AMX tiles for bf16 where the CPU has them and the OS lets the process use them, which
+// init_amx() asks for; every AMX CPU so far has AMX-BF16.
+const cpu::BlasTraits& aten_blas_traits() {
+  static const cpu::BlasTraits traits = [] {
+    cpu::BlasTraits t;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    t.mkl_on_intel = at::hasMKL() && __builtin_cpu_is("intel");
+    t.fp16_native = __builtin_cpu_supports("avx512fp16");
+#endif
+    t.bf16_amx = at::cpu::init_amx();
+    return t;
+  }();
+  return traits;
+}
+
+cpu::Gemm cpu_base_gemm(const char* op) {
+  // LORA_OPS_CPU_GEMM=builtin|aten forces one GEMM (for comparisons, and for CPUs whose
+  // crossover was never measured); unset or "auto" takes the measured choice. Read per call,
+  // like the CUDA backend's switches.
+  const char* choice = std::getenv("LORA_OPS_CPU_GEMM");
+  if (choice == nullptr || *choice == '\0' || std::strcmp(choice, "auto") == 0) {
+    return cpu::Gemm{&base_gemm, nullptr, &prefers_builtin};
+  }
+  if (std::strcmp(choice, "builtin") == 0) return cpu::builtin_gemm();
+  TORCH_CHECK_VALUE(std::strcmp(choice, "aten") == 0, op,
+                    ": LORA_OPS_CPU_GEMM must be auto, builtin or aten, got '", choice, "'");
+  return cpu::Gemm{&aten_gemm, nullptr, nullptr};
 }
 
 #ifdef LORA_OPS_WITH_CUDA

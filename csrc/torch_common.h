@@ -36,9 +36,13 @@ at::Tensor rows_unit_stride(const at::Tensor& x);
 void check_status(const char* op, lora_status_t status);
 
 // The base GEMM of the CPU kernels: per product, ATen's BLAS or lora_ops' own GEMM, whichever
-// was measured faster for its dtype, layout and row count on CPUs with the vector units these
-// kernels were compiled for (cpu::builtin_gemm_preferred).
-cpu::Gemm cpu_base_gemm();
+// was measured faster for its dtype, layout and row count on CPUs like this one
+// (cpu::builtin_gemm_preferred), or the one $LORA_OPS_CPU_GEMM names (`op` is for its error).
+cpu::Gemm cpu_base_gemm(const char* op);
+
+// What ATen's CPU matmul runs on in this process (MKL on Intel, AVX512-FP16, AMX), which moves
+// the crossovers of cpu_base_gemm.
+const cpu::BlasTraits& aten_blas_traits();
 
 }  // namespace lora_ops::binding
 

@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor
       to_lora_dtype(kFwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.x.data_ptr(), a.x.stride(0),
       a.weight.data_ptr(), a.bias.defined() ? a.bias.data_ptr() : nullptr, a.lora_a.data_ptr(),
       a.lora_b.data_ptr(), static_cast<float>(scaling), a.dropout, a.s.data_ptr(),
-      a.y.data_ptr(), cpu_base_gemm()));
+      a.y.data_ptr(), cpu_base_gemm(kFwd)));
   return {a.y, a.s};
 }
 
@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
       to_lora_dtype(kBwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.dy.data_ptr(), a.x.data_ptr(),
       a.x.stride(0), a.weight.data_ptr(), a.lora_a.data_ptr(), a.lora_b.data_ptr(),
       a.s.data_ptr(), static_cast<float>(scaling), a.dropout, ptr_or_null(a.dx, mask[0]),
-      ptr_or_null(a.da, mask[1]), ptr_or_null(a.db, mask[2]), cpu_base_gemm()));
+      ptr_or_null(a.da, mask[1]), ptr_or_null(a.db, mask[2]), cpu_base_gemm(kBwd)));
   return {a.dx, a.da, a.db};
 }
 

@@ -364,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(
       a.x.stride(0), a.weight.data_ptr(), ptr_or_null(a.bias), a.lora_a.views.data(),
       a.lora_b.views.data(), a.offsets.data(), a.widths.data(), a.scalings.data_ptr<float>(),
       a.ranks.data_ptr<int32_t>(), a.index.view(), a.t.data_ptr<float>(), a.y.data_ptr(),
-      cpu_base_gemm()));
+      cpu_base_gemm(kLinear)));
   return {a.y, a.t};
 }
 
@@ -403,7 +403,7 @@ at::Tensor linear_dx_cpu(const at::Tensor& dy, const at::Tensor& weight, at::Ten
   check_status(kLinearDx, cpu::multi_lora_linear_dx(
       dtype, M, N, K, a.L, a.rows, S, dy_c.data_ptr(), weight_c.data_ptr(), a.views.data(),
       dt_c.data_ptr<float>(), ranks32.data_ptr<int32_t>(), index.view(), dx.data_ptr(),
-      cpu_base_gemm()));
+      cpu_base_gemm(kLinearDx)));
   return dx;
 }
 

@@ -68,6 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 _PACKAGES = ("lora_ops", "torch", "triton", "transformers", "peft", "safetensors")
+# The environment switches that change what a call runs (README, Backends), besides
+# $LORA_OPS_BACKEND.
+_SWITCHES = ("TRITON_INTERPRET", "LORA_OPS_CPU_GEMM", "LORA_OPS_CUDA_CLUSTERS", "LORA_OPS_CUDA_MMA")
 
 
 def _version(package: str) -> str:
@@ -93,8 +96,7 @@ def _info() -> Dict[str, object]:
         "device": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads(), "cuda": cuda or "none"},
         "backends": _backend.available_backends(),
-        "backend_override": {_backend.ENV_VAR: os.environ.get(_backend.ENV_VAR),
-                             "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")},
+        "backend_override": {name: os.environ.get(name) for name in (_backend.ENV_VAR,) + _SWITCHES},
         "build": _backend.build_info(),
     }
 

@@ -79,6 +79,20 @@ def test_parity(device, backend, dtype, shape):
     check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5)
 
 
+@pytest.mark.parametrize("device,backend", backend_params(("cpu",), devices=("cpu",)))
+@pytest.mark.parametrize("gemm", ["builtin", "aten"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 5, 17, 70])
+def test_cpu_base_gemm_choices(device, backend, gemm, dtype, M, monkeypatch):
+    # The CPU kernels run x W^T and dY W on their own GEMM or on ATen's matmul, chosen per dtype,
+    # product and row count and by what ATen's runs on here (AMX, MKL on Intel): a machine takes
+    # only some of those paths. LORA_OPS_CPU_GEMM (read per call) forces each one; rows either
+    # side of every crossover, dropout included.
+    monkeypatch.setenv("LORA_OPS_CPU_GEMM", gemm)
+    x, w, b, a, bb = make_operands((M,), 100, 72, 8, dtype, device)
+    check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5, p=0.1, seed=M)
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_parity_dropout_no_bias(device, backend, dtype):

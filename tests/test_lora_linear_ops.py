@@ -96,6 +96,15 @@ def test_env_var_picks_backend(monkeypatch):
         _backend.resolve_backend("lora_linear", None, torch.device("cpu"))
 
 
+@pytest.mark.skipif("cpu" not in lora_ops.available_backends()["cpu"], reason="no CPU kernels")
+def test_bad_cpu_gemm_choice_names_the_op(monkeypatch):
+    x, w, b, a, bb = op_args("cpu")
+    monkeypatch.setenv("LORA_OPS_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match="lora_linear_fwd: LORA_OPS_CPU_GEMM must be auto, "
+                                         "builtin or aten, got 'mkl'"):
+        lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="cpu")
+
+
 @pytest.mark.skipif(not _backend.compiled(), reason="compiled library not built")
 def test_compiled_op_checks_its_own_input():
     """Callers of torch.ops.lora_ops.* from other frameworks get the same clear errors."""

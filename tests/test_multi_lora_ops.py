@@ -234,6 +234,25 @@ def test_linear_gradients_match_reference(device, backend, dtype, form):
         assert_close_scaled(g, w, l, dtype, f"gradient {i}")
 
 
+@pytest.mark.parametrize("device,backend", backend_params(("cpu",), devices=("cpu",)))
+@pytest.mark.parametrize("gemm", ["builtin", "aten"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_on_each_cpu_base_gemm(device, backend, gemm, dtype, monkeypatch):
+    # LORA_OPS_CPU_GEMM forces the base GEMM the CPU kernels would pick per machine (see
+    # test_lora_linear.test_cpu_base_gemm_choices): forward and gradients on each.
+    monkeypatch.setenv("LORA_OPS_CPU_GEMM", gemm)
+    p64 = make_problem(40, "skewed", widths=(16, 8), rank_choices=(1, 8, 16))
+    p = p64.to(dtype, device)
+    assert_close_scaled(run_linear(p, backend, "token"), oracle_linear(p64),
+                        run_linear(p, "reference", "token"), dtype, "linear")
+    dy64 = torch.randn(40, p64.weight.shape[0], dtype=torch.float64)
+    got = without_padding(p, linear_grads(p, backend, "token", dy64.to(dtype)))
+    want = without_padding(p64, linear_grads(p64, "oracle", "token", dy64))
+    lowp = without_padding(p, linear_grads(p, "reference", "token", dy64.to(dtype)))
+    for i, (g, w, l) in enumerate(zip(got, want, lowp)):
+        assert_close_scaled(g, w, l, dtype, f"gradient {i}")
+
+
 @pytest.mark.parametrize("device,backend", MAIN)
 def test_zero_tokens_forward_and_backward(device, backend):
     p = make_problem(0, "uniform", widths=(8, 4)).to(torch.float32, device)

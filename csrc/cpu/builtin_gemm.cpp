@@ -54,14 +54,26 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   0.90 / 0.84 / 0.86 / 0.96 / 0.94 / 1.00 at M = 8 / 16 / 24 / 32 / 48 / 64, and the fused bwd
 //   took 1.15x ATen's bare dY W at M = 256. Before the dot-product path, ours took 2x ATen's
 //   time at 16 rows and 2.3x at 64.
-// - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMV) is a tie
+// - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMM) is a tie
 //   with our whole fused op; from 2 rows, and for dY W at any M, it is 2x to 500x slower.
+// And on a 2-core Intel Xeon (Sapphire Rapids class: AVX512_BF16, AVX512_FP16, AMX) on
+// 2026-12-05, the torch op on each GEMM (LORA_OPS_CPU_GEMM=builtin / aten), r = 16, time
+// builtin / ATen for the forward and for the backward (fwd+bwd less fwd):
+// - fp32 (MKL): fwd 0.56 / 0.58 / 0.72 / 0.99 / 1.00 at M = 4 / 8 / 16 / 32 / 64 (K = N = 4096),
+//   1.02 / 1.12 at M = 64 / 256 (K = 4096, N = 1024), 1.06 / 1.15 at M = 256 / 1024
+//   (K = N = 2048); bwd 0.86 / 1.28 / 1.23 / 1.20 / 1.11 at M = 4 / 8 / 16 / 32 / 64.
+// - bf16 (oneDNN on AMX): fwd 0.75 / 0.72 / 0.86 / 1.37 / 1.65 / 2.97 / 5.1 at M = 1 / 2 / 4 /
+//   5 / 8 / 16 / 64; bwd 0.42 / 0.68 / 0.96 / 1.9 / 2.6 at M = 1 / 2 / 4 / 8 / 16.
+// - fp16 (AVX512_FP16): fwd 0.66 / 0.40 / 0.96 / 1.22 at M = 1 / 4 / 16 / 64; bwd 0.50 / 0.83 /
+//   1.22 / 1.15 at M = 1 / 4 / 16 / 64.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
 // measured against a BLAS.
-// With AVX512_BF16, the most rows of a bf16 product the built-in GEMM takes (see above): x W^T
-// and dY W.
-constexpr int64_t kBf16BuiltinMaxRows = 4;
-constexpr int64_t kBf16BuiltinMaxRowsDyW = 48;
+// The most rows of a product the built-in GEMM takes, x W^T / dY W: bf16 with AVX512_BF16,
+// bf16 on AMX, fp16 on AVX512_FP16, fp32 against MKL on Intel.
+constexpr int64_t kBf16MaxRows = 4, kBf16MaxRowsDyW = 48;
+constexpr int64_t kAmxBf16MaxRows = 4, kAmxBf16MaxRowsDyW = 4;
+constexpr int64_t kFp16NativeMaxRows = 16, kFp16NativeMaxRowsDyW = 4;
+constexpr int64_t kMklIntelMaxRows = 64, kMklIntelMaxRowsDyW = 4;
 
 const char* cpu_vector_isa() {
 #if defined(__AVX512F__)
@@ -73,23 +85,33 @@ const char* cpu_vector_isa() {
 #endif
 }
 
-bool builtin_gemm_preferred(lora_dtype_t dtype, [[maybe_unused]] bool b_is_nk,
-                            [[maybe_unused]] int64_t m) {
-  if (dtype != LORA_DTYPE_F32) {
+bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m,
+                            const BlasTraits& blas) {
+  const auto rows_up_to = [&](int64_t x_wt, int64_t dy_w) {
+    return m <= (b_is_nk ? x_wt : dy_w);
+  };
+  switch (dtype) {
+    case LORA_DTYPE_BF16:
+      if (blas.bf16_amx) return rows_up_to(kAmxBf16MaxRows, kAmxBf16MaxRowsDyW);
 #if defined(__AVX512BF16__)
-    if (dtype == LORA_DTYPE_BF16) {
-      return m <= (b_is_nk ? kBf16BuiltinMaxRows : kBf16BuiltinMaxRowsDyW);
-    }
-#endif
-    return true;
-  }
-#if defined(__AVX512F__)
-  return true;
-#elif defined(__AVX2__) && defined(__FMA__)
-  return m <= 1024;
+      return rows_up_to(kBf16MaxRows, kBf16MaxRowsDyW);
 #else
-  return m <= kBuiltinGemmStreamRows;
+      return true;
 #endif
+    case LORA_DTYPE_F16:
+      if (blas.fp16_native) return rows_up_to(kFp16NativeMaxRows, kFp16NativeMaxRowsDyW);
+      return true;
+    case LORA_DTYPE_F32:
+#if defined(__AVX512F__)
+      if (blas.mkl_on_intel) return rows_up_to(kMklIntelMaxRows, kMklIntelMaxRowsDyW);
+      return true;
+#elif defined(__AVX2__) && defined(__FMA__)
+      return m <= 1024;
+#else
+      return m <= kBuiltinGemmStreamRows;
+#endif
+    default: return true;
+  }
 }
 
 }  // namespace lora_ops::cpu

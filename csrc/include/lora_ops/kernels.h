@@ -84,10 +84,19 @@ Gemm builtin_gemm();
 // M = 2-4, ~1.5x at M = 16), so callers with a BLAS may prefer the built-in GEMM up to here.
 inline constexpr int64_t kBuiltinGemmStreamRows = 16;
 
-// Whether builtin_gemm is faster than a BLAS (ATen's CPU matmul) for a product of m rows in
-// `dtype` with B stored [n, k] (b_is_nk, x W^T) or [k, n] (dY W) (see builtin_gemm.cpp; decided
-// by the vector units the CPU kernels were compiled for).
-bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m);
+// What the BLAS that builtin_gemm is weighed against (ATen's CPU matmul) runs on, where that
+// moves the crossover. All false: what the CPU kernels were compiled for decides alone.
+struct BlasTraits {
+  bool mkl_on_intel = false;  // fp32 on MKL on an Intel CPU (its fast paths; not so on AMD)
+  bool fp16_native = false;   // fp16 products on AVX512-FP16 arithmetic
+  bool bf16_amx = false;      // bf16 products on AMX tiles
+};
+
+// Whether builtin_gemm is faster than that BLAS for a product of m rows in `dtype` with B
+// stored [n, k] (b_is_nk, x W^T) or [k, n] (dY W) (see builtin_gemm.cpp for the measurements;
+// decided by the vector units the CPU kernels were compiled for and by `blas`).
+bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m,
+                            const BlasTraits& blas = {});
 
 // The vector units the CPU kernels were compiled for ("avx512", "avx2" or "baseline"): their
 // GEMM's tiles and builtin_gemm_preferred depend on it.
