@@ -334,35 +334,45 @@ inline void dot_block_any(int rows, int cols, const float* a, int64_t lda, const
 }
 
 // acc[r * n + j] += sum_q a_rows[r * kc + q] b_row(q)[j] over the kc rows of B, for r < m:
-// four rows of B per pass over the sums (their loads and stores are then a third of the traffic
-// they would be one row at a time). b_row(q, slot) gives row q of the block as a TB pointer,
-// `slot` (0-3) naming scratch it may fill. Fixed order: rows of B in fours, then the rest.
+// four rows of B per pass over the sums, whose loads and stores are then a quarter of what they
+// would be one row at a time. A pass takes two vectors of each of the four rows into registers
+// and applies them to all m rows of sums before moving along j, so each element of B is loaded
+// once however many rows there are (rows of B read start to end, as the prefetcher likes).
+// b_row(q, slot) gives row q of the block as a TB pointer, `slot` (0-3) naming scratch it may
+// fill. Fixed order: rows of B in fours, then the rest; within four, ((0 + 1) + 2) + 3.
 template <class TB, class RowOf>
 inline void scale_rows_into(const float* __restrict a_rows, int64_t m, int64_t kc, RowOf b_row,
                             float* __restrict acc, int64_t n) {
+  constexpr int64_t kStep = 2 * kVecLen;
   int64_t p = 0;
   for (; p + 4 <= kc; p += 4) {
     const TB* __restrict b0 = b_row(p, 0);
     const TB* __restrict b1 = b_row(p + 1, 1);
     const TB* __restrict b2 = b_row(p + 2, 2);
     const TB* __restrict b3 = b_row(p + 3, 3);
+    int64_t j = 0;
+    for (; j + kStep <= n; j += kStep) {
+      const VecF b0l = load_vec(b0 + j), b0h = load_vec(b0 + j + kVecLen);
+      const VecF b1l = load_vec(b1 + j), b1h = load_vec(b1 + j + kVecLen);
+      const VecF b2l = load_vec(b2 + j), b2h = load_vec(b2 + j + kVecLen);
+      const VecF b3l = load_vec(b3 + j), b3h = load_vec(b3 + j + kVecLen);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* a = a_rows + r * kc + p;
+        const VecF v0 = broadcast(a[0]), v1 = broadcast(a[1]), v2 = broadcast(a[2]);
+        const VecF v3 = broadcast(a[3]);
+        float* __restrict row = acc + r * n + j;
+        store_vec(row, load_vec(row) + (((v0 * b0l + v1 * b1l) + v2 * b2l) + v3 * b3l));
+        store_vec(row + kVecLen,
+                  load_vec(row + kVecLen) + (((v0 * b0h + v1 * b1h) + v2 * b2h) + v3 * b3h));
+      }
+    }
     for (int64_t r = 0; r < m; ++r) {
       const float* a = a_rows + r * kc + p;
       const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
       float* __restrict row = acc + r * n;
-      int64_t j = 0;
-      if constexpr (kWidenExplicitly<TB>) {
-        const VecF v0 = broadcast(a0), v1 = broadcast(a1), v2 = broadcast(a2);
-        const VecF v3 = broadcast(a3);
-        for (; j + kVecLen <= n; j += kVecLen) {
-          const VecF sum = ((v0 * load_vec(b0 + j) + v1 * load_vec(b1 + j)) +
-                            v2 * load_vec(b2 + j)) + v3 * load_vec(b3 + j);
-          store_vec(row + j, load_vec(row + j) + sum);
-        }
-      }
-      for (; j < n; ++j) {
-        row[j] += ((a0 * to_float(b0[j]) + a1 * to_float(b1[j])) + a2 * to_float(b2[j])) +
-                  a3 * to_float(b3[j]);
+      for (int64_t q = j; q < n; ++q) {
+        row[q] += ((a0 * to_float(b0[q]) + a1 * to_float(b1[q])) + a2 * to_float(b2[q])) +
+                  a3 * to_float(b3[q]);
       }
     }
   }
