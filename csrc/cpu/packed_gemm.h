@@ -69,15 +69,15 @@ inline constexpr int64_t kMaxTileM = 384;  // rows of a work item, all sharing o
 inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
 
 inline constexpr int64_t kSmallM = kBuiltinGemmStreamRows;  // up to this many rows, B is streamed
+// Rows of a streamed B along j applied per pass over the sums (scale_rows_into): two vectors of
+// each in registers, with their broadcast factors, fill AVX-512's 32 registers at 8 rows and
+// SSE's / AVX2's 16 at 4.
+inline constexpr int64_t kAlongJRowsPerPass = kVecLen == 16 ? 8 : 4;
 // The streamed path fills the same scratch differently: depth blocks of few_rows_kc(m) (A's m
-// rows in a_pack) and tiles up to kFewRowsMaxTileN wide, so that four fp32 rows of B along j fit
-// b_pack and kSmallM rows of sums fit c_tile.
+// rows in a_pack) and tiles up to kFewRowsMaxTileN wide, so that kAlongJRowsPerPass fp32 rows of
+// B along j fit b_pack and kSmallM rows of sums fit c_tile.
 inline constexpr int64_t kFewRowsMaxTileN =
-    std::min(kKC * kMaxTileN / 4, kMaxTileM * kMaxTileN / kSmallM);
-
-// Up to this many rows, a streamed half-precision B along j is widened in registers per row of
-// A rather than once into fp32 (gemm_tile_few_rows).
-inline constexpr int64_t kWidenInPlaceMaxRows = 4;
+    std::min(kKC * kMaxTileN / kAlongJRowsPerPass, kMaxTileM * kMaxTileN / kSmallM);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -117,13 +117,6 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed);
 
 enum class BLayout { kAlongK, kAlongJ, kOther };
 
-// Most rows for which a product with B along j streams B: each row of A makes a pass over the
-// sums in L2, which from about 9 rows costs more than packing B for the micro-kernel. Measured
-// on the fused backward (its dY W), r = 16, K = N = 4096, packed/streamed: fp32 1.05 / 1.02 /
-// 0.92 / 0.81 / 0.91 at M = 5 / 8 / 10 / 12 / 16, bf16 1.13 / 1.07 / 1.16 / 1.01 / 1.05, fp16
-// 0.99 / 1.11 at M = 5 / 8, 0.90 at M = 16; at K = 14336, M = 12-16: 0.78-0.84 in all three.
-inline constexpr int64_t kMaxAlongJStreamRows = 8;
-
 // Shallowest depth at which a streamed product takes dot products along k: each output ends in
 // a reduction across a vector's lanes, which at the adapter's depth (its rank, in S B^T) cost
 // more than the products. Shallower, B is packed (fused fwd at K = N = 4096, r = 16, M = 16:
@@ -161,10 +154,6 @@ bool multiplies_bf16_pairs(const PackA& pack_a, const PackB& pack_b) {
 // 0.82 / 0.92 / 0.99 / 0.85 at M = 9 / 10 / 12 / 16 (K = N = 4096), 0.70 at M = 12 with
 // K = N = 1024 and 0.88 with N = 14336.
 inline constexpr int64_t kBf16MaxStreamRows = 8;
-// The same for B along j (dY W). Fused bwd (C ABI), packed/streamed: 1.62 / 1.62 / 1.43 at
-// M = 2 / 3 / 4, 0.65 / 0.52 / 0.60 at M = 5 / 6 / 8 (K = N = 4096); 0.84 and 0.77 at M = 4
-// and 8 with K = N = 1024, 0.54 at M = 6 with N = 14336.
-inline constexpr int64_t kBf16MaxAlongJStreamRows = 4;
 
 // Whether a product of m rows and depth k streams B rather than packing it (see the top of this
 // file).
@@ -176,8 +165,13 @@ bool streams_b(int64_t m, int64_t k, const PackA& pack_a, const PackB& pack_b) {
       if (m > kBf16MaxStreamRows && multiplies_bf16_pairs(pack_a, pack_b)) return false;
       return k >= kMinDotDepth;
     case BLayout::kAlongJ:
-      if (m > kBf16MaxAlongJStreamRows && multiplies_bf16_pairs(pack_a, pack_b)) return false;
-      return m <= kMaxAlongJStreamRows;
+      // Every such product: scale_rows_into loads each element of B once per pass over all the
+      // rows of sums. Measured on the fused backward (its dY W, C ABI), r = 16, against packing
+      // B for the micro-kernel from 9 rows (fp32 and fp16) or 5 (bf16 pairs): fp32 0.84 / 0.74
+      // at M = 12 / 16 (K = N = 4096), 0.93 at M = 16 with K = N = 1024, 0.81 with N = 14336;
+      // bf16 0.51 / 0.58 at M = 8 / 16, 0.81 at M = 16 with K = N = 1024; fp16 0.72 / 0.74 at
+      // M = 8 / 16, 1.09 at M = 16 with K = N = 1024.
+      return true;
     case BLayout::kOther:
       break;
   }
@@ -334,45 +328,52 @@ inline void dot_block_any(int rows, int cols, const float* a, int64_t lda, const
 }
 
 // acc[r * n + j] += sum_q a_rows[r * kc + q] b_row(q)[j] over the kc rows of B, for r < m:
-// four rows of B per pass over the sums, whose loads and stores are then a quarter of what they
-// would be one row at a time. A pass takes two vectors of each of the four rows into registers
-// and applies them to all m rows of sums before moving along j, so each element of B is loaded
-// once however many rows there are (rows of B read start to end, as the prefetcher likes).
-// b_row(q, slot) gives row q of the block as a TB pointer, `slot` (0-3) naming scratch it may
-// fill. Fixed order: rows of B in fours, then the rest; within four, ((0 + 1) + 2) + 3.
+// kAlongJRowsPerPass (R) rows of B per pass over the sums, whose loads and stores are then 1/R
+// of what they would be one row at a time. A pass takes two vectors of each of the R rows into
+// registers and applies them to all m rows of sums before moving along j, so each element of B
+// is loaded once however many rows there are (rows of B read start to end, as the prefetcher
+// likes). b_row(q, slot) gives row q of the block as a TB pointer, `slot` (below R) naming
+// scratch it may fill. Fixed order: rows of B in passes of R, then one at a time; within a
+// pass, ((0 + 1) + 2) + ... + (R - 1), then added to the sum.
 template <class TB, class RowOf>
 inline void scale_rows_into(const float* __restrict a_rows, int64_t m, int64_t kc, RowOf b_row,
                             float* __restrict acc, int64_t n) {
+  constexpr int kR = static_cast<int>(kAlongJRowsPerPass);
   constexpr int64_t kStep = 2 * kVecLen;
   int64_t p = 0;
-  for (; p + 4 <= kc; p += 4) {
-    const TB* __restrict b0 = b_row(p, 0);
-    const TB* __restrict b1 = b_row(p + 1, 1);
-    const TB* __restrict b2 = b_row(p + 2, 2);
-    const TB* __restrict b3 = b_row(p + 3, 3);
+  for (; p + kR <= kc; p += kR) {
+    const TB* __restrict b[kR];
+    for (int q = 0; q < kR; ++q) b[q] = b_row(p + q, q);
     int64_t j = 0;
     for (; j + kStep <= n; j += kStep) {
-      const VecF b0l = load_vec(b0 + j), b0h = load_vec(b0 + j + kVecLen);
-      const VecF b1l = load_vec(b1 + j), b1h = load_vec(b1 + j + kVecLen);
-      const VecF b2l = load_vec(b2 + j), b2h = load_vec(b2 + j + kVecLen);
-      const VecF b3l = load_vec(b3 + j), b3h = load_vec(b3 + j + kVecLen);
+      VecF lo[kR], hi[kR];
+#pragma GCC unroll 8
+      for (int q = 0; q < kR; ++q) {
+        lo[q] = load_vec(b[q] + j);
+        hi[q] = load_vec(b[q] + j + kVecLen);
+      }
       for (int64_t r = 0; r < m; ++r) {
         const float* a = a_rows + r * kc + p;
-        const VecF v0 = broadcast(a[0]), v1 = broadcast(a[1]), v2 = broadcast(a[2]);
-        const VecF v3 = broadcast(a[3]);
+        VecF v = broadcast(a[0]);
+        VecF sum_lo = v * lo[0], sum_hi = v * hi[0];
+#pragma GCC unroll 8
+        for (int q = 1; q < kR; ++q) {
+          v = broadcast(a[q]);
+          sum_lo = fmadd(v, lo[q], sum_lo);
+          sum_hi = fmadd(v, hi[q], sum_hi);
+        }
         float* __restrict row = acc + r * n + j;
-        store_vec(row, load_vec(row) + (((v0 * b0l + v1 * b1l) + v2 * b2l) + v3 * b3l));
-        store_vec(row + kVecLen,
-                  load_vec(row + kVecLen) + (((v0 * b0h + v1 * b1h) + v2 * b2h) + v3 * b3h));
+        store_vec(row, load_vec(row) + sum_lo);
+        store_vec(row + kVecLen, load_vec(row + kVecLen) + sum_hi);
       }
     }
     for (int64_t r = 0; r < m; ++r) {
       const float* a = a_rows + r * kc + p;
-      const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
       float* __restrict row = acc + r * n;
-      for (int64_t q = j; q < n; ++q) {
-        row[q] += ((a0 * to_float(b0[q]) + a1 * to_float(b1[q])) + a2 * to_float(b2[q])) +
-                  a3 * to_float(b3[q]);
+      for (int64_t col = j; col < n; ++col) {
+        float sum = a[0] * to_float(b[0][col]);
+        for (int q = 1; q < kR; ++q) sum = fmadd(a[q], to_float(b[q][col]), sum);
+        row[col] += sum;
       }
     }
   }
@@ -381,7 +382,7 @@ inline void scale_rows_into(const float* __restrict a_rows, int64_t m, int64_t k
     for (int64_t r = 0; r < m; ++r) {
       const float a = a_rows[r * kc + p];
       float* __restrict row = acc + r * n;
-      for (int64_t j = 0; j < n; ++j) row[j] += a * to_float(b_p[j]);
+      for (int64_t col = 0; col < n; ++col) row[col] += a * to_float(b_p[col]);
     }
   }
 }
@@ -396,14 +397,14 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
   using TB = typename PackB::Element;
   float* __restrict acc = ws.c_tile;     // m x n
   float* __restrict a_rows = ws.a_pack;  // m x kc
-  float* __restrict b_lines = ws.b_pack;  // four rows of B along j, as fp32, when transformed
+  float* __restrict b_lines = ws.b_pack;  // kAlongJRowsPerPass rows of B along j, as fp32,
+                                          // when transformed
   std::fill(acc, acc + m * n, 0.0f);
   const bool along_k = pack_b.layout() == BLayout::kAlongK;
-  // Rows of B along j are read once per row of A: widened in registers each time for a few rows,
-  // else widened once into fp32 lines (measured, bf16 dY W at K = N = 4096: in place took 0.75x
-  // the copy's time at M = 4 and 1.3x at M = 8).
-  const bool in_place = pack_b.along_j_in_place() &&
-                        (std::is_same_v<TB, float> || m <= kWidenInPlaceMaxRows);
+  // Rows of B along j are loaded once per pass over all rows of A (scale_rows_into), so they are
+  // widened in registers wherever they may be read in place (fp16 dY W, K = N = 4096, against
+  // widening once into fp32 lines: 0.81 / 0.78 of the time at M = 5 / 8).
+  const bool in_place = pack_b.along_j_in_place();
   const int64_t kc_max = few_rows_kc(m);
   for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
     const int64_t kc = std::min(kc_max, k - k0);

@@ -8,6 +8,7 @@
 #ifndef LORA_OPS_CPU_VEC_H_
 #define LORA_OPS_CPU_VEC_H_
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -36,6 +37,16 @@ inline VecF fmadd(VecF a, VecF b, VecF c) {
   return _mm512_fmadd_ps(a, b, c);
 #elif defined(__FMA__) && defined(__AVX__)
   return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The scalar twin of fmadd: fused exactly where the vector one is, so that a vector loop and its
+// scalar tail round alike.
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
 #else
   return a * b + c;
 #endif
