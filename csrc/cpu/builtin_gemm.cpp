@@ -57,23 +57,25 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 // - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMM) is a tie
 //   with our whole fused op; from 2 rows, and for dY W at any M, it is 2x to 500x slower.
 // And on a 2-core Intel Xeon (Sapphire Rapids class: AVX512_BF16, AVX512_FP16, AMX) on
-// 2026-12-05, the torch op on each GEMM (LORA_OPS_CPU_GEMM=builtin / aten), r = 16, time
-// builtin / ATen for the forward and for the backward (fwd+bwd less fwd):
-// - fp32 (MKL): fwd 0.56 / 0.58 / 0.72 / 0.99 / 1.00 at M = 4 / 8 / 16 / 32 / 64 (K = N = 4096),
-//   1.02 / 1.12 at M = 64 / 256 (K = 4096, N = 1024), 1.06 / 1.15 at M = 256 / 1024
-//   (K = N = 2048); bwd 0.86 / 1.28 / 1.23 / 1.20 / 1.11 at M = 4 / 8 / 16 / 32 / 64.
-// - bf16 (oneDNN on AMX): fwd 0.75 / 0.72 / 0.86 / 1.37 / 1.65 / 2.97 / 5.1 at M = 1 / 2 / 4 /
-//   5 / 8 / 16 / 64; bwd 0.42 / 0.68 / 0.96 / 1.9 / 2.6 at M = 1 / 2 / 4 / 8 / 16.
-// - fp16 (AVX512_FP16): fwd 0.66 / 0.40 / 0.96 / 1.22 at M = 1 / 4 / 16 / 64; bwd 0.50 / 0.83 /
-//   1.22 / 1.15 at M = 1 / 4 / 16 / 64.
+// 2026-12-05, the torch op on each GEMM (LORA_OPS_CPU_GEMM=builtin / aten), r = 16,
+// K = N = 4096, the weight rotated through six copies (read from memory), time builtin / ATen
+// for the forward and for the backward (after the streamed-B changes of that day):
+// - fp32 (MKL): fwd 0.57 / 0.54 / 0.55 / 0.63 / 0.89 at M = 4 / 8 / 12 / 16 / 24; with the
+//   weight in cache 0.99 / 1.00 at M = 32 / 64, 1.12 at M = 256 (N = 1024), 1.15 at M = 1024
+//   (K = N = 2048). bwd 0.87 / 1.13 / 0.98 / 0.92 / 0.78 / 1.13 at M = 4 / 8 / 10 / 12 / 16 / 24.
+// - bf16 (oneDNN on AMX): fwd 0.73 / 0.98 / 1.07 / 1.21 / 2.2 / 2.4 at M = 4 / 5 / 6 / 8 / 12 /
+//   16 (5.1 at M = 64, in cache); bwd 0.53 / 0.61 / 0.65 / 0.71 / 0.89 / 1.04 at M = 4 / 5 / 6 /
+//   8 / 12 / 16.
+// - fp16 (AVX512_FP16): fwd 0.46 / 0.71 / 0.90 / 1.08 / 1.35 at M = 4 / 8 / 12 / 16 / 24; bwd
+//   0.52 / 0.55 / 0.62 / 0.71 / 1.18 / 1.25 at M = 4 / 8 / 12 / 16 / 24 / 32.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
 // measured against a BLAS.
 // The most rows of a product the built-in GEMM takes, x W^T / dY W: bf16 with AVX512_BF16,
 // bf16 on AMX, fp16 on AVX512_FP16, fp32 against MKL on Intel.
 constexpr int64_t kBf16MaxRows = 4, kBf16MaxRowsDyW = 48;
-constexpr int64_t kAmxBf16MaxRows = 4, kAmxBf16MaxRowsDyW = 4;
-constexpr int64_t kFp16NativeMaxRows = 16, kFp16NativeMaxRowsDyW = 4;
-constexpr int64_t kMklIntelMaxRows = 64, kMklIntelMaxRowsDyW = 4;
+constexpr int64_t kAmxBf16MaxRows = 4, kAmxBf16MaxRowsDyW = 12;
+constexpr int64_t kFp16NativeMaxRows = 12, kFp16NativeMaxRowsDyW = 16;
+constexpr int64_t kMklIntelMaxRows = 64, kMklIntelMaxRowsDyW = 16;
 
 const char* cpu_vector_isa() {
 #if defined(__AVX512F__)

@@ -327,6 +327,34 @@ inline void dot_block_any(int rows, int cols, const float* a, int64_t lda, const
   kTable[rows - 1][cols - 1](a, lda, b, n, out, ld);
 }
 
+// One pass of scale_rows_into over columns [j, j + kVecs * kVecLen): the R rows of B at those
+// columns into registers, applied to the m rows of sums.
+template <int kVecs, int kR, class TB>
+inline void scale_rows_columns(const float* __restrict a_rows, int64_t m, int64_t kc, int64_t p,
+                               const TB* const (&b)[kR], float* __restrict acc, int64_t n,
+                               int64_t j) {
+  VecF bv[kR][kVecs];
+#pragma GCC unroll 8
+  for (int q = 0; q < kR; ++q) {
+    for (int v = 0; v < kVecs; ++v) bv[q][v] = load_vec(b[q] + j + v * kVecLen);
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    const float* a = a_rows + r * kc + p;
+    VecF sum[kVecs];
+    VecF f = broadcast(a[0]);
+    for (int v = 0; v < kVecs; ++v) sum[v] = f * bv[0][v];
+#pragma GCC unroll 8
+    for (int q = 1; q < kR; ++q) {
+      f = broadcast(a[q]);
+      for (int v = 0; v < kVecs; ++v) sum[v] = fmadd(f, bv[q][v], sum[v]);
+    }
+    float* __restrict row = acc + r * n + j;
+    for (int v = 0; v < kVecs; ++v) {
+      store_vec(row + v * kVecLen, load_vec(row + v * kVecLen) + sum[v]);
+    }
+  }
+}
+
 // acc[r * n + j] += sum_q a_rows[r * kc + q] b_row(q)[j] over the kc rows of B, for r < m:
 // kAlongJRowsPerPass (R) rows of B per pass over the sums, whose loads and stores are then 1/R
 // of what they would be one row at a time. A pass takes two vectors of each of the R rows into
@@ -339,39 +367,24 @@ template <class TB, class RowOf>
 inline void scale_rows_into(const float* __restrict a_rows, int64_t m, int64_t kc, RowOf b_row,
                             float* __restrict acc, int64_t n) {
   constexpr int kR = static_cast<int>(kAlongJRowsPerPass);
-  constexpr int64_t kStep = 2 * kVecLen;
   int64_t p = 0;
   for (; p + kR <= kc; p += kR) {
-    const TB* __restrict b[kR];
+    const TB* b[kR];
     for (int q = 0; q < kR; ++q) b[q] = b_row(p + q, q);
     int64_t j = 0;
-    for (; j + kStep <= n; j += kStep) {
-      VecF lo[kR], hi[kR];
-#pragma GCC unroll 8
-      for (int q = 0; q < kR; ++q) {
-        lo[q] = load_vec(b[q] + j);
-        hi[q] = load_vec(b[q] + j + kVecLen);
-      }
-      for (int64_t r = 0; r < m; ++r) {
-        const float* a = a_rows + r * kc + p;
-        VecF v = broadcast(a[0]);
-        VecF sum_lo = v * lo[0], sum_hi = v * hi[0];
-#pragma GCC unroll 8
-        for (int q = 1; q < kR; ++q) {
-          v = broadcast(a[q]);
-          sum_lo = fmadd(v, lo[q], sum_lo);
-          sum_hi = fmadd(v, hi[q], sum_hi);
-        }
-        float* __restrict row = acc + r * n + j;
-        store_vec(row, load_vec(row) + sum_lo);
-        store_vec(row + kVecLen, load_vec(row + kVecLen) + sum_hi);
-      }
+    for (; j + 2 * kVecLen <= n; j += 2 * kVecLen) {
+      scale_rows_columns<2, kR, TB>(a_rows, m, kc, p, b, acc, n, j);
+    }
+    // A narrow product (the adapter's rank as n) still runs on whole vectors.
+    for (; j + kVecLen <= n; j += kVecLen) {
+      scale_rows_columns<1, kR, TB>(a_rows, m, kc, p, b, acc, n, j);
     }
     for (int64_t r = 0; r < m; ++r) {
       const float* a = a_rows + r * kc + p;
       float* __restrict row = acc + r * n;
       for (int64_t col = j; col < n; ++col) {
         float sum = a[0] * to_float(b[0][col]);
+#pragma GCC unroll 8
         for (int q = 1; q < kR; ++q) sum = fmadd(a[q], to_float(b[q][col]), sum);
         row[col] += sum;
       }
