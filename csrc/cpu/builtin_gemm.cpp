@@ -62,7 +62,7 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 // for the forward and for the backward (after the streamed-B changes of that day):
 // - fp32 (MKL): fwd 0.57 / 0.54 / 0.55 / 0.63 / 0.89 at M = 4 / 8 / 12 / 16 / 24; with the
 //   weight in cache 0.99 / 1.00 at M = 32 / 64, 1.12 at M = 256 (N = 1024), 1.15 at M = 1024
-//   (K = N = 2048). bwd 0.87 / 1.13 / 0.98 / 0.92 / 0.78 / 1.13 at M = 4 / 8 / 10 / 12 / 16 / 24.
+//   (K = N = 2048); the multi-adapter fwd at T = 64 / 256, K = N = 2048 (bench): 1.08 / 1.13. bwd 0.87 / 1.13 / 0.98 / 0.92 / 0.78 / 1.13 at M = 4 / 8 / 10 / 12 / 16 / 24.
 // - bf16 (oneDNN on AMX): fwd 0.73 / 0.98 / 1.07 / 1.21 / 2.2 / 2.4 at M = 4 / 5 / 6 / 8 / 12 /
 //   16 (5.1 at M = 64, in cache); bwd 0.53 / 0.61 / 0.65 / 0.71 / 0.89 / 1.04 at M = 4 / 5 / 6 /
 //   8 / 12 / 16.
@@ -75,7 +75,7 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 constexpr int64_t kBf16MaxRows = 4, kBf16MaxRowsDyW = 48;
 constexpr int64_t kAmxBf16MaxRows = 4, kAmxBf16MaxRowsDyW = 12;
 constexpr int64_t kFp16NativeMaxRows = 12, kFp16NativeMaxRowsDyW = 16;
-constexpr int64_t kMklIntelMaxRows = 64, kMklIntelMaxRowsDyW = 16;
+constexpr int64_t kMklIntelMaxRows = 32, kMklIntelMaxRowsDyW = 16;
 
 const char* cpu_vector_isa() {
 #if defined(__AVX512F__)
