@@ -607,37 +607,44 @@ void test_linear_empty() {
   expect(zeros, "bwd M=0 gives zero d_lora_a and d_lora_b");
 }
 
-// Same bits whatever the thread count: each output has one owner and a fixed summation order.
-void test_thread_count_invariance() {
+// Same bits whatever the thread count: each output has one owner and a fixed summation order,
+// whichever way the threads split the columns. Packed (M = 300) and streamed (M = 13, the
+// weight read in place; odd widths, so that vector loops end in tails) products.
+void check_thread_count_invariance(lora_dtype_t d, int64_t M, int64_t N, int64_t K, int64_t r) {
 #ifdef _OPENMP
-  const int64_t M = 300, N = 270, K = 520, r = 24;
+  const std::string what = std::string(dtype_name(d)) + " M=" + std::to_string(M);
   const lora_dropout_t drop = make_dropout(0.2, 5u);
-  const Buffer x = random_buffer(LORA_DTYPE_BF16, M * K), w = random_buffer(LORA_DTYPE_BF16, N * K);
-  const Buffer a = random_buffer(LORA_DTYPE_BF16, r * K), b = random_buffer(LORA_DTYPE_BF16, N * r);
-  Buffer s1(LORA_DTYPE_BF16, M * r), y1(LORA_DTYPE_BF16, M * N);
-  Buffer s2(LORA_DTYPE_BF16, M * r), y2(LORA_DTYPE_BF16, M * N);
+  const Buffer x = random_buffer(d, M * K), w = random_buffer(d, N * K);
+  const Buffer a = random_buffer(d, r * K), b = random_buffer(d, N * r);
+  Buffer s1(d, M * r), y1(d, M * N);
+  Buffer s2(d, M * r), y2(d, M * N);
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
-  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(),
-                       0.5f, drop, s1.ptr(), y1.ptr(), cpu::builtin_gemm());
+  cpu::lora_linear_fwd(d, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(), 0.5f, drop,
+                       s1.ptr(), y1.ptr(), cpu::builtin_gemm());
   omp_set_num_threads(threads > 1 ? threads : 2);
-  cpu::lora_linear_fwd(LORA_DTYPE_BF16, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(),
-                       0.5f, drop, s2.ptr(), y2.ptr(), cpu::builtin_gemm());
-  const Buffer dy = random_buffer(LORA_DTYPE_BF16, M * N);
-  Buffer dx1(LORA_DTYPE_BF16, M * K), da1(LORA_DTYPE_BF16, r * K), db1(LORA_DTYPE_BF16, N * r);
-  Buffer dx2(LORA_DTYPE_BF16, M * K), da2(LORA_DTYPE_BF16, r * K), db2(LORA_DTYPE_BF16, N * r);
-  cpu::lora_linear_bwd(LORA_DTYPE_BF16, M, N, K, r, dy.ptr(), x.ptr(), K, w.ptr(), a.ptr(),
-                       b.ptr(), s2.ptr(), 0.5f, drop, dx2.ptr(), da2.ptr(), db2.ptr(),
-                       cpu::builtin_gemm());
+  cpu::lora_linear_fwd(d, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(), 0.5f, drop,
+                       s2.ptr(), y2.ptr(), cpu::builtin_gemm());
+  const Buffer dy = random_buffer(d, M * N);
+  Buffer dx1(d, M * K), da1(d, r * K), db1(d, N * r);
+  Buffer dx2(d, M * K), da2(d, r * K), db2(d, N * r);
+  cpu::lora_linear_bwd(d, M, N, K, r, dy.ptr(), x.ptr(), K, w.ptr(), a.ptr(), b.ptr(), s2.ptr(),
+                       0.5f, drop, dx2.ptr(), da2.ptr(), db2.ptr(), cpu::builtin_gemm());
   omp_set_num_threads(1);
-  cpu::lora_linear_bwd(LORA_DTYPE_BF16, M, N, K, r, dy.ptr(), x.ptr(), K, w.ptr(), a.ptr(),
-                       b.ptr(), s2.ptr(), 0.5f, drop, dx1.ptr(), da1.ptr(), db1.ptr(),
-                       cpu::builtin_gemm());
+  cpu::lora_linear_bwd(d, M, N, K, r, dy.ptr(), x.ptr(), K, w.ptr(), a.ptr(), b.ptr(), s2.ptr(),
+                       0.5f, drop, dx1.ptr(), da1.ptr(), db1.ptr(), cpu::builtin_gemm());
   omp_set_num_threads(threads);
-  expect(s1.bytes == s2.bytes && y1.bytes == y2.bytes, "fwd bitwise equal on 1 and 2+ threads");
+  expect(s1.bytes == s2.bytes && y1.bytes == y2.bytes,
+         "fwd bitwise equal on 1 and 2+ threads, " + what);
   expect(dx1.bytes == dx2.bytes && da1.bytes == da2.bytes && db1.bytes == db2.bytes,
-         "bwd bitwise equal on 1 and 2+ threads");
+         "bwd bitwise equal on 1 and 2+ threads, " + what);
 #endif
+}
+
+void test_thread_count_invariance() {
+  check_thread_count_invariance(LORA_DTYPE_BF16, 300, 270, 520, 24);
+  check_thread_count_invariance(LORA_DTYPE_F32, 13, 1000, 1111, 16);
+  check_thread_count_invariance(LORA_DTYPE_F16, 13, 1000, 1111, 16);
 }
 
 // PhasedWork: every item runs once, an item of a phase only after every item of the phase
