@@ -54,7 +54,7 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   0.90 / 0.84 / 0.86 / 0.96 / 0.94 / 1.00 at M = 8 / 16 / 24 / 32 / 48 / 64, and the fused bwd
 //   took 1.15x ATen's bare dY W at M = 256. Before the dot-product path, ours took 2x ATen's
 //   time at 16 rows and 2.3x at 64.
-// - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMM) is a tie
+// - fp16, AVX-512 without AVX512_FP16: ATen's one-row x W^T product (its fp16 GEMV) is a tie
 //   with our whole fused op; from 2 rows, and for dY W at any M, it is 2x to 500x slower.
 // And on a 2-core Intel Xeon (Sapphire Rapids class: AVX512_BF16, AVX512_FP16, AMX) on
 // 2026-12-05, the torch op on each GEMM (LORA_OPS_CPU_GEMM=builtin / aten), r = 16,
@@ -62,7 +62,8 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 // for the forward and for the backward (after the streamed-B changes of that day):
 // - fp32 (MKL): fwd 0.57 / 0.54 / 0.55 / 0.63 / 0.89 at M = 4 / 8 / 12 / 16 / 24; with the
 //   weight in cache 0.99 / 1.00 at M = 32 / 64, 1.12 at M = 256 (N = 1024), 1.15 at M = 1024
-//   (K = N = 2048); the multi-adapter fwd at T = 64 / 256, K = N = 2048 (bench): 1.08 / 1.13. bwd 0.87 / 1.13 / 0.98 / 0.92 / 0.78 / 1.13 at M = 4 / 8 / 10 / 12 / 16 / 24.
+//   (K = N = 2048); the multi-adapter fwd at T = 64 / 256, K = N = 2048 (bench): 1.08 / 1.13.
+//   bwd 0.87 / 1.13 / 0.98 / 0.92 / 0.78 / 1.13 at M = 4 / 8 / 10 / 12 / 16 / 24.
 // - bf16 (oneDNN on AMX): fwd 0.73 / 0.98 / 1.07 / 1.21 / 2.2 / 2.4 at M = 4 / 5 / 6 / 8 / 12 /
 //   16 (5.1 at M = 64, in cache); bwd 0.53 / 0.61 / 0.65 / 0.71 / 0.89 / 1.04 at M = 4 / 5 / 6 /
 //   8 / 12 / 16.
