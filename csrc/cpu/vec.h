@@ -94,11 +94,11 @@ inline VecF load_vec(const BFloat16* p) {
 
 inline void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 
-// Whether loops over T elements should widen them through load_vec rather than leave a scalar
-// to_float loop to gcc's vectoriser: only for fp16, whose vcvtph2ps gcc does not derive from
-// half_to_float's bit arithmetic (that loop took 2x the time of the explicit one in dY W at
-// M = 4). For fp32 and bf16 (a shift) the vectorised scalar loops measured faster than explicit
-// ones (fp32 dY W at M = 16: the explicit loop took 1.15x).
+// Whether load_span widens T through load_vec rather than leaving a scalar to_float loop to
+// gcc's vectoriser: only for fp16, whose vcvtph2ps gcc does not derive from half_to_float's bit
+// arithmetic (measured in an earlier dY W loop: the scalar loop took 2x the time at M = 4); for
+// fp32 and bf16 (a shift) the vectorised scalar loop was the faster there (the explicit one took
+// 1.15x at M = 16). The register-blocked passes (scale_rows_into) widen through load_vec always.
 template <class T>
 inline constexpr bool kWidenExplicitly = std::is_same_v<T, Half>;
 
