@@ -10,6 +10,9 @@ PIP_INSTALL := $(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAI
 # Index downloads get three tries: one interrupted download once failed a whole CI run. pip keeps
 # what it finished in its cache, so a retry fetches only what is missing.
 retry = for try in 1 2 3; do $(1) && break; test $$try = 3 && exit 1; echo "retrying: $(1)"; sleep 15; done
+# CUTLASS's headers (the Hopper adapter-in-GEMM kernel, csrc/cuda/adapter_gemm_sm90*); only
+# the headers are used, so none of the package's Python dependencies.
+CUTLASS := nvidia-cutlass==4.2.0.0
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* csrc/include/lora_ops/*.h)
 
 .PHONY: demo test test-cpp test-sanitize lint bench install
@@ -26,6 +29,7 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(call retry,$(PIP_INSTALL) --upgrade pip)
 	$(call retry,$(PIP_INSTALL) -r requirements-dev.txt)
+	$(call retry,$(PIP_INSTALL) --no-deps $(CUTLASS))
 	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

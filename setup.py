@@ -1,6 +1,7 @@
 """Builds lora_ops._C: the CPU kernels always, the CUDA kernels when torch is a CUDA build and
 nvcc is found (also on machines without a GPU, so CI proves the CUDA sources compile)."""
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -64,6 +65,17 @@ def cublas_link_name(lib_dir: str) -> str:
     return ":" + os.path.basename(versioned[0]) if versioned else "cublas"
 
 
+def cutlass_include_dir() -> str | None:
+    """CUTLASS's headers, for the Hopper adapter-in-GEMM kernel (csrc/cuda/adapter_gemm_sm90*):
+    $LORA_OPS_CUTLASS_DIR, else those the nvidia-cutlass package ships. None: that kernel is
+    built as a stub and the forward keeps its other plans."""
+    candidates = [os.environ.get("LORA_OPS_CUTLASS_DIR", "")]
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        candidates.append(os.path.join(list(spec.submodule_search_locations)[0], "source", "include"))
+    return next((c for c in candidates if c and os.path.exists(os.path.join(c, "cutlass", "cutlass.h"))), None)
+
+
 def extension():
     # The C ABI (csrc/c_api.cpp) belongs to the standalone CMake library, not the torch module.
     sources = sorted(s for s in glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
@@ -86,11 +98,12 @@ def extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     inc, lib = cublas_dirs()
+    cutlass = cutlass_include_dir()
     defines = ["-DLORA_OPS_WITH_CUDA", f'-DLORA_OPS_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DLORA_OPS_WITH_CUDA"]
     return CUDAExtension(
         "lora_ops._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        include_dirs=include_dirs + [inc], library_dirs=[lib],
+        include_dirs=include_dirs + [inc] + ([cutlass] if cutlass else []), library_dirs=[lib],
         libraries=[cublas_link_name(lib)],
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
         extra_link_args=["-fopenmp", f"-Wl,-rpath,{lib}"])

@@ -27,6 +27,9 @@ pybind11::dict build_info() {
 #ifdef LORA_OPS_CUDA_ARCHS
   info["cuda_archs"] = LORA_OPS_CUDA_ARCHS;
 #endif
+#ifdef LORA_OPS_WITH_CUDA
+  info["cuda_adapter_gemm"] = lora_ops::cuda::adapter_gemm_built();
+#endif
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

@@ -70,7 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 _PACKAGES = ("lora_ops", "torch", "triton", "transformers", "peft", "safetensors")
 # The environment switches that change what a call runs (README, Backends), besides
 # $LORA_OPS_BACKEND.
-_SWITCHES = ("TRITON_INTERPRET", "LORA_OPS_CPU_GEMM", "LORA_OPS_CUDA_CLUSTERS", "LORA_OPS_CUDA_MMA")
+_SWITCHES = ("TRITON_INTERPRET", "LORA_OPS_CPU_GEMM", "LORA_OPS_CUDA_CLUSTERS", "LORA_OPS_CUDA_MMA",
+             "LORA_OPS_CUDA_ADAPTER_GEMM")
 
 
 def _version(package: str) -> str:

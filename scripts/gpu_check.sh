@@ -11,7 +11,12 @@
 #   bash scripts/gpu_check.sh                                    # all phases
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
 #   PHASES="build bench" BENCH_ARGS="--suite full" GPU_CHECK_TOTAL_S=560 bash scripts/gpu_check.sh
-#   PHASES="plans" bash scripts/gpu_check.sh     # without cluster plans / tensor-core tiles, to compare
+#   PHASES="plans" bash scripts/gpu_check.sh     # without cluster plans / tensor-core tiles / adapter-in-GEMM, to compare
+#
+# CUTLASS (the Hopper adapter-in-GEMM kernel) is header-only and not on the GPU machine's image:
+# carry this machine's copy with the device tool, carry=[".venv/lib/python3.11/site-packages/
+# cutlass_library/source/include"] (27 MB); LORA_OPS_CUTLASS_DIR defaults to it when present.
+# Without it the build has a stub for that kernel and the forward keeps its other plans.
 #
 # Settings (environment): PHASES (default "build cppcuda test sanitize profile bench"; also "plans"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
@@ -39,6 +44,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export SANITIZER_SELECT=${SANITIZER_SELECT:-"cuda-cuda and not graph and not compile and not at_size and not opcheck and not peft"}
 export BENCH_ARGS=${BENCH_ARGS:-}
 export PYTEST_WORKERS=${PYTEST_WORKERS:-4}   # test processes sharing the GPU (pytest-xdist)
+if [[ -z "${LORA_OPS_CUTLASS_DIR:-}" ]]; then
+  for dir in "$PWD"/.venv/lib/python3*/site-packages/cutlass_library/source/include; do
+    [[ -f "$dir/cutlass/cutlass.h" ]] && export LORA_OPS_CUTLASS_DIR=$dir
+  done
+fi
 export WORK=${WORK:-$(mktemp -d)}   # per-phase outputs the summary greps (not sent back)
 
 left() { echo $(( GPU_CHECK_START + GPU_CHECK_TOTAL_S - $(date +%s) )); }
@@ -75,6 +85,8 @@ print("build_info:", info)
 print("available_backends:", lora_ops.available_backends())
 if not info.get("compiled") or not info.get("with_cuda"):
     raise SystemExit("build: lora_ops._C did not load with its CUDA kernels")
+if not info.get("cuda_adapter_gemm"):
+    print("build: no CUTLASS headers (LORA_OPS_CUTLASS_DIR): the adapter-in-GEMM plan is a stub")
 EOF
 }
 
@@ -85,6 +97,7 @@ phase_cppcuda() {
   local sanitizer bin=build-gpu/test_cuda_kernels
   cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DLORA_OPS_WITH_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="${TORCH_CUDA_ARCH_LIST//./}" -DPython3_EXECUTABLE="$(command -v "$PY")" \
+    -DLORA_OPS_CUTLASS_DIR="${LORA_OPS_CUTLASS_DIR:-}" \
     > "$WORK/cppcuda.txt" 2>&1 || { cat "$WORK/cppcuda.txt"; return 1; }
   cmake --build build-gpu -j "$MAX_JOBS" >> "$WORK/cppcuda.txt" 2>&1 || { tail -40 "$WORK/cppcuda.txt"; return 1; }
   [[ -x "$bin" ]] || bin=$(find build-gpu -name test_cuda_kernels -type f -perm -u+x | head -1)
@@ -147,6 +160,13 @@ phase_plans() {
     --dtype bf16 --mode both --shape M=1024,K=4096,N=4096,r=16 \
     --shape M=4096,K=4096,N=4096,r=16 --shape M=4096,K=4096,N=4096,r=64 --time-budget 60 \
     --warmup-ms 10 --rep-ms 40 --out-dir "$OUT/nomma"
+  # Hopper: the cluster adapter kernel + cuBLAS (beta = 1 onto y_init) where the adapter-in-GEMM
+  # plan would run, against the bench phase's rows of the same shapes (T1's large-M rows).
+  mkdir -p "$OUT/noadaptergemm"
+  LORA_OPS_CUDA_ADAPTER_GEMM=0 "$PY" -m lora_ops.bench --ops lora_linear --backends cuda --peers "" \
+    --dtype bf16 --mode fwd --shape M=4096,K=4096,N=4096,r=16 --shape M=4096,K=4096,N=4096,r=64 \
+    --shape M=16384,K=4096,N=14336,r=16 --time-budget 45 --warmup-ms 10 --rep-ms 40 \
+    --out-dir "$OUT/noadaptergemm"
 }
 
 # A phase runs as this script in a child process, so that `timeout` can stop it and all it started.
@@ -206,7 +226,7 @@ if wanted bench; then
       --plot "${bench_json%.json}.png" || true
   fi
 fi
-wanted plans && run_phase plans 90 0
+wanted plans && run_phase plans 150 0
 rm -f "$OUT"/*.tmp
 
 pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" "$1" 2>/dev/null | tail -1; }

@@ -63,3 +63,24 @@ def test_tensor_core_and_simt_tiles_agree_with_oracle(device, backend, mma, dtyp
     monkeypatch.setenv("LORA_OPS_CUDA_MMA", mma)
     x, w, b, a, bb = make_operands((M,), 264, 136, 72, dtype, device)
     check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5, p=0.1, seed=M)
+
+
+def _adapter_gemm_runs_here() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+            and bool(lora_ops.build_info().get("cuda_adapter_gemm")))
+
+
+@pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N,r", [(1030, 72, 4104, 24), (1100, 136, 4096, 128)])
+@pytest.mark.parametrize("mode", ["1", "0"])
+def test_adapter_in_gemm_plan_agrees_with_oracle(device, backend, dtype, M, K, N, r, mode,
+                                                 monkeypatch):
+    # Hopper: shapes the adapter-in-GEMM plan takes (CUTLASS, K + r deep mainloop). "1" requires
+    # it (a call it does not take then fails), "0" switches it off for the cluster plan + cuBLAS.
+    if mode == "1" and not _adapter_gemm_runs_here():
+        pytest.skip("the adapter-in-GEMM plan runs on sm_90 builds with CUTLASS only")
+    monkeypatch.setenv("LORA_OPS_CUDA_ADAPTER_GEMM", mode)
+    x, w, b, a, bb = make_operands((M,), K, N, r, dtype, device)
+    check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5, p=0.1, seed=M)
+    check_parity(device, backend, dtype, x, w, None, a, bb, s=2.0, p=0.0, seed=M)

@@ -16,12 +16,17 @@
 //  instead of the last two: a cluster per 64-row tile splits the shrink's depth between its
 //  blocks, adds their partials through distributed shared memory and writes y_init; then
 //  cuBLAS. 2 launches for any M.
+//  On Hopper, fp16 / bf16 with K, N, r multiples of 8 and enough rows to fill the GPU take the
+//  adapter-in-GEMM plan (adapter_gemm.cuh) instead: the cluster kernel computes only S and
+//  scaling * S, then one CUTLASS GEMM runs K + r deep over [x | scaling S] and [W | B] with the
+//  bias in its epilogue. 2 launches, no y_init round trip, no cuBLAS.
 // The adapter products run on tensor-core tiles for fp16 / bf16 (mma_tile.cuh; operands rounded
 // to dtype as they are staged) and on fp32 SIMT tiles for fp32 or with LORA_OPS_CUDA_MMA=0
 // (tile_gemm.cuh); y_init is rounded to dtype once before cuBLAS adds x W^T, as the CPU backend
 // does.
 #include <stdint.h>
 
+#include "adapter_gemm.cuh"
 #include "cluster.cuh"
 #include "common.cuh"
 #include "dtype.cuh"
@@ -50,10 +55,12 @@ struct FwdPlan {
   int64_t split_len;
   float* s_part;  // kSplit
   float* t;       // kDecode: S as fp32, [M, r]
+  void* s_scaled;  // where the adapter-in-GEMM plan may run: scaling * S, [M, ld_s_scaled]
   size_t workspace_bytes;
 };
 
-FwdPlan plan_fwd(int64_t M, int64_t K, int64_t r, void* workspace) {
+FwdPlan plan_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                 void* workspace) {
   FwdPlan plan{};
   plan.thin = r <= ThinTile::BN;
   plan.splits = 1;
@@ -75,6 +82,11 @@ FwdPlan plan_fwd(int64_t M, int64_t K, int64_t r, void* workspace) {
     if (plan.split_len == 0) plan.split_len = ThinTile::BK;
     plan.splits = static_cast<int>(clamp64(ceil_div(K, plan.split_len), 1, max_splits));
     plan.s_part = ws.take<float>(static_cast<size_t>(plan.splits * M * r));
+  }
+  if (plan.path != FwdPath::kDecode && r <= kClusterMaxRank &&
+      adapter_gemm_shape_ok(dtype, M, N, K, r)) {
+    const int64_t bytes = M * adapter_gemm_ld_s(r) * dtype_size(dtype);
+    plan.s_scaled = ws.take<char>(static_cast<size_t>(bytes));
   }
   plan.workspace_bytes = ws.bytes();
   return plan;
@@ -260,20 +272,29 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_adapter_kernel(const FwdA
   }
   cluster_arrive();
   cluster_wait();
-  T* s_out = block_rank == 0 ? static_cast<T*>(p.s_out) : nullptr;
-  for (int64_t i = threadIdx.x; i < WideTile::BM * r; i += kThreads) {
-    float v = 0.0f;
+  // Every block needs all of S for its expand tiles, and block 0 stores it; with no expand phase
+  // (shrink_only) the blocks split the sums and the stores between them instead.
+  const bool split_sums = p.shrink_only;
+  T* s_out = split_sums || block_rank == 0 ? static_cast<T*>(p.s_out) : nullptr;
+  T* s_scaled = split_sums || block_rank == 0 ? static_cast<T*>(p.s_scaled) : nullptr;
+  const int64_t first = threadIdx.x + (split_sums ? block_rank * kThreads : 0);
+  const int64_t step = split_sums ? kThreads * kClusterBlocks : kThreads;
+  for (int64_t i = first; i < WideTile::BM * r; i += step) {
+    float sum = 0.0f;
 #pragma unroll
-    for (int c = 0; c < kClusterBlocks; ++c) v += load_peer_shared(s_part + i, c);
-    v = round_to<T>(v);
+    for (int c = 0; c < kClusterBlocks; ++c) sum += load_peer_shared(s_part + i, c);
+    const float v = round_to<T>(sum);
     s_tile[i] = v;
     const int64_t m = m0 + i / r;
     if (s_out != nullptr && m < p.M) s_out[m * r + i % r] = from_float<T>(v);
+    if (s_scaled != nullptr && m < p.M) {
+      s_scaled[m * p.ld_s_scaled + i % r] = from_float<T>(p.scaling * sum);
+    }
   }
   __syncthreads();
   cluster_arrive();  // this block is done reading its peers' partials
 
-  const int64_t n_tiles = ceil_div(p.N, WideTile::BN);
+  const int64_t n_tiles = p.shrink_only ? 0 : ceil_div(p.N, WideTile::BN);
   for (int64_t n_tile = block_rank; n_tile < n_tiles; n_tile += kClusterBlocks) {
     const int64_t n0 = n_tile * WideTile::BN;
     float acc[Wide::TM * Wide::TN] = {};
@@ -359,12 +380,34 @@ lora_status_t run_adapter(const FwdArgs& args, const FwdPlan& plan, cudaStream_t
   });
 }
 
+// The adapter-in-GEMM plan: S and scaling * S from the cluster kernel, then the GEMM writes y.
+// *launched = false, having launched nothing, where it does not apply to this call.
+lora_status_t run_adapter_in_gemm(lora_dtype_t dtype, FwdArgs args, const FwdPlan& plan,
+                                  cudaStream_t stream, bool* launched) {
+  *launched = false;
+  const AdapterGemmArgs g{args.M, args.N, args.K, args.r, args.x, args.ldx, args.w,
+                          plan.s_scaled, adapter_gemm_ld_s(args.r), args.b, args.bias, args.y};
+  if (!adapter_gemm_usable(dtype, g)) return LORA_OK;
+  args.shrink_only = true;
+  args.s_scaled = plan.s_scaled;
+  args.ld_s_scaled = g.ld_s_scaled;
+  LORA_RETURN_IF_ERROR(dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return dispatch_tiles<T>([&](auto tiles) {
+      return run_cluster<T, decltype(tiles)>(args, plan.thin, stream, launched);
+    });
+  }));
+  if (!*launched) return LORA_OK;
+  return adapter_gemm(dtype, g, stream);
+}
+
 }  // namespace
 }  // namespace detail
 
-size_t lora_linear_fwd_workspace_bytes(lora_dtype_t, int64_t M, int64_t, int64_t K, int64_t r) {
-  if (M < 0 || K < 0 || r < 0) return 0;
-  return detail::plan_fwd(M, K, r, nullptr).workspace_bytes;
+size_t lora_linear_fwd_workspace_bytes(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
+                                       int64_t r) {
+  if (M < 0 || N < 0 || K < 0 || r < 0) return 0;
+  return detail::plan_fwd(dtype, M, N, K, r, nullptr).workspace_bytes;
 }
 
 lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
@@ -380,7 +423,7 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
       !present(lora_b, N * r) || !present(s_out, M * r) || !present(y, M * N)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
-  const detail::FwdPlan plan = detail::plan_fwd(M, K, r, ctx.workspace);
+  const detail::FwdPlan plan = detail::plan_fwd(dtype, M, N, K, r, ctx.workspace);
   if (plan.path == detail::FwdPath::kEmpty) return LORA_OK;
   if (ctx.workspace_bytes < plan.workspace_bytes ||
       (plan.workspace_bytes > 0 && ctx.workspace == nullptr)) {
@@ -443,6 +486,14 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     return detail::launch_decode_layer(dtype, sp, ep, N, weight, bias, scaling, ctx.stream);
   }
 
+  if (plan.s_scaled != nullptr) {
+    bool launched = false;
+    LORA_RETURN_IF_ERROR(detail::run_adapter_in_gemm(dtype, args, plan, ctx.stream, &launched));
+    if (launched) return LORA_OK;
+    if (detail::adapter_gemm_mode() == detail::AdapterGemmMode::kRequired) {
+      return LORA_ERR_UNSUPPORTED;
+    }
+  }
   LORA_RETURN_IF_ERROR(detail::dispatch_dtype(dtype, [&](auto tag) {
     return detail::run_adapter<typename decltype(tag)::type>(args, plan, ctx.stream);
   }));

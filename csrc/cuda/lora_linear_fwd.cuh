@@ -29,6 +29,11 @@ struct FwdArgs {
   int splits;         // split plan
   int64_t split_len;  // split and cluster plans: the depth of one split / one cluster block
   bool vec_ok;        // decode cluster plan: x, W and A rows may be read as 16-byte vectors
+  // Adapter-in-GEMM plan: the cluster kernel only computes S (s_out) and scaling * S into
+  // s_scaled (row stride ld_s_scaled) for the GEMM that then writes y.
+  bool shrink_only;
+  void* s_scaled;
+  int64_t ld_s_scaled;
 };
 
 // Decode on GPUs with thread block clusters (cluster.cuh), M <= kDecodeClusterMaxRows: y and

@@ -1165,6 +1165,24 @@ void run_graph_cases(CudaBackend& be) {
   be.set_capture(false);
 }
 
+// Hopper's adapter-in-GEMM forward (csrc/cuda/adapter_gemm*): shapes it takes (K, N, r
+// multiples of 8, >= 128 output tiles of 128 x 256), with ragged last tiles in M, N, K and r, two
+// k-tiles of adapter depth, with and without dropout and bias, and once from a CUDA graph. The
+// caller has set LORA_OPS_CUDA_ADAPTER_GEMM=1, so a call the plan does not take fails.
+void run_adapter_gemm_cases(CudaBackend& be) {
+  Rng rng(90);
+  const Dropout none = make_dropout(0.0, 0), drop = make_dropout(0.25, 0x90a);
+  for (lora_dtype_t d : {LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
+    test_fwd(be, d, LinearShape{1030, 4104, 72, 24}, drop, XLayout::kDense, true, rng);
+    test_fwd(be, d, LinearShape{1030, 4104, 72, 24}, none, XLayout::kDense, false, rng);
+    test_fwd(be, d, LinearShape{2048, 2048, 512, 64}, none, XLayout::kPadded, true, rng);
+    test_fwd(be, d, LinearShape{1100, 4096, 136, 128}, drop, XLayout::kDense, true, rng);
+  }
+  be.set_capture(true);
+  test_fwd(be, LORA_DTYPE_BF16, LinearShape{1030, 4104, 72, 24}, drop, XLayout::kDense, true, rng);
+  be.set_capture(false);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1191,6 +1209,12 @@ int main(int argc, char** argv) {
     CudaBackend cuda;
     run_suite(cuda, quick);
     run_graph_cases(cuda);
+    if (prop.major == 9 && lora_ops::cuda::adapter_gemm_built()) {
+      std::printf("== backend cuda, adapter-in-GEMM plan required (LORA_OPS_CUDA_ADAPTER_GEMM=1)\n");
+      setenv("LORA_OPS_CUDA_ADAPTER_GEMM", "1", 1);
+      run_adapter_gemm_cases(cuda);
+      unsetenv("LORA_OPS_CUDA_ADAPTER_GEMM");
+    }
     // On GPUs with thread block clusters the forward takes its single-launch plans above; the
     // multi-launch plans that other GPUs run are checked here on the same device.
     if (prop.major >= 9) {

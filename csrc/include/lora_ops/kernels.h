@@ -223,6 +223,10 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
                                     lora_adapter_index_t index, float* t_workspace, void* y,
                                     const Context& ctx);
 
+// Whether this build has the Hopper adapter-in-GEMM kernel of lora_linear_fwd (CUTLASS's
+// headers were found at build time); where it has, it runs on sm_90 GPUs.
+bool adapter_gemm_built();
+
 }  // namespace cuda
 #endif
 

@@ -1,0 +1,115 @@
+// Host side of the adapter-in-GEMM plan: when it applies, and the call into the kernel of the
+// call's dtype (adapter_gemm_sm90_{f16,bf16}.cu).
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "adapter_gemm.cuh"
+#include "common.cuh"
+#include "lora_ops/kernels.h"
+
+namespace lora_ops {
+namespace cuda {
+namespace detail {
+namespace sm90 {
+lora_status_t run_f16(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream);
+lora_status_t run_bf16(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream);
+bool runs_here_f16();
+bool runs_here_bf16();
+bool built_f16();
+bool built_bf16();
+}  // namespace sm90
+
+namespace {
+
+// 128 x 256 output tiles (adapter_gemm_sm90.cuh). Below one tile per SM of an H100 (132) the
+// persistent kernel leaves SMs idle that cuBLAS's own choice of tiles or split-K would use.
+constexpr int64_t kTileM = 128, kTileN = 256;
+constexpr int64_t kMinTiles = 128;
+
+
+struct DeviceFacts {
+  bool f16 = false, bf16 = false;
+  int sm_count = 0;
+};
+
+// What the current device can run, asked once per device.
+const DeviceFacts* device_facts() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  static std::mutex mutex;
+  static std::vector<int> known;  // per device: 0 unknown, 1 known
+  static std::vector<DeviceFacts> facts;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device >= static_cast<int>(known.size())) {
+    known.resize(device + 1, 0);
+    facts.resize(device + 1);
+  }
+  if (!known[device]) {
+    DeviceFacts f;
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device) !=
+            cudaSuccess) {
+      cudaGetLastError();
+      major = 0;
+    }
+    if (major == 9) {
+      f.f16 = sm90::runs_here_f16();
+      f.bf16 = sm90::runs_here_bf16();
+    }
+    facts[device] = f;
+    known[device] = 1;
+  }
+  return &facts[device];
+}
+
+bool multiple_of_8(int64_t v) { return v % 8 == 0; }
+
+}  // namespace
+
+AdapterGemmMode adapter_gemm_mode() {
+  const char* v = std::getenv("LORA_OPS_CUDA_ADAPTER_GEMM");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return AdapterGemmMode::kOff;
+  if (v != nullptr && std::strcmp(v, "1") == 0) return AdapterGemmMode::kRequired;
+  return AdapterGemmMode::kAuto;
+}
+
+bool adapter_gemm_shape_ok(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r) {
+  const bool built = dtype == LORA_DTYPE_F16    ? sm90::built_f16()
+                     : dtype == LORA_DTYPE_BF16 ? sm90::built_bf16()
+                                                : false;
+  return built && M > 0 && N > 0 && K > 0 && r > 0 && multiple_of_8(N) && multiple_of_8(K) &&
+         multiple_of_8(r) && M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX &&
+         ceil_div(M, kTileM) * ceil_div(N, kTileN) >= kMinTiles;
+}
+
+bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a) {
+  if (!adapter_gemm_shape_ok(dtype, a.M, a.N, a.K, a.r) ||
+      adapter_gemm_mode() == AdapterGemmMode::kOff) {
+    return false;
+  }
+  const DeviceFacts* f = device_facts();
+  if (f == nullptr || !(dtype == LORA_DTYPE_F16 ? f->f16 : f->bf16)) return false;
+  return multiple_of_8(a.ldx) && multiple_of_8(a.ld_s_scaled) && is_aligned16(a.x) &&
+         is_aligned16(a.w) && is_aligned16(a.s_scaled) && is_aligned16(a.b) &&
+         is_aligned16(a.y) && (a.bias == nullptr || is_aligned16(a.bias));
+}
+
+lora_status_t adapter_gemm(lora_dtype_t dtype, const AdapterGemmArgs& a, cudaStream_t stream) {
+  const DeviceFacts* f = device_facts();
+  if (f == nullptr) return LORA_ERR_CUDA;
+  return dtype == LORA_DTYPE_F16 ? sm90::run_f16(a, f->sm_count, stream)
+                                 : sm90::run_bf16(a, f->sm_count, stream);
+}
+
+}  // namespace detail
+
+bool adapter_gemm_built() { return detail::sm90::built_f16() && detail::sm90::built_bf16(); }
+
+}  // namespace cuda
+}  // namespace lora_ops

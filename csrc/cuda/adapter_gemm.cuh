@@ -1,0 +1,54 @@
+// The forward's adapter-in-GEMM plan on Hopper: y = x W^T + (scaling S) B^T + b as one CUTLASS
+// GEMM whose mainloop runs K + r deep (adapter_gemm_sm90.cuh). Host side only here.
+#ifndef LORA_OPS_CUDA_ADAPTER_GEMM_CUH_
+#define LORA_OPS_CUDA_ADAPTER_GEMM_CUH_
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "lora_ops/common.h"
+
+namespace lora_ops {
+namespace cuda {
+namespace detail {
+
+struct AdapterGemmArgs {
+  int64_t M, N, K, r;
+  const void* x;  // [M, K], row stride ldx
+  int64_t ldx;
+  const void* w;         // [N, K]
+  const void* s_scaled;  // scaling * S, [M, r], row stride ld_s_scaled
+  int64_t ld_s_scaled;
+  const void* b;     // lora_b [N, r]
+  const void* bias;  // [N] or null
+  void* y;           // [M, N]
+};
+
+// Row stride of the scaled S the plan's shrink writes: r rounded up to 8 elements, so that its
+// rows start 16-byte aligned as TMA needs.
+inline int64_t adapter_gemm_ld_s(int64_t r) { return (r + 7) / 8 * 8; }
+
+// Whether the plan may run a call of this dtype and shape: built with CUTLASS, fp16 / bf16,
+// every depth and width a multiple of 8, and enough 128 x 256 output tiles to fill the GPU
+// (below that the cluster plan + cuBLAS keeps more SMs busy). Depends on the shape only, so
+// lora_linear_fwd_workspace_bytes can size the scaled S from it.
+bool adapter_gemm_shape_ok(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r);
+
+// LORA_OPS_CUDA_ADAPTER_GEMM: "0" switches the plan off; "1" requires it wherever the shape
+// qualifies (a call it cannot run then fails with LORA_ERR_UNSUPPORTED: the tests use this to
+// know the plan ran); unset, it runs where it can.
+enum class AdapterGemmMode { kOff, kAuto, kRequired };
+AdapterGemmMode adapter_gemm_mode();
+
+// Whether it runs this call here: adapter_gemm_shape_ok, not switched off, sm_90a code for
+// this device, 16-byte aligned operands.
+bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a);
+
+// y, on `stream`. Call only where adapter_gemm_usable holds.
+lora_status_t adapter_gemm(lora_dtype_t dtype, const AdapterGemmArgs& a, cudaStream_t stream);
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace lora_ops
+
+#endif  // LORA_OPS_CUDA_ADAPTER_GEMM_CUH_

@@ -1,0 +1,4 @@
+// The adapter-in-GEMM kernel for bf16 (one dtype per translation unit: each takes ~1 min of nvcc).
+#include "adapter_gemm_sm90_entry.cuh"
+
+LORA_OPS_ADAPTER_GEMM_ENTRY(bf16, cutlass::bfloat16_t)
