@@ -72,12 +72,13 @@ def _adapter_gemm_runs_here() -> bool:
 
 @pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M,K,N,r", [(1030, 72, 4104, 24), (1100, 136, 4096, 128)])
+@pytest.mark.parametrize("M,K,N,r", [(1030, 72, 4104, 24), (1100, 136, 4096, 128), (520, 8200, 72, 24)])
 @pytest.mark.parametrize("mode", ["1", "0"])
 def test_adapter_in_gemm_plan_agrees_with_oracle(device, backend, dtype, M, K, N, r, mode,
                                                  monkeypatch):
-    # Hopper: shapes the adapter-in-GEMM plan takes (CUTLASS, K + r deep mainloop). "1" requires
-    # it (a call it does not take then fails), "0" switches it off for the cluster plan + cuBLAS.
+    # Hopper: shapes the adapter-in-GEMM plans take (CUTLASS, K + r deep mainloop): the forward
+    # of the first two, the backward's dX of the last without dropout. "1" requires them (a call
+    # they should take but do not then fails), "0" switches them off (cluster plan + cuBLAS).
     if mode == "1" and not _adapter_gemm_runs_here():
         pytest.skip("the adapter-in-GEMM plan runs on sm_90 builds with CUTLASS only")
     monkeypatch.setenv("LORA_OPS_CUDA_ADAPTER_GEMM", mode)

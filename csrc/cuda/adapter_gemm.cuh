@@ -1,5 +1,7 @@
-// The forward's adapter-in-GEMM plan on Hopper: y = x W^T + (scaling S) B^T + b as one CUTLASS
-// GEMM whose mainloop runs K + r deep (adapter_gemm_sm90.cuh). Host side only here.
+// The adapter-in-GEMM plans on Hopper: one CUTLASS GEMM whose mainloop runs K + r deep
+// (adapter_gemm_sm90.cuh). Forward: y = x W^T + (scaling S) B^T + b. Backward without dropout:
+// dX = dY W + dS A, the same GEMM with the weights' operands stored depth-by-output. Host side
+// only here.
 #ifndef LORA_OPS_CUDA_ADAPTER_GEMM_CUH_
 #define LORA_OPS_CUDA_ADAPTER_GEMM_CUH_
 
@@ -12,16 +14,24 @@ namespace lora_ops {
 namespace cuda {
 namespace detail {
 
+// How the weights' operands (w, b) are stored: out-by-depth as the forward's W [N, K] and
+// B [N, r]; depth-by-output as the backward's W [N, K] and A [r, K], where the product's depth
+// is N + r and its output width K.
+enum class WeightLayout { kOutByDepth, kDepthByOut };
+
+// y [M, N] = x [M, K] w^T + s_scaled [M, r] b^T + bias, in the forward's names; the backward
+// passes dY, W, dS, A and dX with N and K swapped. Rows of w and b are dense.
 struct AdapterGemmArgs {
   int64_t M, N, K, r;
   const void* x;  // [M, K], row stride ldx
   int64_t ldx;
-  const void* w;         // [N, K]
-  const void* s_scaled;  // scaling * S, [M, r], row stride ld_s_scaled
+  const void* w;         // [N, K] or [K, N]
+  const void* s_scaled;  // [M, r], row stride ld_s_scaled
   int64_t ld_s_scaled;
-  const void* b;     // lora_b [N, r]
+  const void* b;     // [N, r] or [r, N]
   const void* bias;  // [N] or null
   void* y;           // [M, N]
+  WeightLayout layout;
 };
 
 // Row stride of the scaled S the plan's shrink writes: r rounded up to 8 elements, so that its

@@ -17,10 +17,15 @@
 // tensor's real extent (K for x and W, r for sS and B), so a ragged K or r adds zeros. The
 // consumer (mma) and the epilogue are CUTLASS's, unchanged.
 //
+// The weights' operands come either as the forward's [N, depth] (W, B) or as the backward's
+// [depth, N] (W, A for dX = dY W + dS A): TMA and wgmma take both (WeightLayout).
+//
 // Requirements (TMA): 16-byte aligned base pointers and row strides, i.e. K, N, r, ldx and
 // ld_ss multiples of 8 elements for fp16 / bf16. Checked by adapter_gemm.cu before a launch.
 #ifndef LORA_OPS_CUDA_ADAPTER_GEMM_SM90_CUH_
 #define LORA_OPS_CUDA_ADAPTER_GEMM_SM90_CUH_
+
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
@@ -219,15 +224,18 @@ struct TwoPairMainloop : Base {
   }
 };
 
-// The kernel for element type E (cutlass::half_t or cutlass::bfloat16_t): 128 x 256 x 64 tiles,
-// clusters of 2 along M (W tiles multicast to both blocks), cooperative (2 consumer warp
-// groups), fp32 accumulation, y = acc + bias (bias may be null).
-template <typename E>
+// The kernel for element type E (cutlass::half_t or cutlass::bfloat16_t) and weight layout L:
+// 128 x 256 x 64 tiles, clusters of 2 along M (W tiles multicast to both blocks), cooperative
+// (2 consumer warp groups), fp32 accumulation, y = acc + bias (bias may be null).
+template <typename E, WeightLayout L>
 struct AdapterGemm {
   using TileShape = Shape<_128, _256, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
-  using LayoutA = cutlass::layout::RowMajor;     // x, sS: [M, depth], depth contiguous
-  using LayoutB = cutlass::layout::ColumnMajor;  // W, B: [N, depth], depth contiguous
+  using LayoutA = cutlass::layout::RowMajor;  // x, sS: [M, depth], depth contiguous
+  // W, B as [N, depth] with depth contiguous (CUTLASS's column-major K x N), or as [depth, N]
+  // with N contiguous (row-major K x N).
+  using LayoutB = std::conditional_t<L == WeightLayout::kOutByDepth, cutlass::layout::ColumnMajor,
+                                     cutlass::layout::RowMajor>;
   using LayoutD = cutlass::layout::RowMajor;     // y [M, N]
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<E>::value;
 
@@ -249,9 +257,19 @@ struct AdapterGemm {
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-template <typename E>
+// The stride of a dense weight operand of `depth` x N (kDepthByOut) or N x `depth`.
+template <WeightLayout L, class StrideB>
+StrideB weight_stride(int64_t N, int64_t depth) {
+  if constexpr (L == WeightLayout::kOutByDepth) {
+    return StrideB{depth, _1{}, 0};
+  } else {
+    return StrideB{_1{}, N, 0};
+  }
+}
+
+template <typename E, WeightLayout L>
 lora_status_t run(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {
-  using G = AdapterGemm<E>;
+  using G = AdapterGemm<E, L>;
   using StrideA = typename G::Kernel::StrideA;
   using StrideB = typename G::Kernel::StrideB;
   using StrideD = typename G::Kernel::StrideD;
@@ -259,9 +277,9 @@ lora_status_t run(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {
 
   typename G::Mainloop::Arguments mainloop{
       static_cast<const E*>(a.x),        StrideA{a.ldx, _1{}, 0},
-      static_cast<const E*>(a.w),        StrideB{a.K, _1{}, 0},
+      static_cast<const E*>(a.w),        weight_stride<L, StrideB>(a.N, a.K),
       static_cast<const E*>(a.s_scaled), StrideA{a.ld_s_scaled, _1{}, 0},
-      static_cast<const E*>(a.b),        StrideB{a.r, _1{}, 0},
+      static_cast<const E*>(a.b),        weight_stride<L, StrideB>(a.N, a.r),
       K, r};
   typename G::Device::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
@@ -287,10 +305,10 @@ lora_status_t run(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {
 
 // Whether this build's code for the current device can run the kernel of E (sm_90a code, on
 // an sm_90 device); the host side of adapter_gemm.cu asks once per device.
-template <typename E>
+template <typename E, WeightLayout L>
 bool kernel_runs_here() {
   cudaFuncAttributes attributes;
-  const auto kernel = cutlass::device_kernel<typename AdapterGemm<E>::Kernel>;
+  const auto kernel = cutlass::device_kernel<typename AdapterGemm<E, L>::Kernel>;
   if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
     cudaGetLastError();
     return false;

@@ -17,9 +17,14 @@
 #define LORA_OPS_ADAPTER_GEMM_ENTRY(tag, E)                                                 \
   namespace lora_ops::cuda::detail::sm90 {                                                  \
   lora_status_t run_##tag(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {    \
-    return run<E>(a, sm_count, stream);                                                     \
+    return a.layout == WeightLayout::kOutByDepth                                            \
+               ? run<E, WeightLayout::kOutByDepth>(a, sm_count, stream)                     \
+               : run<E, WeightLayout::kDepthByOut>(a, sm_count, stream);                    \
   }                                                                                         \
-  bool runs_here_##tag() { return kernel_runs_here<E>(); }                                  \
+  bool runs_here_##tag() {                                                                  \
+    return kernel_runs_here<E, WeightLayout::kOutByDepth>() &&                              \
+           kernel_runs_here<E, WeightLayout::kDepthByOut>();                                \
+  }                                                                                         \
   bool built_##tag() { return true; }                                                       \
   }
 #else

@@ -9,6 +9,10 @@
 //     in split order; dB = sum of its partials, converted to dtype. dS is read as the sum of its
 //     partials wherever it is used.
 //  3. cuBLAS dX = dY W + dx_init (beta = 1).
+// On Hopper without dropout, where the shape qualifies (adapter_gemm.cuh), launch 2 stores dS
+// rounded to dtype instead of dx_init, and launch 3 is the adapter-in-GEMM kernel computing
+// dX = dY W + dS A as one GEMM N + r deep: no dx_init round trip (2 M K e bytes). With dropout
+// the mask applies to dS A alone, so that term cannot join dY W's accumulators.
 // Splitting the reductions (over N for dS, over M for dB and dA) keeps enough blocks in flight
 // when M, N or r is small; the split counts come from the shape alone, so a shape always gets
 // the same plan and the same bits. Any of dx, dA, dB may be NULL: its work is skipped.
@@ -17,6 +21,7 @@
 // tiles for fp32 or with LORA_OPS_CUDA_MMA=0.
 #include <stdint.h>
 
+#include "adapter_gemm.cuh"
 #include "common.cuh"
 #include "dtype.cuh"
 #include "launchers.cuh"
@@ -56,10 +61,12 @@ struct BwdPlan {
   float* db_part;     // [db_split.count, N, r]
   float* da_part;     // [da_split.count, K, r]
   int32_t* counters;  // [k_tiles * r_tiles]
+  void* ds_round;     // where the adapter-in-GEMM plan may run: dS in dtype, [M, ld_s]
   size_t workspace_bytes;
 };
 
-BwdPlan plan_bwd(int64_t M, int64_t N, int64_t K, int64_t r, void* workspace) {
+BwdPlan plan_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                 void* workspace) {
   BwdPlan plan{};
   plan.thin = r <= ThinTile::BN;
   plan.row_tiles = ceil_div(M, 64);
@@ -74,6 +81,10 @@ BwdPlan plan_bwd(int64_t M, int64_t N, int64_t K, int64_t r, void* workspace) {
   plan.db_part = ws.take<float>(static_cast<size_t>(plan.db_split.count * N * r));
   plan.da_part = ws.take<float>(static_cast<size_t>(plan.da_split.count * K * r));
   plan.counters = ws.take<int32_t>(static_cast<size_t>(plan.k_tiles * plan.r_tiles));
+  if (adapter_gemm_shape_ok(dtype, M, /*out=*/K, /*depth=*/N, r)) {
+    const int64_t bytes = M * adapter_gemm_ld_s(r) * dtype_size(dtype);
+    plan.ds_round = ws.take<char>(static_cast<size_t>(bytes));
+  }
   plan.workspace_bytes = ws.bytes();
   return plan;
 }
@@ -96,6 +107,8 @@ struct BwdArgs {
   float* da_part;
   int32_t* counters;
   int64_t num_counters;
+  void* ds_round;  // adapter-in-GEMM plan: launch 2 stores dS here instead of dx_init
+  int64_t ld_ds_round;
   Split ds_split, db_split, da_split;
   unsigned ds_blocks, db_blocks;                 // launch 1
   unsigned dx_blocks, da_blocks, db_fin_blocks;  // launch 2
@@ -180,6 +193,19 @@ __device__ __forceinline__ void dx_init_tile(const BwdArgs& p, typename Wide::Sm
   }
 }
 
+// dS rows [64 b, 64 b + 64) summed from their partials, rounded to dtype, into ds_round.
+template <typename T>
+__device__ __forceinline__ void ds_round_rows(const BwdArgs& p, unsigned b) {
+  const int64_t m0 = static_cast<int64_t>(b) * 64;
+  const SplitSum<false> ds{p.ds_part, p.M, p.r, m0, p.ds_split.count};
+  T* out = static_cast<T*>(p.ds_round);
+  for (int64_t i = threadIdx.x; i < 64 * p.r; i += kThreads) {
+    const int row = static_cast<int>(i / p.r);
+    const int64_t j = i % p.r;
+    if (m0 + row < p.M) out[(m0 + row) * p.ld_ds_round + j] = from_float<T>(ds(row, j));
+  }
+}
+
 // dA tile (64 columns of x x one rank tile), computed as dA^T = drop(x)^T dS over one split of
 // M; the last block of the tile to finish adds the splits' partials in order and stores dA.
 template <typename T, class Tl>
@@ -214,7 +240,8 @@ __device__ __forceinline__ void da_tile(const BwdArgs& p, typename Tl::Smem& sm,
   }
 }
 
-// Launch 2. Blocks [0, dx_blocks): dx_init tiles; then dA tiles x splits; then dB finishing.
+// Launch 2. Blocks [0, dx_blocks): dx_init tiles (or dS rows for the adapter-in-GEMM plan);
+// then dA tiles x splits; then dB finishing.
 template <typename T, class Tl, class Wide>
 __global__ void __launch_bounds__(kThreads, 2) bwd_ds_kernel(const BwdArgs p) {
   __shared__ union {
@@ -224,7 +251,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_ds_kernel(const BwdArgs p) {
   __shared__ int is_last;
   unsigned b = blockIdx.x;
   if (b < p.dx_blocks) {
-    dx_init_tile<T, Wide>(p, sm.dx, b);
+    if (p.ds_round != nullptr) {
+      ds_round_rows<T>(p, b);
+    } else {
+      dx_init_tile<T, Wide>(p, sm.dx, b);
+    }
     return;
   }
   b -= p.dx_blocks;
@@ -262,10 +293,10 @@ lora_status_t run_bwd(const BwdArgs& args, cudaStream_t stream) {
 }  // namespace
 }  // namespace detail
 
-size_t lora_linear_bwd_workspace_bytes(lora_dtype_t, int64_t M, int64_t N, int64_t K,
+size_t lora_linear_bwd_workspace_bytes(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K,
                                        int64_t r) {
   if (M < 0 || N < 0 || K < 0 || r < 0) return 0;
-  return detail::plan_bwd(M, N, K, r, nullptr).workspace_bytes;
+  return detail::plan_bwd(dtype, M, N, K, r, nullptr).workspace_bytes;
 }
 
 lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
@@ -299,7 +330,7 @@ lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     return LORA_OK;
   }
 
-  const detail::BwdPlan plan = detail::plan_bwd(M, N, K, r, ctx.workspace);
+  const detail::BwdPlan plan = detail::plan_bwd(dtype, M, N, K, r, ctx.workspace);
   if (ctx.workspace_bytes < plan.workspace_bytes ||
       (plan.workspace_bytes > 0 && ctx.workspace == nullptr)) {
     return LORA_ERR_INVALID_ARGUMENT;
@@ -329,7 +360,22 @@ lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
   args.da_split = plan.da_split;
   const int64_t ds_blocks = want_ds ? plan.row_tiles * plan.r_tiles * plan.ds_split.count : 0;
   const int64_t db_blocks = want_db ? plan.n_tiles * plan.r_tiles * plan.db_split.count : 0;
-  const int64_t dx_blocks = want_dx ? plan.row_tiles * plan.k_tiles : 0;
+  // dX = dY W + dS A in one GEMM (out K wide, N + r deep) where the plan applies.
+  const detail::AdapterGemmArgs dx_gemm{M, K, N, r, dy, N, weight, plan.ds_round,
+                                        detail::adapter_gemm_ld_s(r), lora_a, nullptr, dx,
+                                        detail::WeightLayout::kDepthByOut};
+  const bool gemm_eligible = want_dx && plan.ds_round != nullptr && dropout.threshold == 0;
+  const bool dx_in_gemm = gemm_eligible && detail::adapter_gemm_usable(dtype, dx_gemm);
+  if (gemm_eligible && !dx_in_gemm &&
+      detail::adapter_gemm_mode() == detail::AdapterGemmMode::kRequired) {
+    return LORA_ERR_UNSUPPORTED;
+  }
+  if (dx_in_gemm) {
+    args.ds_round = plan.ds_round;
+    args.ld_ds_round = dx_gemm.ld_s_scaled;
+  }
+  const int64_t dx_blocks =
+      !want_dx ? 0 : (dx_in_gemm ? plan.row_tiles : plan.row_tiles * plan.k_tiles);
   const int64_t da_blocks = want_da ? plan.k_tiles * plan.r_tiles * plan.da_split.count : 0;
   const int64_t db_fin_blocks = want_db ? detail::ceil_div(N * r, detail::kFinishPerBlock) : 0;
   if (ds_blocks + db_blocks > INT32_MAX || dx_blocks + da_blocks + db_fin_blocks > INT32_MAX) {
@@ -352,6 +398,7 @@ lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     });
   }));
   if (!want_dx) return LORA_OK;
+  if (dx_in_gemm) return detail::adapter_gemm(dtype, dx_gemm, ctx.stream);
   return detail::gemm_add_dy_w(ctx, dtype, M, N, K, dy, weight, dx);
 }
 

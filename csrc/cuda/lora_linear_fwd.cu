@@ -386,7 +386,8 @@ lora_status_t run_adapter_in_gemm(lora_dtype_t dtype, FwdArgs args, const FwdPla
                                   cudaStream_t stream, bool* launched) {
   *launched = false;
   const AdapterGemmArgs g{args.M, args.N, args.K, args.r, args.x, args.ldx, args.w,
-                          plan.s_scaled, adapter_gemm_ld_s(args.r), args.b, args.bias, args.y};
+                          plan.s_scaled, adapter_gemm_ld_s(args.r), args.b, args.bias, args.y,
+                          WeightLayout::kOutByDepth};
   if (!adapter_gemm_usable(dtype, g)) return LORA_OK;
   args.shrink_only = true;
   args.s_scaled = plan.s_scaled;

@@ -1165,10 +1165,10 @@ void run_graph_cases(CudaBackend& be) {
   be.set_capture(false);
 }
 
-// Hopper's adapter-in-GEMM forward (csrc/cuda/adapter_gemm*): shapes it takes (K, N, r
-// multiples of 8, >= 128 output tiles of 128 x 256), with ragged last tiles in M, N, K and r, two
-// k-tiles of adapter depth, with and without dropout and bias, and once from a CUDA graph. The
-// caller has set LORA_OPS_CUDA_ADAPTER_GEMM=1, so a call the plan does not take fails.
+// Hopper's adapter-in-GEMM plans (csrc/cuda/adapter_gemm*): shapes they take (K, N, r multiples
+// of 8, >= 128 output tiles of 128 x 256), with ragged last tiles in M, N, K and r, two k-tiles
+// of adapter depth, with and without dropout and bias, and once each from a CUDA graph. The
+// caller has set LORA_OPS_CUDA_ADAPTER_GEMM=1, so a call a plan should take but does not fails.
 void run_adapter_gemm_cases(CudaBackend& be) {
   Rng rng(90);
   const Dropout none = make_dropout(0.0, 0), drop = make_dropout(0.25, 0x90a);
@@ -1177,9 +1177,19 @@ void run_adapter_gemm_cases(CudaBackend& be) {
     test_fwd(be, d, LinearShape{1030, 4104, 72, 24}, none, XLayout::kDense, false, rng);
     test_fwd(be, d, LinearShape{2048, 2048, 512, 64}, none, XLayout::kPadded, true, rng);
     test_fwd(be, d, LinearShape{1100, 4096, 136, 128}, drop, XLayout::kDense, true, rng);
+    // Backward without dropout: dX = dY W + dS A in one GEMM, K wide and N + r deep. With
+    // dropout the plan does not apply (the requirement covers only the calls it may take).
+    test_bwd(be, d, LinearShape{520, 72, 8200, 24}, none, XLayout::kDense,
+             BwdMask{true, true, true}, rng);
+    test_bwd(be, d, LinearShape{520, 136, 8200, 128}, none, XLayout::kPadded,
+             BwdMask{true, false, false}, rng);
+    test_bwd(be, d, LinearShape{520, 72, 8200, 24}, drop, XLayout::kDense,
+             BwdMask{true, true, true}, rng);
   }
   be.set_capture(true);
   test_fwd(be, LORA_DTYPE_BF16, LinearShape{1030, 4104, 72, 24}, drop, XLayout::kDense, true, rng);
+  test_bwd(be, LORA_DTYPE_BF16, LinearShape{520, 72, 8200, 24}, none, XLayout::kDense,
+           BwdMask{true, true, true}, rng);
   be.set_capture(false);
 }
 
