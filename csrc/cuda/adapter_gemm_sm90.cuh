@@ -46,6 +46,8 @@ namespace sm90 {
 
 using namespace cute;
 
+constexpr int kSm90aProbeInts = 64;
+
 // CUTLASS's sm90 TMA warp-specialized mainloop whose producer reads two operand pairs, one
 // after the other along the depth. Only what differs from Base is declared here: the arguments
 // (a second pair of pointers and strides, and the two depths), the TMA descriptors of the
@@ -303,17 +305,36 @@ lora_status_t run(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {
   return gemm.run(stream) == cutlass::Status::kSuccess ? LORA_OK : LORA_ERR_CUDA;
 }
 
-// Whether this build's code for the current device can run the kernel of E (sm_90a code, on
-// an sm_90 device); the host side of adapter_gemm.cu asks once per device.
+// Has a body only in code built with sm_90a's features (wgmma, setmaxnreg), which CUTLASS's
+// kernel needs: built for plain sm_90 (TORCH_CUDA_ARCH_LIST=9.0), that kernel compiles to a
+// printf and would leave y unwritten. The body's static shared memory makes the difference
+// visible to cudaFuncGetAttributes, without a launch.
+namespace {  // one per file that includes this header (f16 and bf16 each ask their own)
+__global__ void sm90a_features_probe(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ int marker[kSm90aProbeInts];
+  marker[threadIdx.x % kSm90aProbeInts] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  if (out != nullptr) *out = marker[0];
+#else
+  (void)out;
+#endif
+}
+}  // namespace
+
+// Whether this build's code for the current device can run the kernel of E with layout L:
+// sm_90a code (an sm_90 device); the host side of adapter_gemm.cu asks once per device.
 template <typename E, WeightLayout L>
 bool kernel_runs_here() {
-  cudaFuncAttributes attributes;
-  const auto kernel = cutlass::device_kernel<typename AdapterGemm<E, L>::Kernel>;
-  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+  cudaFuncAttributes kernel, probe;
+  if (cudaFuncGetAttributes(&kernel, cutlass::device_kernel<typename AdapterGemm<E, L>::Kernel>) !=
+          cudaSuccess ||
+      cudaFuncGetAttributes(&probe, sm90a_features_probe) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  return attributes.binaryVersion == 90;
+  return kernel.binaryVersion == 90 &&
+         probe.sharedSizeBytes >= kSm90aProbeInts * sizeof(int);
 }
 
 }  // namespace sm90
