@@ -17,6 +17,8 @@ lora_status_t run_f16(const AdapterGemmArgs& a, int sm_count, cudaStream_t strea
 lora_status_t run_bf16(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream);
 bool runs_here_f16();
 bool runs_here_bf16();
+bool can_run_f16(const AdapterGemmArgs& a);
+bool can_run_bf16(const AdapterGemmArgs& a);
 bool built_f16();
 bool built_bf16();
 }  // namespace sm90
@@ -97,7 +99,8 @@ bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a) {
   if (f == nullptr || !(dtype == LORA_DTYPE_F16 ? f->f16 : f->bf16)) return false;
   return multiple_of_8(a.ldx) && multiple_of_8(a.ld_s_scaled) && is_aligned16(a.x) &&
          is_aligned16(a.w) && is_aligned16(a.s_scaled) && is_aligned16(a.b) &&
-         is_aligned16(a.y) && (a.bias == nullptr || is_aligned16(a.bias));
+         is_aligned16(a.y) && (a.bias == nullptr || is_aligned16(a.bias)) &&
+         (dtype == LORA_DTYPE_F16 ? sm90::can_run_f16(a) : sm90::can_run_bf16(a));
 }
 
 lora_status_t adapter_gemm(lora_dtype_t dtype, const AdapterGemmArgs& a, cudaStream_t stream) {

@@ -51,7 +51,8 @@ enum class AdapterGemmMode { kOff, kAuto, kRequired };
 AdapterGemmMode adapter_gemm_mode();
 
 // Whether it runs this call here: adapter_gemm_shape_ok, not switched off, sm_90a code for
-// this device, 16-byte aligned operands.
+// this device, 16-byte aligned operands, and CUTLASS's own can_implement (asked before any
+// launch, so a call it refuses takes the other plans whole).
 bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a);
 
 // y, on `stream`. Call only where adapter_gemm_usable holds.

@@ -269,8 +269,10 @@ StrideB weight_stride(int64_t N, int64_t depth) {
   }
 }
 
+// CUTLASS's arguments for a call.
 template <typename E, WeightLayout L>
-lora_status_t run(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {
+typename AdapterGemm<E, L>::Device::Arguments gemm_arguments(const AdapterGemmArgs& a,
+                                                             int sm_count) {
   using G = AdapterGemm<E, L>;
   using StrideA = typename G::Kernel::StrideA;
   using StrideB = typename G::Kernel::StrideB;
@@ -297,10 +299,23 @@ lora_status_t run(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {
   args.epilogue.dD = StrideD{a.N, _1{}, 0};
   cudaGetDevice(&args.hw_info.device_id);
   args.hw_info.sm_count = sm_count;
+  return args;
+}
 
-  typename G::Device gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return LORA_ERR_UNSUPPORTED;
-  if (G::Device::get_workspace_size(args) != 0) return LORA_ERR_UNSUPPORTED;
+// Whether CUTLASS takes the call (alignment, extents) with no workspace: asked before the plan
+// launches anything, so that a call it would refuse takes the other plans instead.
+template <typename E, WeightLayout L>
+bool can_run(const AdapterGemmArgs& a) {
+  using Device = typename AdapterGemm<E, L>::Device;
+  const auto args = gemm_arguments<E, L>(a, 1);
+  return Device::can_implement(args) == cutlass::Status::kSuccess &&
+         Device::get_workspace_size(args) == 0;
+}
+
+template <typename E, WeightLayout L>
+lora_status_t run(const AdapterGemmArgs& a, int sm_count, cudaStream_t stream) {
+  const auto args = gemm_arguments<E, L>(a, sm_count);
+  typename AdapterGemm<E, L>::Device gemm;
   if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return LORA_ERR_CUDA;
   return gemm.run(stream) == cutlass::Status::kSuccess ? LORA_OK : LORA_ERR_CUDA;
 }

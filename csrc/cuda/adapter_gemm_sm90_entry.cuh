@@ -28,6 +28,10 @@
     return kernel_runs_here<E, WeightLayout::kOutByDepth>() &&                              \
            kernel_runs_here<E, WeightLayout::kDepthByOut>();                                \
   }                                                                                         \
+  bool can_run_##tag(const AdapterGemmArgs& a) {                                            \
+    return a.layout == WeightLayout::kOutByDepth ? can_run<E, WeightLayout::kOutByDepth>(a)  \
+                                                 : can_run<E, WeightLayout::kDepthByOut>(a); \
+  }                                                                                         \
   bool built_##tag() { return true; }                                                       \
   }
 #else
@@ -37,6 +41,7 @@
     return LORA_ERR_UNSUPPORTED;                                                            \
   }                                                                                         \
   bool runs_here_##tag() { return false; }                                                  \
+  bool can_run_##tag(const AdapterGemmArgs&) { return false; }                              \
   bool built_##tag() { return false; }                                                      \
   }
 #endif
