@@ -114,5 +114,20 @@ lora_status_t adapter_gemm(lora_dtype_t dtype, const AdapterGemmArgs& a, cudaStr
 
 bool adapter_gemm_built() { return detail::sm90::built_f16() && detail::sm90::built_bf16(); }
 
+bool adapter_gemm_accepts(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                          bool depth_by_out) {
+  using detail::WeightLayout;
+  if (!detail::adapter_gemm_shape_ok(dtype, M, N, K, r)) return false;
+  detail::AdapterGemmArgs a{};  // no pointers: can_implement reads extents and strides only
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.r = r;
+  a.ldx = K;
+  a.ld_s_scaled = detail::adapter_gemm_ld_s(r);
+  a.layout = depth_by_out ? WeightLayout::kDepthByOut : WeightLayout::kOutByDepth;
+  return dtype == LORA_DTYPE_F16 ? detail::sm90::can_run_f16(a) : detail::sm90::can_run_bf16(a);
+}
+
 }  // namespace cuda
 }  // namespace lora_ops

@@ -1193,6 +1193,40 @@ void run_adapter_gemm_cases(CudaBackend& be) {
   be.set_capture(false);
 }
 
+// Host only (runs without a GPU too): CUTLASS's can_implement takes every shape of
+// run_adapter_gemm_cases and of the T1 suite that the plans admit, and the plans refuse shapes
+// whose rows TMA cannot address.
+void check_adapter_gemm_accepts() {
+  if (!lora_ops::cuda::adapter_gemm_built()) return;
+  CaseCheck check("adapter_gemm_accepts: the plans' shapes against CUTLASS's can_implement");
+  struct Product {
+    int64_t M, N, K, r;
+    bool depth_by_out;
+  };
+  const Product taken[] = {
+      {1030, 4104, 72, 24, false},   {2048, 2048, 512, 64, false}, {1100, 4096, 136, 128, false},
+      {4096, 4096, 4096, 16, false}, {1024, 4096, 4096, 8, false}, {16384, 14336, 4096, 64, false},
+      {520, 8200, 72, 24, true},     {520, 8200, 136, 128, true},  {4096, 4096, 4096, 16, true},
+      {4096, 4096, 14336, 16, true}};
+  const Product refused[] = {{1030, 4104, 72, 20, false},  {1030, 4100, 72, 24, false},
+                             {1030, 4104, 70, 24, false},  {64, 4096, 4096, 16, false},
+                             {520, 8200, 76, 24, true}};
+  for (lora_dtype_t d : {LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
+    for (const Product& p : taken) {
+      check.expect(lora_ops::cuda::adapter_gemm_accepts(d, p.M, p.N, p.K, p.r, p.depth_by_out),
+                   "refused M=" + std::to_string(p.M) + " N=" + std::to_string(p.N) +
+                       " K=" + std::to_string(p.K) + " r=" + std::to_string(p.r));
+    }
+    for (const Product& p : refused) {
+      check.expect(!lora_ops::cuda::adapter_gemm_accepts(d, p.M, p.N, p.K, p.r, p.depth_by_out),
+                   "accepted M=" + std::to_string(p.M) + " N=" + std::to_string(p.N) +
+                       " K=" + std::to_string(p.K) + " r=" + std::to_string(p.r));
+    }
+  }
+  check.expect(!lora_ops::cuda::adapter_gemm_accepts(LORA_DTYPE_F32, 4096, 4096, 4096, 16, false),
+               "accepted fp32");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1204,6 +1238,7 @@ int main(int argc, char** argv) {
     run_suite(cpu, quick);
   }
 #endif
+  check_adapter_gemm_accepts();
   int devices = 0;
   const cudaError_t e = cudaGetDeviceCount(&devices);
   if (e != cudaSuccess || devices == 0) {

@@ -223,9 +223,16 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
                                     lora_adapter_index_t index, float* t_workspace, void* y,
                                     const Context& ctx);
 
-// Whether this build has the Hopper adapter-in-GEMM kernel of lora_linear_fwd (CUTLASS's
+// Whether this build has the Hopper adapter-in-GEMM kernel of lora_linear_fwd/_bwd (CUTLASS's
 // headers were found at build time); where it has, it runs on sm_90 GPUs.
 bool adapter_gemm_built();
+
+// Whether the plans admit a product of this shape (out [M, N], depths K and r; the weights as
+// the forward's [N, K] or, depth_by_out, the backward's [K, N]) and CUTLASS's can_implement
+// takes it with dense rows. Host only, no GPU needed: the tests check the two rules agree, since
+// a shape the plans admit but CUTLASS refuses would quietly never take the plan.
+bool adapter_gemm_accepts(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
+                          bool depth_by_out);
 
 }  // namespace cuda
 #endif
