@@ -26,12 +26,14 @@ bool built_bf16();
 namespace {
 
 // 128 x 256 output tiles (adapter_gemm_sm90.cuh). Below one tile per SM of an H100 (132) the
-// persistent kernel leaves SMs idle that cuBLAS's own choice of tiles or split-K would use.
+// persistent kernel leaves SMs idle that cuBLAS's own choice of tiles or split-K would use; below
+// one row tile the rows are decode-sized (a wide layer such as an LM head can still have many
+// column tiles), where the GEMV and cluster plans stream W without padding M to 128.
 constexpr int64_t kTileM = 128, kTileN = 256;
 constexpr int64_t kMinTiles = 128;
 
-
 struct DeviceFacts {
+  bool known = false;
   bool f16 = false, bf16 = false;
   int sm_count = 0;
 };
@@ -44,15 +46,11 @@ const DeviceFacts* device_facts() {
     return nullptr;
   }
   static std::mutex mutex;
-  static std::vector<int> known;  // per device: 0 unknown, 1 known
-  static std::vector<DeviceFacts> facts;
+  static std::vector<DeviceFacts> facts;  // per device
   std::lock_guard<std::mutex> lock(mutex);
-  if (device >= static_cast<int>(known.size())) {
-    known.resize(device + 1, 0);
-    facts.resize(device + 1);
-  }
-  if (!known[device]) {
-    DeviceFacts f;
+  if (device >= static_cast<int>(facts.size())) facts.resize(device + 1);
+  DeviceFacts& f = facts[device];
+  if (!f.known) {
     int major = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device) !=
@@ -60,14 +58,11 @@ const DeviceFacts* device_facts() {
       cudaGetLastError();
       major = 0;
     }
-    if (major == 9) {
-      f.f16 = sm90::runs_here_f16();
-      f.bf16 = sm90::runs_here_bf16();
-    }
-    facts[device] = f;
-    known[device] = 1;
+    f.f16 = major == 9 && sm90::runs_here_f16();
+    f.bf16 = major == 9 && sm90::runs_here_bf16();
+    f.known = true;
   }
-  return &facts[device];
+  return &f;
 }
 
 bool multiple_of_8(int64_t v) { return v % 8 == 0; }
@@ -85,9 +80,9 @@ bool adapter_gemm_shape_ok(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, 
   const bool built = dtype == LORA_DTYPE_F16    ? sm90::built_f16()
                      : dtype == LORA_DTYPE_BF16 ? sm90::built_bf16()
                                                 : false;
-  return built && M > 0 && N > 0 && K > 0 && r > 0 && multiple_of_8(N) && multiple_of_8(K) &&
-         multiple_of_8(r) && M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX &&
-         ceil_div(M, kTileM) * ceil_div(N, kTileN) >= kMinTiles;
+  return built && M >= kTileM && N > 0 && K > 0 && r > 0 && multiple_of_8(N) &&
+         multiple_of_8(K) && multiple_of_8(r) && M <= INT32_MAX && N <= INT32_MAX &&
+         K <= INT32_MAX && ceil_div(M, kTileM) * ceil_div(N, kTileN) >= kMinTiles;
 }
 
 bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a) {
@@ -97,9 +92,9 @@ bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a) {
   }
   const DeviceFacts* f = device_facts();
   if (f == nullptr || !(dtype == LORA_DTYPE_F16 ? f->f16 : f->bf16)) return false;
-  return multiple_of_8(a.ldx) && multiple_of_8(a.ld_s_scaled) && is_aligned16(a.x) &&
-         is_aligned16(a.w) && is_aligned16(a.s_scaled) && is_aligned16(a.b) &&
-         is_aligned16(a.y) && (a.bias == nullptr || is_aligned16(a.bias)) &&
+  return rows_vec_ok(dtype, a.x, a.ldx) && rows_vec_ok(dtype, a.s_scaled, a.ld_s_scaled) &&
+         is_aligned16(a.w) && is_aligned16(a.b) && is_aligned16(a.y) &&
+         (a.bias == nullptr || is_aligned16(a.bias)) &&
          (dtype == LORA_DTYPE_F16 ? sm90::can_run_f16(a) : sm90::can_run_bf16(a));
 }
 

@@ -39,8 +39,8 @@ struct AdapterGemmArgs {
 inline int64_t adapter_gemm_ld_s(int64_t r) { return (r + 7) / 8 * 8; }
 
 // Whether the plan may run a call of this dtype and shape: built with CUTLASS, fp16 / bf16,
-// every depth and width a multiple of 8, and enough 128 x 256 output tiles to fill the GPU
-// (below that the cluster plan + cuBLAS keeps more SMs busy). Depends on the shape only, so
+// every depth and width a multiple of 8, at least one 128-row tile, and enough 128 x 256 output
+// tiles to fill the GPU (below that the cluster plan + cuBLAS keeps more SMs busy). Depends on the shape only, so
 // lora_linear_fwd_workspace_bytes can size the scaled S from it.
 bool adapter_gemm_shape_ok(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r);
 

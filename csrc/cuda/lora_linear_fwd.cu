@@ -83,8 +83,7 @@ FwdPlan plan_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
     plan.splits = static_cast<int>(clamp64(ceil_div(K, plan.split_len), 1, max_splits));
     plan.s_part = ws.take<float>(static_cast<size_t>(plan.splits * M * r));
   }
-  if (plan.path != FwdPath::kDecode && r <= kClusterMaxRank &&
-      adapter_gemm_shape_ok(dtype, M, N, K, r)) {
+  if (r <= kClusterMaxRank && adapter_gemm_shape_ok(dtype, M, N, K, r)) {  // M >= 128
     const int64_t bytes = M * adapter_gemm_ld_s(r) * dtype_size(dtype);
     plan.s_scaled = ws.take<char>(static_cast<size_t>(bytes));
   }

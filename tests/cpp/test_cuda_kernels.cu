@@ -1210,6 +1210,7 @@ void check_adapter_gemm_accepts() {
       {4096, 4096, 14336, 16, true}};
   const Product refused[] = {{1030, 4104, 72, 20, false},  {1030, 4100, 72, 24, false},
                              {1030, 4104, 70, 24, false},  {64, 4096, 4096, 16, false},
+                             {16, 131072, 4096, 16, false},
                              {520, 8200, 76, 24, true}};
   for (lora_dtype_t d : {LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
     for (const Product& p : taken) {
