@@ -9,12 +9,16 @@ the time is mostly dispatch. Three ways of calling the one op, timed call by cal
   below_autograd  under torch._C._AutoDispatchBelowAutograd() (entered outside the timed
                   region): the kernel alone, the floor
 
-`overhead µs` = median - the floor's median. Nothing is asserted; this prints a small table.
+`overhead µs` = median - the floor's median. A second table times, under no_grad and in blocks of
+calls of one kind, what a model calls: F.linear and nn.Linear alone (the cost of the base layer),
+`lora_ops.lora_linear`, `LoRALinear` and PEFT's LoRA layer (when peft is installed) around the
+same tensors. Nothing is asserted; this prints two small tables.
 
     python benchmarks/bench_op_overhead.py
     python benchmarks/bench_op_overhead.py --shape M=16,K=4096,N=4096,r=16 --calls 200
 """
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -66,6 +70,36 @@ def make_timers(dims: dict, dtype: torch.dtype, device: str, sync) -> dict:
             "below_autograd": below_autograd}
 
 
+def make_layer_timers(dims: dict, dtype: torch.dtype, device: str, sync) -> dict:
+    """name -> a function that makes one layer call (no_grad) and returns its duration in µs."""
+    import lora_ops
+    M, K, N, r = dims["M"], dims["K"], dims["N"], dims["r"]
+    base = torch.nn.Linear(K, N, device=device, dtype=dtype)
+    ours = lora_ops.LoRALinear.from_linear(base, r=r, lora_alpha=2 * r)
+    torch.nn.init.normal_(ours.lora_B.weight)
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    w, b, a, bb = base.weight, base.bias, ours.lora_A.weight, ours.lora_B.weight
+    calls = {
+        "F.linear": lambda: torch.nn.functional.linear(x, w, b),
+        "nn.Linear": lambda: base(x),
+        "lora_linear()": lambda: lora_ops.lora_linear(x, w, b, a, bb, ours.scaling),
+        "LoRALinear": lambda: ours(x),
+    }
+    if importlib.util.find_spec("peft") is not None:
+        from lora_ops.bench.linear_providers import peft_lora_linear
+        peft_layer = peft_lora_linear(w, b, [("default", a, bb, 2 * r)], 0.0)
+        calls["peft LoRA Linear"] = lambda: peft_layer(x)
+
+    def timed(call) -> float:
+        with torch.no_grad():
+            start = time.perf_counter_ns()
+            call()
+            sync()
+            return (time.perf_counter_ns() - start) / 1e3
+
+    return {name: (lambda call=call: timed(call)) for name, call in calls.items()}
+
+
 def time_interleaved(timers: dict, n: int, warmup: int) -> dict:
     samples = {name: [] for name in timers}
     names = list(timers)
@@ -74,6 +108,20 @@ def time_interleaved(timers: dict, n: int, warmup: int) -> dict:
             us = timers[name]()
             if i >= warmup:
                 samples[name].append(us)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def time_in_blocks(timers: dict, n: int, warmup: int, rounds: int = 5) -> dict:
+    """Like time_interleaved, but each round times a block of calls of one kind at a time: a
+    call right after a different one pays for the state that one left (with 2 threads, one
+    F.linear that woke OpenMP's sleeping team made the next lora_linear() call 3x slower)."""
+    samples = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            for i in range(warmup // rounds + n // rounds):
+                us = timer()
+                if i >= warmup // rounds:
+                    samples[name].append(us)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -103,6 +151,13 @@ def main(argv=None) -> int:
     print(f"| {'-' * 15} | {'-' * 8}: | {'-' * 10}: |")
     for name in VARIANTS:
         print(f"| {name:<15} | {medians[name]:9.1f} | {medians[name] - floor:11.1f} |")
+    layers = time_in_blocks(make_layer_timers(dims, dtype, args.device, sync), args.calls,
+                            args.warmup)
+    print("\nlayer calls under no_grad, same shape; x F.linear = median / F.linear's")
+    print(f"| {'call':<17} | {'median µs':>9} | {'x F.linear':>10} |")
+    print(f"| {'-' * 17} | {'-' * 8}: | {'-' * 9}: |")
+    for name, median in layers.items():
+        print(f"| {name:<17} | {median:9.1f} | {median / layers['F.linear']:10.2f} |")
     return 0
 
 

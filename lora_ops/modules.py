@@ -79,9 +79,11 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         # Adapters kept in another dtype than the base (fp32 LoRA on a bf16 model) are cast on
         # the way in; autograd brings their gradients back in their own dtype.
-        a = self.lora_A.weight.to(self.weight.dtype)
-        b = self.lora_B.weight.to(self.weight.dtype)
-        return lora_linear(x, self.weight, self.bias, a, b, self.scaling,
+        weight = self.weight
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.dtype != weight.dtype or b.dtype != weight.dtype:
+            a, b = a.to(weight.dtype), b.to(weight.dtype)
+        return lora_linear(x, weight, self.bias, a, b, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training, seed=seed,
                            backend=self.backend)
 

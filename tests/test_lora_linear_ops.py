@@ -75,6 +75,11 @@ def test_errors_name_op_argument_and_what_was_seen():
         (dict(lora_a=torch.randn(3, 12, dtype=torch.float64)), "lora_a has dtype torch.float64"),
         (dict(x=torch.randint(0, 3, (5, 12))), "x has dtype torch.int64"),
         (dict(lora_b=torch.randn(10, 3, device="meta")), "lora_b is on meta"),
+        (dict(bias=torch.randn(10, device="meta")), "bias is on meta"),
+        (dict(weight="w"), "weight must be a Tensor, got str"),
+        # Worded for the caller's x, not the flattened [tokens, K] the op sees.
+        (dict(x=torch.randn(2, 5, 11)), "x has 11 features but weight has 12"),
+        (dict(x=torch.tensor(1.0)), "x must have at least 1 dimension"),
     ]
     for override, message in cases:
         args = dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb) | override
