@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lora_ops import _backend
 from lora_ops import reference
+from lora_ops.fake_impl import register_fake
 from lora_ops.reference.tokens import tokens_2d
 
 OP = "lora_linear"
@@ -127,8 +128,8 @@ def _make_backward(bwd_op):
 
 
 def _register(fwd_name: str, bwd_name: str, autograd: bool) -> None:
-    torch.library.register_fake(f"lora_ops::{fwd_name}")(_fwd_fake)
-    torch.library.register_fake(f"lora_ops::{bwd_name}")(_bwd_fake)
+    register_fake(f"lora_ops::{fwd_name}", _fwd_fake)
+    register_fake(f"lora_ops::{bwd_name}", _bwd_fake)
     if autograd:
         torch.library.register_autograd(f"lora_ops::{fwd_name}",
                                         _make_backward(getattr(torch.ops.lora_ops, bwd_name)),

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lora_ops import _backend
+from lora_ops.fake_impl import register_fake
 from lora_ops.reference import multi_lora as reference
 from lora_ops.reference.multi_lora import adapter_of_token
 from lora_ops.reference.tokens import tokens_2d
@@ -370,20 +371,20 @@ def _make_linear_backward(shrink_op, dx_op):
 
 
 def _register(prefix: str) -> None:
-    torch.library.register_fake(f"lora_ops::{prefix}multi_lora_shrink")(_shrink_fake)
-    torch.library.register_fake(f"lora_ops::{prefix}multi_lora_expand")(_expand_fake)
-    torch.library.register_fake(f"lora_ops::{prefix}multi_lora_linear_fwd")(_linear_fwd_fake)
+    register_fake(f"lora_ops::{prefix}multi_lora_shrink", _shrink_fake)
+    register_fake(f"lora_ops::{prefix}multi_lora_expand", _expand_fake)
+    register_fake(f"lora_ops::{prefix}multi_lora_linear_fwd", _linear_fwd_fake)
     expand_op = getattr(torch.ops.lora_ops, f"{prefix}multi_lora_expand")
     if prefix:  # Triton: dX composed of ATen's matmul and the Triton expand
         dx_op = _composed_linear_dx(expand_op)
     else:
         # The compiled library: one op, with a C++ kernel on CPU (the kernels' own GEMM; ATen's
         # CPU matmul is slower, in fp16/bf16 by orders of magnitude) and the composition on CUDA.
-        torch.library.register_fake("lora_ops::multi_lora_linear_dx")(_linear_dx_fake)
+        register_fake("lora_ops::multi_lora_linear_dx", _linear_dx_fake)
         torch.library.register_kernel("lora_ops::multi_lora_linear_dx", "cuda")(
             _composed_linear_dx(expand_op))
         dx_op = torch.ops.lora_ops.multi_lora_linear_dx
-        torch.library.register_fake("lora_ops::multi_lora_adapter_grad")(_adapter_grad_fake)
+        register_fake("lora_ops::multi_lora_adapter_grad", _adapter_grad_fake)
         torch.library.register_kernel("lora_ops::multi_lora_adapter_grad", "cuda")(
             _composed_adapter_grad)
     # For the C++ op this serves CUDA tensors: CPU ones have a C++ autograd kernel (AutogradCPU).

@@ -121,3 +121,10 @@ def test_compiled_op_checks_its_own_input():
     with pytest.raises(ValueError, match="lora_linear_bwd: dy has size 4 in dim 0"):
         torch.ops.lora_ops.lora_linear_bwd(torch.randn(4, 10), x, w, a, bb, torch.randn(5, 3), 1.0,
                                            0.0, 0, [True, True, True])
+    # One meta operand sends the call to the fake kernel, which refuses mixed devices instead of
+    # returning its uninitialised output.
+    with pytest.raises(ValueError, match="lora_linear_fwd: operands are on several devices"):
+        torch.ops.lora_ops.lora_linear_fwd(x, w, b.to("meta"), a, bb, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="lora_linear_bwd: operands are on several devices"):
+        torch.ops.lora_ops.lora_linear_bwd(torch.randn(5, 10), x, w.to("meta"), a, bb,
+                                           torch.randn(5, 3), 1.0, 0.0, 0, [True, True, True])

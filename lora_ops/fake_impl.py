@@ -1,0 +1,37 @@
+"""Registration of the fake (meta) implementations of lora_ops' custom ops."""
+import functools
+
+import torch
+from torch import Tensor
+
+
+def _tensors(values):
+    for v in values:
+        if isinstance(v, Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+
+
+def register_fake(qualname: str, fake) -> None:
+    """torch.library.register_fake(qualname)(fake), the fake first requiring every tensor
+    argument on one device.
+
+    The dispatcher picks a call's kernel from all its operands' devices, and a meta operand
+    outranks the others: a call with real CPU tensors and one meta tensor runs the fake, whose
+    output (new_empty of a real operand) would be returned as the answer, uninitialised. Under
+    torch.compile the check runs once, at trace time, on the fake tensors' devices.
+    """
+    op = qualname.split("::")[-1]
+
+    @functools.wraps(fake)
+    def one_device(*args, **kwargs):
+        tensors = list(_tensors((*args, *kwargs.values())))
+        for t in tensors[1:]:
+            torch._check_value(
+                t.device == tensors[0].device,
+                lambda: f"{op}: operands are on several devices ({tensors[0].device} and "
+                        f"{t.device}); all must be on one")
+        return fake(*args, **kwargs)
+
+    torch.library.register_fake(qualname)(one_device)
