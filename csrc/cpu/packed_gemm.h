@@ -59,9 +59,10 @@
 
 namespace lora_ops::cpu {
 
-// kMR x kNR accumulators (12 vector registers) plus two B vectors and one broadcast of A fit
-// the 16 registers of SSE/AVX2.
-inline constexpr int64_t kMR = 6;
+// kMR x kNR accumulators plus two B vectors and one broadcast of A: 12 + 3 of the 16 registers
+// of SSE/AVX2, 24 + 3 of AVX-512's 32 (twice the rows of A per loaded B vector, so the
+// micro-kernel issues 2 loads per FMA pair instead of 4 / 3).
+inline constexpr int64_t kMR = kVecLen == 16 ? 12 : 6;
 inline constexpr int64_t kNR = 2 * kVecLen;
 inline constexpr int64_t kKC = 256;        // depth of a packed block: a B panel stays in L1
 inline constexpr int64_t kMC = 96;         // rows of A packed at once: the A block stays in L2
@@ -207,15 +208,17 @@ inline int64_t few_rows_kc(int64_t m) {
   return kc / (2 * kVecLen) * (2 * kVecLen);
 }
 
-// c[kMR x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p a[p, :]^T b[p, :].
+// c[R x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p a[p, :R]^T b[p, :]: the first R
+// rows of an A panel (kMR wide).
+template <int R>
 inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
                          float* __restrict c, int64_t ldc, bool accumulate) {
-  VecF acc[kMR][2];
-  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = VecF{};
+  VecF acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = VecF{};
   for (int64_t p = 0; p < kc; ++p) {
     const VecF b0 = *reinterpret_cast<const VecF*>(b);
     const VecF b1 = *reinterpret_cast<const VecF*>(b + kVecLen);
-    for (int i = 0; i < kMR; ++i) {
+    for (int i = 0; i < R; ++i) {
       const VecF ai = broadcast(a[i]);
       acc[i][0] = fmadd(ai, b0, acc[i][0]);
       acc[i][1] = fmadd(ai, b1, acc[i][1]);
@@ -223,7 +226,7 @@ inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __r
     a += kMR;
     b += kNR;
   }
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < R; ++i) {
     VecF* row = reinterpret_cast<VecF*>(c + i * ldc);
     if (accumulate) {
       row[0] += acc[i][0];
@@ -242,17 +245,19 @@ inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __r
 // work per instruction of widening to fp32 (fused fwd, M = 64 / 256: 0.42x / 0.49x the time).
 // Products are exact; each pair's two products are added to the sum in fp32.
 //
-// micro_kernel over `pairs` bf16 pairs: a is pairs x kMR words, b pairs x kNR words.
+// micro_kernel over `pairs` bf16 pairs: a is pairs x kMR words (the first R rows used), b
+// pairs x kNR words.
+template <int R>
 inline void micro_kernel_bf16(int64_t pairs, const uint32_t* __restrict a,
                               const uint32_t* __restrict b, float* __restrict c, int64_t ldc,
                               bool accumulate) {
   static_assert(kNR == 32, "two 16-lane vectors of B per pair");
-  __m512 acc[kMR][2];
-  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + 16);
-    for (int i = 0; i < kMR; ++i) {
+    for (int i = 0; i < R; ++i) {
       const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i]));
       acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
@@ -260,7 +265,7 @@ inline void micro_kernel_bf16(int64_t pairs, const uint32_t* __restrict a,
     a += kMR;
     b += kNR;
   }
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < R; ++i) {
     float* row = c + i * ldc;
     if (accumulate) {
       acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(row));
@@ -452,6 +457,20 @@ void gemm_tile_few_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue
   store_c_tile(epilogue, i0, m, j0, n, acc, n);
 }
 
+// A panel of `count` rows of A (at most kMR) through the full micro-kernel, or through the
+// half-height one when count fits it: a ragged last panel (M = 16 is one full panel and 4 rows)
+// does half the FMAs of a full one. Only the rows computed are written to c.
+inline constexpr int kHalfMR = static_cast<int>(kMR / 2);
+template <auto kFull, auto kHalf, class Word>
+inline void multiply_rows(int64_t rows, const Word* a, const Word* b, float* c, int64_t ldc,
+                          bool accumulate, int64_t count) {
+  if (count <= kHalfMR) {
+    kHalf(rows, a, b, c, ldc, accumulate);
+  } else {
+    kFull(rows, a, b, c, ldc, accumulate);
+  }
+}
+
 // The panels of the packed path: fp32 elements along k for micro_kernel, and (AVX512_BF16)
 // words of bf16 pairs along k for micro_kernel_bf16. Each gives the depth of a block in elements
 // of k, the rows of a panel for kc of them, the operands' packing and the micro-kernel.
@@ -469,8 +488,8 @@ struct Fp32Panels {
     op.pack(dst, k0, kc, j0, n);
   }
   static void multiply(int64_t rows, const Word* a, const Word* b, float* c, int64_t ldc,
-                       bool accumulate) {
-    micro_kernel(rows, a, b, c, ldc, accumulate);
+                       bool accumulate, int64_t count) {
+    multiply_rows<micro_kernel<kMR>, micro_kernel<kHalfMR>>(rows, a, b, c, ldc, accumulate, count);
   }
 };
 
@@ -492,8 +511,9 @@ struct Bf16PairPanels {
     op.pack_bf16_pairs(dst, k0, kc, j0, n);
   }
   static void multiply(int64_t rows, const Word* a, const Word* b, float* c, int64_t ldc,
-                       bool accumulate) {
-    micro_kernel_bf16(rows, a, b, c, ldc, accumulate);
+                       bool accumulate, int64_t count) {
+    multiply_rows<micro_kernel_bf16<kMR>, micro_kernel_bf16<kHalfMR>>(rows, a, b, c, ldc,
+                                                                       accumulate, count);
   }
 };
 #endif
@@ -521,7 +541,8 @@ void gemm_tile_packed(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
       for (int64_t jp = 0; jp < n; jp += kNR) {
         for (int64_t ip = 0; ip < mc; ip += kMR) {
           Panels::multiply(rows, a_pack + ip * rows, b_pack + jp * rows,
-                           ws.c_tile + (ic + ip) * n_pad + jp, n_pad, k0 > 0);
+                           ws.c_tile + (ic + ip) * n_pad + jp, n_pad, k0 > 0,
+                           std::min(kMR, mc - ip));
         }
       }
     }

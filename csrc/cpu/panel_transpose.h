@@ -58,20 +58,23 @@ inline void transpose8x8(__m256 v[8]) {
   v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// Lanes [0, lanes) of v at dst; lanes is 8 or 6.
+// Lanes [0, lanes) of v at dst, 0 < lanes <= 8 (a panel 6 or 12 wide ends in a partial group
+// of 8 rows).
 inline void store_lanes(float* dst, __m256 v, int lanes) {
   if (lanes == 8) {
     _mm256_storeu_ps(dst, v);
     return;
   }
-  _mm_storeu_ps(dst, _mm256_castps256_ps128(v));
-  _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(v, 1));
+  // Eight all-ones words then eight zeros: from 8 - lanes on, the mask of the first `lanes`.
+  alignas(32) static const int32_t kMasks[16] = {-1, -1, -1, -1, -1, -1, -1, -1};
+  const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMasks + 8 - lanes));
+  _mm256_maskstore_ps(dst, mask, v);
 }
 #endif
 
 }  // namespace detail
 
-// width is a multiple of 8, or 6; count <= width; rows[r] valid for r < count, and rows holds
+// Any width (the micro-kernels' are 6, 12 and 32); count <= width; rows[r] valid for r < count, and rows holds
 // panel_row_pointers(width) entries (the 8 x 8 blocks index up to a multiple of 8; entries past
 // count are never read).
 inline void transpose_rows_to_panel(float* __restrict dst, const float* const* rows, int count,
