@@ -41,6 +41,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 
 
+def visible_gpu_archs() -> str:
+    """TORCH_CUDA_ARCH_LIST for the GPUs this machine has ("" without one): each card's compute
+    capability, sm_90 as 9.0a."""
+    if not torch.cuda.is_available():
+        return ""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
+                    for major, minor in caps)
+
+
 def want_cuda() -> bool:
     if os.environ.get("LORA_OPS_NO_CUDA", "0") == "1":
         return False
@@ -93,9 +103,10 @@ def extension():
     if not want_cuda():
         return CppExtension("lora_ops._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    if not torch.cuda.is_available():
-        # Without a GPU cpp_extension cannot guess the architectures (it fails outright).
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    # Without a GPU cpp_extension cannot guess the architectures (it fails outright); with one it
+    # would build plain sm_90 for a Hopper card, where the adapter-in-GEMM kernel (wgmma, TMA)
+    # needs sm_90a's features: the visible cards' own architectures, 9.0 as 9.0a.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", visible_gpu_archs() or DEFAULT_CUDA_ARCHS)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     inc, lib = cublas_dirs()
     cutlass = cutlass_include_dir()

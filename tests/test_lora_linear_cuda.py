@@ -43,12 +43,15 @@ def test_cuda_graph_capture_and_replay(device, backend, M):
 @pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))
 @pytest.mark.parametrize("clusters", ["1", "0"])
 @pytest.mark.parametrize("M", [1, 8, 9, 16, 17, 300])
-def test_cluster_and_fallback_plans_agree_with_oracle(device, backend, clusters, M, monkeypatch):
+@pytest.mark.parametrize("r", [64, 100])
+def test_cluster_and_fallback_plans_agree_with_oracle(device, backend, clusters, M, r, monkeypatch):
     # On sm_90+ the CUDA forward runs single-launch cluster plans; LORA_OPS_CUDA_CLUSTERS=0
-    # (read on every call) switches to the multi-launch plans other GPUs take. Both must match
-    # the oracle on the same device, dropout included.
+    # (read on every call) switches to the multi-launch plans other GPUs take, and =1 makes a
+    # cluster plan that was picked but could not launch an error, not a silent fallback. Both
+    # must match the oracle on the same device, dropout included. r = 64: the M > 16 kernel's
+    # 32 KB of dynamic shared memory plus its 17 KB of static tiles need the opt-in too.
     monkeypatch.setenv("LORA_OPS_CUDA_CLUSTERS", clusters)
-    x, w, b, a, bb = make_operands((M,), 2048, 520, 100, torch.bfloat16, device)
+    x, w, b, a, bb = make_operands((M,), 2048, 520, r, torch.bfloat16, device)
     check_parity(device, backend, torch.bfloat16, x, w, b, a, bb, s=0.5, p=0.1, seed=M)
 
 

@@ -7,6 +7,7 @@
 
 #include "adapter_gemm.cuh"
 #include "common.cuh"
+#include "lora_linear_fwd.cuh"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops {
@@ -29,7 +30,7 @@ namespace {
 // persistent kernel leaves SMs idle that cuBLAS's own choice of tiles or split-K would use; below
 // one row tile the rows are decode-sized (a wide layer such as an LM head can still have many
 // column tiles), where the GEMV and cluster plans stream W without padding M to 128.
-constexpr int64_t kTileM = 128, kTileN = 256;
+constexpr int64_t kTileM = 128, kTileN = 256, kTileK = 64;
 constexpr int64_t kMinTiles = 128;
 
 struct DeviceFacts {
@@ -38,12 +39,13 @@ struct DeviceFacts {
   int sm_count = 0;
 };
 
-// What the current device can run, asked once per device.
-const DeviceFacts* device_facts() {
+// What the current device can run, asked once per device; a copy (the table may grow while
+// another thread reads its result). known = false if the device could not be asked.
+DeviceFacts device_facts() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
-    return nullptr;
+    return DeviceFacts{};
   }
   static std::mutex mutex;
   static std::vector<DeviceFacts> facts;  // per device
@@ -62,7 +64,7 @@ const DeviceFacts* device_facts() {
     f.bf16 = major == 9 && sm90::runs_here_bf16();
     f.known = true;
   }
-  return &f;
+  return f;
 }
 
 bool multiple_of_8(int64_t v) { return v % 8 == 0; }
@@ -82,7 +84,8 @@ bool adapter_gemm_shape_ok(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, 
                                                 : false;
   return built && M >= kTileM && N > 0 && K > 0 && r > 0 && multiple_of_8(N) &&
          multiple_of_8(K) && multiple_of_8(r) && M <= INT32_MAX && N <= INT32_MAX &&
-         K <= INT32_MAX && ceil_div(M, kTileM) * ceil_div(N, kTileN) >= kMinTiles;
+         K + r + 2 * kTileK <= INT32_MAX &&  // the kernel's depth, k-tiles rounded up, is an int
+         ceil_div(M, kTileM) * ceil_div(N, kTileN) >= kMinTiles;
 }
 
 bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a) {
@@ -90,8 +93,8 @@ bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a) {
       adapter_gemm_mode() == AdapterGemmMode::kOff) {
     return false;
   }
-  const DeviceFacts* f = device_facts();
-  if (f == nullptr || !(dtype == LORA_DTYPE_F16 ? f->f16 : f->bf16)) return false;
+  const DeviceFacts f = device_facts();
+  if (!(dtype == LORA_DTYPE_F16 ? f.f16 : f.bf16)) return false;
   return rows_vec_ok(dtype, a.x, a.ldx) && rows_vec_ok(dtype, a.s_scaled, a.ld_s_scaled) &&
          is_aligned16(a.w) && is_aligned16(a.b) && is_aligned16(a.y) &&
          (a.bias == nullptr || is_aligned16(a.bias)) &&
@@ -99,10 +102,10 @@ bool adapter_gemm_usable(lora_dtype_t dtype, const AdapterGemmArgs& a) {
 }
 
 lora_status_t adapter_gemm(lora_dtype_t dtype, const AdapterGemmArgs& a, cudaStream_t stream) {
-  const DeviceFacts* f = device_facts();
-  if (f == nullptr) return LORA_ERR_CUDA;
-  return dtype == LORA_DTYPE_F16 ? sm90::run_f16(a, f->sm_count, stream)
-                                 : sm90::run_bf16(a, f->sm_count, stream);
+  const DeviceFacts f = device_facts();
+  if (!f.known) return LORA_ERR_CUDA;
+  return dtype == LORA_DTYPE_F16 ? sm90::run_f16(a, f.sm_count, stream)
+                                 : sm90::run_bf16(a, f.sm_count, stream);
 }
 
 }  // namespace detail
@@ -113,6 +116,7 @@ bool adapter_gemm_accepts(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, i
                           bool depth_by_out) {
   using detail::WeightLayout;
   if (!detail::adapter_gemm_shape_ok(dtype, M, N, K, r)) return false;
+  if (!depth_by_out && r > detail::kClusterMaxRank) return false;  // the forward's s·S kernel
   detail::AdapterGemmArgs a{};  // no pointers: can_implement reads extents and strides only
   a.M = M;
   a.N = N;

@@ -297,7 +297,10 @@ typename AdapterGemm<E, L>::Device::Arguments gemm_arguments(const AdapterGemmAr
   args.epilogue.dC = StrideD{a.N, _1{}, 0};
   args.epilogue.ptr_D = static_cast<E*>(a.y);
   args.epilogue.dD = StrideD{a.N, _1{}, 0};
-  cudaGetDevice(&args.hw_info.device_id);
+  if (cudaGetDevice(&args.hw_info.device_id) != cudaSuccess) {
+    cudaGetLastError();  // no GPU (a host-only can_implement check): leave no sticky error
+    args.hw_info.device_id = 0;
+  }
   args.hw_info.sm_count = sm_count;
   return args;
 }

@@ -13,12 +13,16 @@ namespace detail {
 
 namespace {
 
-bool switched_off_by_env() {
+bool env_is(const char* value) {
   const char* v = std::getenv("LORA_OPS_CUDA_CLUSTERS");
-  return v != nullptr && std::strcmp(v, "0") == 0;
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
 
+bool switched_off_by_env() { return env_is("0"); }
+
 }  // namespace
+
+bool clusters_required() { return env_is("1"); }
 
 bool clusters_enabled() {
   if (switched_off_by_env()) return false;
@@ -49,9 +53,12 @@ int max_active_clusters(const void* kernel, size_t smem_bytes) {
   // The cluster kernels have a body only in code built for sm_90+: a build whose code for this
   // GPU came from older PTX (e.g. TORCH_CUDA_ARCH_LIST=8.0+PTX run on an H100) must not use them.
   cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.binaryVersion < 90 ||
-      attributes.ptxVersion < 90 ||
-      cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    clusters = 0;
+  } else if (attributes.binaryVersion < 90 || attributes.ptxVersion < 90) {
+    clusters = kNoClusterCode;
+  } else if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     cudaGetLastError();
     clusters = 0;
   }

@@ -6,7 +6,8 @@
 // reproducible), and the launch records into a CUDA graph like any other.
 //
 // On older GPUs, or with LORA_OPS_CUDA_CLUSTERS=0 in the environment (to test and compare the
-// fallback plans on a Hopper GPU), the entry points use their multi-launch plans instead.
+// fallback plans on a Hopper GPU), the entry points use their multi-launch plans instead;
+// LORA_OPS_CUDA_CLUSTERS=1 makes a picked cluster plan that cannot launch an error.
 #ifndef LORA_OPS_CUDA_CLUSTER_CUH_
 #define LORA_OPS_CUDA_CLUSTER_CUH_
 
@@ -27,8 +28,22 @@ constexpr int kClusterBlocks = 8;
 // Whether the current device runs cluster launches and they are not switched off.
 bool clusters_enabled();
 
+// LORA_OPS_CUDA_CLUSTERS=1 (tests): a cluster plan the planner picked that cannot launch (its
+// shared memory refused, no cluster fits) fails the call with LORA_ERR_UNSUPPORTED instead of
+// falling back, so a plan that never runs cannot pass for one that does.
+bool clusters_required();
+
+// What a cluster plan that cannot launch returns: LORA_OK with nothing launched (the caller
+// falls back), or the error clusters_required() asks for.
+inline lora_status_t cluster_refused() {
+  return clusters_required() ? LORA_ERR_UNSUPPORTED : LORA_OK;
+}
+
 // How many clusters of kClusterBlocks blocks of `kernel` (with `smem_bytes` of dynamic shared
-// memory) the current device holds at once; 0 if it cannot run one. Cached per device and kernel.
+// memory) the current device holds at once; 0 if it cannot run one, kNoClusterCode if this
+// build's code for the device is not sm_90+ (the kernel is a stub there). Cached per device and
+// kernel.
+constexpr int kNoClusterCode = -1;
 int max_active_clusters(const void* kernel, size_t smem_bytes);
 
 // A launch of `clusters` clusters of kClusterBlocks consecutive blocks of kThreads threads;
@@ -62,16 +77,34 @@ lora_status_t launch_clusters(void (*kernel)(KArgs...), int clusters, size_t sme
   return launch_status();
 }
 
-// Opts a kernel in to more than 48 KB of dynamic shared memory when it needs it; false if the
-// device refused (the caller then takes another plan).
+// Opts a kernel in to the dynamic shared memory a launch needs; false if it cannot have it (the
+// caller then takes another plan). Without the opt-in a kernel may have 48 KB less its static
+// shared memory (a kernel with 17 KB of static tiles is refused 32 KB of dynamic memory), so the
+// kernel's current limit is asked, not 48 KB assumed. When raised, the limit goes to all the
+// device allows at once, so it never shrinks under a concurrent or captured launch of the same
+// kernel that needed more.
 template <typename... KArgs>
 bool allow_dynamic_smem(void (*kernel)(KArgs...), size_t smem_bytes) {
-  if (smem_bytes <= 48 * 1024) return true;
+  cudaFuncAttributes attributes;
+  int device = 0, optin = 0;
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error for the next launch check
+    return false;
+  }
+  if (smem_bytes <= static_cast<size_t>(attributes.maxDynamicSharedSizeBytes)) return true;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const size_t limit = static_cast<size_t>(optin) - attributes.sharedSizeBytes;
+  if (static_cast<size_t>(optin) < attributes.sharedSizeBytes || smem_bytes > limit) return false;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem_bytes)) == cudaSuccess) {
+                           static_cast<int>(limit)) == cudaSuccess) {
     return true;
   }
-  cudaGetLastError();  // leave no sticky error for the next launch check
+  cudaGetLastError();
   return false;
 }
 

@@ -214,10 +214,11 @@ template <typename T, int R>
 lora_status_t launch_typed(const FwdArgs& p, cudaStream_t stream, bool* launched) {
   const size_t smem = 2 * sizeof(float) * R * static_cast<size_t>(p.r);
   const auto kernel = decode_cluster_kernel<T, R>;
-  // 16 rows with r > 384 need more than 48 KB; if refused, not launched: the caller falls back.
-  if (!allow_dynamic_smem(kernel, smem)) return LORA_OK;
+  // Large ranks need the opt-in (allow_dynamic_smem); if refused, not launched.
+  if (!allow_dynamic_smem(kernel, smem)) return cluster_refused();
   const int fit = max_active_clusters(reinterpret_cast<const void*>(kernel), smem);
-  if (fit <= 0) return LORA_OK;  // not launched: the caller falls back
+  if (fit == kNoClusterCode) return LORA_OK;
+  if (fit <= 0) return cluster_refused();
   const int64_t wanted = ceil_div(ceil_div(p.N, kDecodeCols), kClusterBlocks);
   const int clusters = static_cast<int>(clamp64(wanted, 1, fit));
   *launched = true;

@@ -44,7 +44,6 @@ namespace {
 constexpr int64_t kFusedMinRows = 8192;  // 128 row tiles: enough blocks without a split
 constexpr int64_t kFusedMaxRank = 64;    // S of a 64-row tile stays in shared memory
 constexpr int kMaxShrinkSplits = 4;
-constexpr int64_t kClusterMaxRank = 128;  // cluster plan: S partials and sums of a tile in smem
 
 enum class FwdPath { kEmpty, kDecode, kFused, kSplit };
 
@@ -359,8 +358,10 @@ lora_status_t run_cluster(FwdArgs args, bool thin, cudaStream_t stream, bool* la
   const size_t smem = 2 * sizeof(float) * WideTile::BM * static_cast<size_t>(args.r);
   const auto kernel =
       thin ? cluster_adapter_kernel<T, Thin, Wide> : cluster_adapter_kernel<T, Wide, Wide>;
-  if (!allow_dynamic_smem(kernel, smem)) return LORA_OK;  // r > 96 needs more than 48 KB
-  if (max_active_clusters(reinterpret_cast<const void*>(kernel), smem) <= 0) return LORA_OK;
+  if (!allow_dynamic_smem(kernel, smem)) return cluster_refused();
+  const int fit = max_active_clusters(reinterpret_cast<const void*>(kernel), smem);
+  if (fit == kNoClusterCode) return LORA_OK;
+  if (fit <= 0) return cluster_refused();
   *launched = true;
   return launch_clusters(kernel, static_cast<int>(clusters), smem, stream, args);
 }

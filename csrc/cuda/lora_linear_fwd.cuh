@@ -36,6 +36,10 @@ struct FwdArgs {
   int64_t ld_s_scaled;
 };
 
+// Largest rank the cluster plan takes (S partials and sums of a row tile in shared memory);
+// also the forward adapter-in-GEMM plan's, whose s·S that kernel computes.
+constexpr int64_t kClusterMaxRank = 128;
+
 // Decode on GPUs with thread block clusters (cluster.cuh), M <= kDecodeClusterMaxRows: y and
 // s_out in one launch (decode_cluster.cu). LORA_OK with *launched = false, having done nothing,
 // when the plan does not apply here (no clusters, switched off, r past kMaxRank): the caller

@@ -36,7 +36,7 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
                                                   N, &ep));
   if (!detail::present(weight, N * K)) return LORA_ERR_INVALID_ARGUMENT;
   const bool decode = M <= detail::kGemvMaxRows;
-  if (!decode && M * N * K > 0 && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
+  if (!decode && M > 0 && N > 0 && K > 0 && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
   if (M == 0) return LORA_OK;
 
   if (decode) {

@@ -1207,11 +1207,13 @@ void check_adapter_gemm_accepts() {
       {1030, 4104, 72, 24, false},   {2048, 2048, 512, 64, false}, {1100, 4096, 136, 128, false},
       {4096, 4096, 4096, 16, false}, {1024, 4096, 4096, 8, false}, {16384, 14336, 4096, 64, false},
       {520, 8200, 72, 24, true},     {520, 8200, 136, 128, true},  {4096, 4096, 4096, 16, true},
-      {4096, 4096, 14336, 16, true}};
+      {4096, 4096, 14336, 16, true}, {4096, 4096, 4096, 256, true}};
+  // Ragged rank, N or K; too few tiles or rows; a forward rank past the cluster kernel's that
+  // computes its s·S (kClusterMaxRank); a depth past int32.
   const Product refused[] = {{1030, 4104, 72, 20, false},  {1030, 4100, 72, 24, false},
                              {1030, 4104, 70, 24, false},  {64, 4096, 4096, 16, false},
-                             {16, 131072, 4096, 16, false},
-                             {520, 8200, 76, 24, true}};
+                             {16, 131072, 4096, 16, false}, {4096, 4096, 4096, 256, false},
+                             {520, 8200, 76, 24, true},    {4096, 4096, 2147483520, 16, true}};
   for (lora_dtype_t d : {LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
     for (const Product& p : taken) {
       check.expect(lora_ops::cuda::adapter_gemm_accepts(d, p.M, p.N, p.K, p.r, p.depth_by_out),
@@ -1253,8 +1255,15 @@ int main(int argc, char** argv) {
   std::printf("== backend cuda on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
   {
     CudaBackend cuda;
+    // Where clusters exist, a cluster plan the planner picks must launch: its shared memory or
+    // occupancy refused would otherwise fall back silently and pass as the other plans.
+    if (prop.major >= 9) {
+      std::printf("== backend cuda, cluster plans required (LORA_OPS_CUDA_CLUSTERS=1)\n");
+      setenv("LORA_OPS_CUDA_CLUSTERS", "1", 1);
+    }
     run_suite(cuda, quick);
     run_graph_cases(cuda);
+    unsetenv("LORA_OPS_CUDA_CLUSTERS");
     if (prop.major == 9 && lora_ops::cuda::adapter_gemm_built()) {
       std::printf("== backend cuda, adapter-in-GEMM plan required (LORA_OPS_CUDA_ADAPTER_GEMM=1)\n");
       setenv("LORA_OPS_CUDA_ADAPTER_GEMM", "1", 1);

@@ -228,8 +228,8 @@ lora_status_t multi_lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, in
 bool adapter_gemm_built();
 
 // Whether the plans admit a product of this shape (out [M, N], depths K and r; the weights as
-// the forward's [N, K] or, depth_by_out, the backward's [K, N]) and CUTLASS's can_implement
-// takes it with dense rows. Host only, no GPU needed: the tests check the two rules agree, since
+// the forward's [N, K], r <= 128, or, depth_by_out, the backward's [K, N]) and CUTLASS's
+// can_implement takes it with dense rows. Host only, no GPU needed: the tests check the two rules agree, since
 // a shape the plans admit but CUTLASS refuses would quietly never take the plan.
 bool adapter_gemm_accepts(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                           bool depth_by_out);
