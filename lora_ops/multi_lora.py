@@ -615,6 +615,39 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     (and for weight and bias, if they require grad).
     """
     op = "multi_lora_linear"
+    chosen = _backend.resolve_backend(op, backend, x.device) if isinstance(x, Tensor) else None
+    if chosen in _COMPILED_BACKENDS and not torch.compiler.is_compiling():
+        # The compiled op checks shapes, dtypes, devices and slices itself (a decode-sized call
+        # spent 3x the op's time in the checks below); they run only when it refuses, to word
+        # the error for this function's arguments. Index values are this function's own rule.
+        try:
+            return _compiled_linear(linear_fwd_op(chosen), x, weight, bias, lora_a, lora_b,
+                                    scalings, ranks, (token_adapter, seg_indptr, seg_adapter),
+                                    slice_offsets)
+        except (ValueError, RuntimeError, TypeError, IndexError, AttributeError):
+            _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks,
+                                 (token_adapter, seg_indptr, seg_adapter), slice_offsets)
+            raise
+    x2d, a_stacks, b_stacks, offsets, index = _checked_linear_args(
+        x, weight, bias, lora_a, lora_b, scalings, ranks, (token_adapter, seg_indptr, seg_adapter),
+        slice_offsets)
+    if chosen == "reference":
+        y2d = reference.multi_lora_linear(x2d, weight, bias, a_stacks, b_stacks, offsets, scalings,
+                                          ranks, token_adapter=index[0], seg_indptr=index[1],
+                                          seg_adapter=index[2])
+    else:
+        y2d = _run_linear_fwd(linear_fwd_op(chosen), x2d, weight, bias, a_stacks, b_stacks,
+                              offsets, scalings, ranks, index)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_COMPILED_BACKENDS = ("cpu", "cuda")
+
+
+def _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks, index, slice_offsets):
+    """multi_lora_linear's arguments checked (clear errors naming the argument): x as tokens, the
+    stacks as lists, the slice offsets and the index as the kernels read it."""
+    op = "multi_lora_linear"
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         _fail(op, f"weight must be a 2-D Tensor [N, K], got {weight!r:.200}")
     N, K = weight.shape
@@ -632,24 +665,63 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     _check_expand(op, x2d, b_stacks, L, r_max, "x")
     offsets = _check_slices(op, b_stacks, slice_offsets, N, cover=True)
     _check_adapters(op, scalings, ranks, L, r_max, x.device)
-    index = _check_index(op, x2d.shape[0], L, token_adapter, seg_indptr, seg_adapter, x.device)
-    chosen = _backend.resolve_backend(op, backend, x.device)
-    if chosen == "reference":
-        y2d = reference.multi_lora_linear(x2d, weight, bias, a_stacks, b_stacks, offsets, scalings,
-                                          ranks, token_adapter=index[0], seg_indptr=index[1],
-                                          seg_adapter=index[2])
+    index = _check_index(op, x2d.shape[0], L, *index, x.device)
+    return x2d, a_stacks, b_stacks, offsets, index
+
+
+def _compiled_linear(fwd_op, x, weight, bias, lora_a, lora_b, scalings, ranks, index,
+                     slice_offsets) -> Tensor:
+    """multi_lora_linear on a compiled backend, its arguments checked by the op itself, but for
+    the index values (the op takes an index outside [-1, L) as -1; this function refuses one
+    where reading it is free)."""
+    a_stacks = [lora_a] if isinstance(lora_a, Tensor) else list(lora_a)
+    b_stacks = [lora_b] if isinstance(lora_b, Tensor) else list(lora_b)
+    if slice_offsets is None:
+        offsets, end = [], 0
+        for b in b_stacks:
+            offsets.append(end)
+            end += b.shape[1]
     else:
-        args = (x2d, weight, bias, a_stacks, b_stacks, offsets, scalings.to(torch.float32),
-                ranks.to(torch.int32), *index)
-        if _records_autograd(x2d, weight, bias, *a_stacks, *b_stacks):
-            y2d, _ = linear_fwd_op(chosen)(*args)
-        else:
-            # Nothing to differentiate: straight to the kernel. For CUDA tensors and the Triton
-            # twin this skips the Python autograd layer of torch.library (on CPU, before the C++
-            # autograd kernel, it was half a decode-sized call); the C++ one passes through alike.
-            with torch._C._AutoDispatchBelowAutograd():
-                y2d, _ = linear_fwd_op(chosen)(*args)
-    return y2d.reshape(*x.shape[:-1], N)
+        offsets = [int(o) for o in slice_offsets]
+    token_adapter, seg_indptr, seg_adapter = index
+    if _values_readable(x.device):
+        num_adapters = a_stacks[0].shape[0]
+        if token_adapter is not None:
+            _check_adapter_values("multi_lora_linear", "token_adapter", token_adapter, num_adapters)
+        elif seg_adapter is not None:
+            _check_adapter_values("multi_lora_linear", "seg_adapter", seg_adapter, num_adapters)
+    x2d = x if x.dim() == 2 else tokens_2d(x)
+    y2d = _run_linear_fwd(fwd_op, x2d, weight, bias, a_stacks, b_stacks, offsets, scalings, ranks,
+                          (_as_int32(token_adapter), _as_int32(seg_indptr), _as_int32(seg_adapter)))
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _as_int32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """An int64 index or rank tensor as the kernels' int32; anything else as it is, for the op
+    to accept or refuse."""
+    return t.to(torch.int32) if t is not None and t.dtype == torch.int64 else t
+
+
+def _as_float32(t: Tensor) -> Tensor:
+    """Floating scalings as the kernels' float32; anything else as it is, for the op to refuse."""
+    return t.to(torch.float32) if t.dtype != torch.float32 and t.dtype.is_floating_point else t
+
+
+def _run_linear_fwd(fwd_op, x2d, weight, bias, a_stacks, b_stacks, offsets, scalings, ranks,
+                    index) -> Tensor:
+    """y [M, N] from the fused forward op of a compiled or Triton backend, through its autograd
+    only when a gradient is wanted."""
+    args = (x2d, weight, bias, a_stacks, b_stacks, offsets,
+            _as_float32(scalings), _as_int32(ranks), *index)
+    if _records_autograd(x2d, weight, bias, *a_stacks, *b_stacks):
+        y2d, _ = fwd_op(*args)
+    else:
+        # Nothing to differentiate: straight to the kernel. For CUDA tensors and the Triton
+        # twin this skips the Python autograd layer of torch.library (on CPU, before the C++
+        # autograd kernel, it was half a decode-sized call); the C++ one passes through alike.
+        with torch._C._AutoDispatchBelowAutograd():
+            y2d, _ = fwd_op(*args)
+    return y2d
 
 
 def _records_autograd(*tensors: Optional[Tensor]) -> bool:
