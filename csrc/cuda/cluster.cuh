@@ -72,6 +72,7 @@ lora_status_t launch_clusters(void (*kernel)(KArgs...), int clusters, size_t sme
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config = cluster_launch_config(clusters, smem_bytes, stream, &attribute);
   if (cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...) != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error for the next launch check
     return LORA_ERR_CUDA;
   }
   return launch_status();

@@ -27,9 +27,12 @@ cudaDataType_t cuda_data_type(lora_dtype_t dtype) {
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
-// C[m, n] += op(A) op(B), column-major, on ctx.stream. alpha and beta are host values: the
-// handle's pointer mode is set to host for the call and put back after, since the handle
-// belongs to the caller.
+// C[m, n] += op(A) op(B), column-major, on ctx.stream. The handle belongs to the caller: its
+// stream and pointer mode (alpha and beta are host values) are set for the call only where they
+// differ, and put back after. cublasSetStream also resets the handle's workspace to cuBLAS's
+// default pool, dropping the one torch gives its handles (from its allocator, as CUDA graph
+// capture needs), so it is not called when the stream is already the one (torch's current
+// stream, which its handle already has).
 lora_status_t gemm_add_col_major(const Context& ctx, lora_dtype_t dtype, cublasOperation_t op_a,
                                  cublasOperation_t op_b, int64_t m, int64_t n, int64_t k,
                                  const void* a, int64_t lda, const void* b, int64_t ldb, void* c,
@@ -40,11 +43,17 @@ lora_status_t gemm_add_col_major(const Context& ctx, lora_dtype_t dtype, cublasO
       !fits_int(ldc)) {
     return LORA_ERR_UNSUPPORTED;
   }
-  if (cublasSetStream(ctx.cublas, ctx.stream) != CUBLAS_STATUS_SUCCESS) return LORA_ERR_CUBLAS;
+  cudaStream_t stream = nullptr;
+  if (cublasGetStream(ctx.cublas, &stream) != CUBLAS_STATUS_SUCCESS) return LORA_ERR_CUBLAS;
+  if (stream != ctx.stream &&
+      cublasSetStream(ctx.cublas, ctx.stream) != CUBLAS_STATUS_SUCCESS) {
+    return LORA_ERR_CUBLAS;
+  }
   cublasPointerMode_t mode;
-  if (cublasGetPointerMode(ctx.cublas, &mode) != CUBLAS_STATUS_SUCCESS) return LORA_ERR_CUBLAS;
-  if (mode != CUBLAS_POINTER_MODE_HOST &&
-      cublasSetPointerMode(ctx.cublas, CUBLAS_POINTER_MODE_HOST) != CUBLAS_STATUS_SUCCESS) {
+  if (cublasGetPointerMode(ctx.cublas, &mode) != CUBLAS_STATUS_SUCCESS ||
+      (mode != CUBLAS_POINTER_MODE_HOST &&
+       cublasSetPointerMode(ctx.cublas, CUBLAS_POINTER_MODE_HOST) != CUBLAS_STATUS_SUCCESS)) {
+    if (stream != ctx.stream) cublasSetStream(ctx.cublas, stream);
     return LORA_ERR_CUBLAS;
   }
   const float alpha = 1.0f, beta = 1.0f;
@@ -54,6 +63,7 @@ lora_status_t gemm_add_col_major(const Context& ctx, lora_dtype_t dtype, cublasO
       &alpha, a, type, static_cast<int>(lda), b, type, static_cast<int>(ldb), &beta, c, type,
       static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (mode != CUBLAS_POINTER_MODE_HOST) cublasSetPointerMode(ctx.cublas, mode);
+  if (stream != ctx.stream) cublasSetStream(ctx.cublas, stream);
   return status == CUBLAS_STATUS_SUCCESS ? LORA_OK : LORA_ERR_CUBLAS;
 }
 

@@ -65,6 +65,10 @@ struct BwdPlan {
   size_t workspace_bytes;
 };
 
+// Rows, columns of dY and columns of x are tiled by 64 here and in the kernels below (dx_init,
+// ds_round_rows): the row side of every tile type.
+static_assert(WideTile::BM == 64 && ThinTile::BM == 64, "the backward's tiles are 64 rows");
+
 BwdPlan plan_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                  void* workspace) {
   BwdPlan plan{};
@@ -316,7 +320,9 @@ lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
       !present(s_saved, want_db ? M * r : 0)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
-  if (want_dx && M * N * K > 0 && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
+  if (want_dx && M > 0 && N > 0 && K > 0 && ctx.cublas == nullptr) {
+    return LORA_ERR_INVALID_ARGUMENT;
+  }
   const size_t elem = static_cast<size_t>(detail::dtype_size(dtype));
   if (M == 0) {  // sums over no rows: dA and dB are zero
     if (want_da && r * K > 0 &&
