@@ -521,6 +521,55 @@ def per_adapter_gram(u: Tensor, v: Tensor, plan: GramPlan) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Public functions
 
+_COMPILED_BACKENDS = ("cpu", "cuda")
+
+
+def _compiled_backend(op: str, backend: Optional[str], x) -> Optional[str]:
+    """The compiled backend a call runs on directly, or None where it takes the checked path:
+    another backend, an x that is no tensor, or torch.compile tracing (where checks cost
+    nothing at run time)."""
+    if not isinstance(x, Tensor) or torch.compiler.is_compiling():
+        return None
+    chosen = _backend.resolve_backend(op, backend, x.device)
+    return chosen if chosen in _COMPILED_BACKENDS else None
+
+
+def _checked_on_refusal(run, check):
+    """run() calls a compiled op, which checks shapes, dtypes, devices and slices itself (a
+    decode-sized call spent 1-3x the op's time in this module's Python checks); only if it
+    refuses does check() run them, to raise the error worded for the caller's arguments."""
+    try:
+        return run()
+    except _REFUSALS:
+        check()
+        raise
+
+
+# What a compiled op raises for arguments it refuses (c10's ValueError, IndexError, TypeError
+# and Error; NotImplementedError for a device it has no kernel for) or a Python-side slip on a
+# malformed argument (AttributeError).
+_REFUSALS = (ValueError, RuntimeError, TypeError, IndexError, AttributeError)
+
+
+def _check_index_values(op: str, index: Index, num_adapters: int, device: torch.device) -> None:
+    """The public functions' own rule, which the ops do not have (they take an index outside
+    [-1, L) as -1): refuse one where reading it is free."""
+    token_adapter, _, seg_adapter = index
+    if _values_readable(device):
+        if token_adapter is not None:
+            _check_adapter_values(op, "token_adapter", token_adapter, num_adapters)
+        elif seg_adapter is not None:
+            _check_adapter_values(op, "seg_adapter", seg_adapter, num_adapters)
+
+
+def _stack_list(stacks: Stacks) -> List[Tensor]:
+    return [stacks] if isinstance(stacks, Tensor) else list(stacks)
+
+
+def _kernel_index(index: Index) -> Index:
+    return tuple(_as_int32(t) for t in index)
+
+
 def _tokens_2d(op: str, arg: str, t: Tensor, features: Optional[int] = None) -> Tensor:
     if not isinstance(t, Tensor):
         _fail(op, f"{arg} must be a Tensor, got {type(t).__name__}")
@@ -542,16 +591,30 @@ def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,
     tokens); -1 means base only. Not differentiable (multi_lora_linear is).
     """
     op = "lora_shrink"
-    x2d = _tokens_2d(op, "x", x)
-    stacks = _as_stacks(op, "lora_a", lora_a)
-    L, r_max = _check_shrink(op, x2d, stacks)
-    _check_adapters(op, scalings, ranks, L, r_max, x.device)
-    index = _check_index(op, x2d.shape[0], L, token_adapter, seg_indptr, seg_adapter, x.device)
+    index = (token_adapter, seg_indptr, seg_adapter)
+
+    def checked():
+        x2d = _tokens_2d(op, "x", x)
+        stacks = _as_stacks(op, "lora_a", lora_a)
+        L, r_max = _check_shrink(op, x2d, stacks)
+        _check_adapters(op, scalings, ranks, L, r_max, x.device)
+        return x2d, stacks, _check_index(op, x2d.shape[0], L, *index, x.device)
+
+    chosen = _compiled_backend(op, backend, x)
+    if chosen is not None:
+        def run():
+            stacks = _stack_list(lora_a)
+            _check_index_values(op, index, stacks[0].shape[0], x.device)
+            x2d = x if x.dim() == 2 else tokens_2d(x)
+            return shrink_op(chosen)(x2d, stacks, _as_float32(scalings), _as_int32(ranks),
+                                     *_kernel_index(index))
+        return _checked_on_refusal(run, checked)
+    x2d, stacks, index = checked()
     chosen = _backend.resolve_backend(op, backend, x.device)
     if chosen == "reference":
         return reference.multi_lora_shrink(x2d, stacks, scalings, ranks, token_adapter=index[0],
                                            seg_indptr=index[1], seg_adapter=index[2])
-    return shrink_op(chosen)(x2d, stacks, scalings.to(torch.float32), ranks.to(torch.int32), *index)
+    return shrink_op(chosen)(x2d, stacks, _as_float32(scalings), _as_int32(ranks), *index)
 
 
 def lora_expand(y: Tensor, t: Tensor, lora_b: Stacks, ranks: Tensor, *,
@@ -566,35 +629,61 @@ def lora_expand(y: Tensor, t: Tensor, lora_b: Stacks, ranks: Tensor, *,
     are left untouched. Not differentiable.
     """
     op = "lora_expand"
-    if not isinstance(y, Tensor) or y.dim() < 1:
-        _fail(op, f"y must be a Tensor with features last, got {y!r:.200}")
-    try:
-        y2d = y.view(-1, y.shape[-1])
-    except RuntimeError:
-        _fail(op, f"y (shape {tuple(y.shape)}, strides {y.stride()}) must be viewable as "
-                  f"[tokens, features] to be written in place")
-    _check_float(op, "y", y)
-    stacks = _as_stacks(op, "lora_b", lora_b)
-    L, r_max = stacks[0].shape[0], stacks[0].shape[2]
-    _check_pool(op, "lora_b", L, r_max)
-    _check_expand(op, y, stacks, L, r_max, "y")
-    t_shape = (len(stacks), y2d.shape[0], r_max)
-    if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != t_shape:
-        _fail(op, f"t must be float32 of shape ({len(stacks)}, {y2d.shape[0]}, {r_max}) = (slices, "
-                  f"y's tokens, r_max), got {getattr(t, 'dtype', type(t).__name__)} "
-                  f"{tuple(getattr(t, 'shape', ()))}")
-    if t.device != y.device:
-        _fail(op, f"t is on {t.device} but y is on {y.device}")
-    offsets = _check_slices(op, stacks, slice_offsets, y2d.shape[1], cover=False)
-    _check_adapters(op, None, ranks, L, r_max, y.device)
-    index = _check_index(op, y2d.shape[0], L, token_adapter, seg_indptr, seg_adapter, y.device)
+    index = (token_adapter, seg_indptr, seg_adapter)
+
+    def checked():
+        if not isinstance(y, Tensor) or y.dim() < 1:
+            _fail(op, f"y must be a Tensor with features last, got {y!r:.200}")
+        try:
+            y2d = y.view(-1, y.shape[-1])
+        except RuntimeError:
+            _fail(op, f"y (shape {tuple(y.shape)}, strides {y.stride()}) must be viewable as "
+                      f"[tokens, features] to be written in place")
+        _check_float(op, "y", y)
+        stacks = _as_stacks(op, "lora_b", lora_b)
+        L, r_max = stacks[0].shape[0], stacks[0].shape[2]
+        _check_pool(op, "lora_b", L, r_max)
+        _check_expand(op, y, stacks, L, r_max, "y")
+        t_shape = (len(stacks), y2d.shape[0], r_max)
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != t_shape:
+            _fail(op, f"t must be float32 of shape ({len(stacks)}, {y2d.shape[0]}, {r_max}) = "
+                      f"(slices, y's tokens, r_max), got {getattr(t, 'dtype', type(t).__name__)} "
+                      f"{tuple(getattr(t, 'shape', ()))}")
+        if t.device != y.device:
+            _fail(op, f"t is on {t.device} but y is on {y.device}")
+        offsets = _check_slices(op, stacks, slice_offsets, y2d.shape[1], cover=False)
+        _check_adapters(op, None, ranks, L, r_max, y.device)
+        return y2d, stacks, offsets, _check_index(op, y2d.shape[0], L, *index, y.device)
+
+    chosen = _compiled_backend(op, backend, y)
+    if chosen is not None:
+        def run():
+            stacks = _stack_list(lora_b)
+            _check_index_values(op, index, stacks[0].shape[0], y.device)
+            y2d = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+            expand_op(chosen)(y2d, t, stacks, _slice_offsets(stacks, slice_offsets),
+                              _as_int32(ranks), *_kernel_index(index))
+        _checked_on_refusal(run, checked)
+        return y
+    y2d, stacks, offsets, index = checked()
     chosen = _backend.resolve_backend(op, backend, y.device)
     if chosen == "reference":
         reference.multi_lora_expand(y2d, t, stacks, offsets, ranks, token_adapter=index[0],
                                     seg_indptr=index[1], seg_adapter=index[2])
     else:
-        expand_op(chosen)(y2d, t, stacks, offsets, ranks.to(torch.int32), *index)
+        expand_op(chosen)(y2d, t, stacks, offsets, _as_int32(ranks), *index)
     return y
+
+
+def _slice_offsets(b_stacks: List[Tensor], slice_offsets: Optional[Sequence[int]]) -> List[int]:
+    """The given offsets as ints, or the slices packed one after another from column 0."""
+    if slice_offsets is not None:
+        return [int(o) for o in slice_offsets]
+    offsets, end = [], 0
+    for b in b_stacks:
+        offsets.append(end)
+        end += b.shape[1]
+    return offsets
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Stacks,
@@ -615,22 +704,21 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     (and for weight and bias, if they require grad).
     """
     op = "multi_lora_linear"
-    chosen = _backend.resolve_backend(op, backend, x.device) if isinstance(x, Tensor) else None
-    if chosen in _COMPILED_BACKENDS and not torch.compiler.is_compiling():
-        # The compiled op checks shapes, dtypes, devices and slices itself (a decode-sized call
-        # spent 3x the op's time in the checks below); they run only when it refuses, to word
-        # the error for this function's arguments. Index values are this function's own rule.
+    index = (token_adapter, seg_indptr, seg_adapter)
+    chosen = _compiled_backend(op, backend, x)
+    if chosen is not None:
+        # Inline rather than through _checked_on_refusal: every call and closure here shows in a
+        # decode step's time (Python between op calls also evicts the op's code from cache).
         try:
             return _compiled_linear(linear_fwd_op(chosen), x, weight, bias, lora_a, lora_b,
-                                    scalings, ranks, (token_adapter, seg_indptr, seg_adapter),
-                                    slice_offsets)
-        except (ValueError, RuntimeError, TypeError, IndexError, AttributeError):
-            _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks,
-                                 (token_adapter, seg_indptr, seg_adapter), slice_offsets)
+                                    scalings, ranks, index, slice_offsets)
+        except _REFUSALS:
+            _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks, index,
+                                 slice_offsets)
             raise
     x2d, a_stacks, b_stacks, offsets, index = _checked_linear_args(
-        x, weight, bias, lora_a, lora_b, scalings, ranks, (token_adapter, seg_indptr, seg_adapter),
-        slice_offsets)
+        x, weight, bias, lora_a, lora_b, scalings, ranks, index, slice_offsets)
+    chosen = _backend.resolve_backend(op, backend, x.device)
     if chosen == "reference":
         y2d = reference.multi_lora_linear(x2d, weight, bias, a_stacks, b_stacks, offsets, scalings,
                                           ranks, token_adapter=index[0], seg_indptr=index[1],
@@ -639,9 +727,6 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
         y2d = _run_linear_fwd(linear_fwd_op(chosen), x2d, weight, bias, a_stacks, b_stacks,
                               offsets, scalings, ranks, index)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
-
-
-_COMPILED_BACKENDS = ("cpu", "cuda")
 
 
 def _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks, index, slice_offsets):
@@ -676,22 +761,11 @@ def _compiled_linear(fwd_op, x, weight, bias, lora_a, lora_b, scalings, ranks, i
     where reading it is free)."""
     a_stacks = [lora_a] if isinstance(lora_a, Tensor) else list(lora_a)
     b_stacks = [lora_b] if isinstance(lora_b, Tensor) else list(lora_b)
-    if slice_offsets is None:
-        offsets, end = [], 0
-        for b in b_stacks:
-            offsets.append(end)
-            end += b.shape[1]
-    else:
-        offsets = [int(o) for o in slice_offsets]
-    token_adapter, seg_indptr, seg_adapter = index
-    if _values_readable(x.device):
-        num_adapters = a_stacks[0].shape[0]
-        if token_adapter is not None:
-            _check_adapter_values("multi_lora_linear", "token_adapter", token_adapter, num_adapters)
-        elif seg_adapter is not None:
-            _check_adapter_values("multi_lora_linear", "seg_adapter", seg_adapter, num_adapters)
+    _check_index_values("multi_lora_linear", index, a_stacks[0].shape[0], x.device)
     x2d = x if x.dim() == 2 else tokens_2d(x)
-    y2d = _run_linear_fwd(fwd_op, x2d, weight, bias, a_stacks, b_stacks, offsets, scalings, ranks,
+    token_adapter, seg_indptr, seg_adapter = index
+    y2d = _run_linear_fwd(fwd_op, x2d, weight, bias, a_stacks, b_stacks,
+                          _slice_offsets(b_stacks, slice_offsets), scalings, ranks,
                           (_as_int32(token_adapter), _as_int32(seg_indptr), _as_int32(seg_adapter)))
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
 
