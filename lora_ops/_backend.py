@@ -96,6 +96,25 @@ def _default_on(device_type: str) -> Optional[str]:
     return usable[0] if usable else None
 
 
+# The backends whose ops are the compiled library's: they check their own arguments, so the
+# Python entry points run their checks only when such an op refuses (to word the error for the
+# caller's arguments), and OP_REFUSALS is what a refusing op raises (c10's ValueError, IndexError,
+# TypeError and Error; NotImplementedError for a device it has no kernel for) or a malformed
+# argument makes Python raise on the way (AttributeError).
+COMPILED_BACKENDS = ("cpu", "cuda")
+OP_REFUSALS = (ValueError, RuntimeError, TypeError, IndexError, AttributeError)
+
+
+def compiled_backend(op: str, requested: Optional[str], x) -> Optional[str]:
+    """The compiled backend a call on tensor x runs on directly, or None where the call takes
+    its checked path: another backend, an x that is no tensor, or torch.compile tracing (where
+    checks cost nothing at run time)."""
+    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    chosen = resolve_backend(op, requested, x.device)
+    return chosen if chosen in COMPILED_BACKENDS else None
+
+
 def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> str:
     """The backend `op` runs on for tensors on `device`.
 

@@ -168,9 +168,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     seed = 0 if seed is None else int(seed)
     scaling = float(scaling)
     device = x.device
-    chosen = _backend.resolve_backend(OP, backend, device)
-    fwd = _fwd_of(chosen)
-    if chosen in _COMPILED_BACKENDS and not torch.compiler.is_compiling():
+    chosen = _backend.compiled_backend(OP, backend, x)
+    if chosen is not None:
         # The compiled op checks every argument itself, but the dispatcher picks its kernel from
         # all the tensors' devices (one meta operand would route the call to the fake kernel),
         # so the devices are compared here. The other Python checks (~2.5 µs, a fifth of a
@@ -180,15 +179,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
             if (weight.device != device or lora_a.device != device or lora_b.device != device or
                     (bias is not None and bias.device != device)):
                 _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
-            return _on_tokens(fwd, x, weight, bias, lora_a, lora_b, scaling, p, seed)
-        except (ValueError, RuntimeError, TypeError, IndexError, AttributeError):
+            return _on_tokens(_fwd_of(chosen), x, weight, bias, lora_a, lora_b, scaling, p,
+                              seed)
+        except _backend.OP_REFUSALS:
             _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
             raise
     _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    fwd = _fwd_of(_backend.resolve_backend(OP, backend, device))
     return _on_tokens(fwd, x, weight, bias, lora_a, lora_b, scaling, p, seed)
-
-
-_COMPILED_BACKENDS = ("cpu", "cuda")
 
 
 def _fwd_of(backend: str):

@@ -521,34 +521,15 @@ def per_adapter_gram(u: Tensor, v: Tensor, plan: GramPlan) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Public functions
 
-_COMPILED_BACKENDS = ("cpu", "cuda")
-
-
-def _compiled_backend(op: str, backend: Optional[str], x) -> Optional[str]:
-    """The compiled backend a call runs on directly, or None where it takes the checked path:
-    another backend, an x that is no tensor, or torch.compile tracing (where checks cost
-    nothing at run time)."""
-    if not isinstance(x, Tensor) or torch.compiler.is_compiling():
-        return None
-    chosen = _backend.resolve_backend(op, backend, x.device)
-    return chosen if chosen in _COMPILED_BACKENDS else None
-
-
 def _checked_on_refusal(run, check):
     """run() calls a compiled op, which checks shapes, dtypes, devices and slices itself (a
     decode-sized call spent 1-3x the op's time in this module's Python checks); only if it
     refuses does check() run them, to raise the error worded for the caller's arguments."""
     try:
         return run()
-    except _REFUSALS:
+    except _backend.OP_REFUSALS:
         check()
         raise
-
-
-# What a compiled op raises for arguments it refuses (c10's ValueError, IndexError, TypeError
-# and Error; NotImplementedError for a device it has no kernel for) or a Python-side slip on a
-# malformed argument (AttributeError).
-_REFUSALS = (ValueError, RuntimeError, TypeError, IndexError, AttributeError)
 
 
 def _check_index_values(op: str, index: Index, num_adapters: int, device: torch.device) -> None:
@@ -600,7 +581,7 @@ def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,
         _check_adapters(op, scalings, ranks, L, r_max, x.device)
         return x2d, stacks, _check_index(op, x2d.shape[0], L, *index, x.device)
 
-    chosen = _compiled_backend(op, backend, x)
+    chosen = _backend.compiled_backend(op, backend, x)
     if chosen is not None:
         def run():
             stacks = _stack_list(lora_a)
@@ -655,7 +636,7 @@ def lora_expand(y: Tensor, t: Tensor, lora_b: Stacks, ranks: Tensor, *,
         _check_adapters(op, None, ranks, L, r_max, y.device)
         return y2d, stacks, offsets, _check_index(op, y2d.shape[0], L, *index, y.device)
 
-    chosen = _compiled_backend(op, backend, y)
+    chosen = _backend.compiled_backend(op, backend, y)
     if chosen is not None:
         def run():
             stacks = _stack_list(lora_b)
@@ -705,14 +686,14 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     """
     op = "multi_lora_linear"
     index = (token_adapter, seg_indptr, seg_adapter)
-    chosen = _compiled_backend(op, backend, x)
+    chosen = _backend.compiled_backend(op, backend, x)
     if chosen is not None:
         # Inline rather than through _checked_on_refusal: every call and closure here shows in a
         # decode step's time (Python between op calls also evicts the op's code from cache).
         try:
             return _compiled_linear(linear_fwd_op(chosen), x, weight, bias, lora_a, lora_b,
                                     scalings, ranks, index, slice_offsets)
-        except _REFUSALS:
+        except _backend.OP_REFUSALS:
             _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks, index,
                                  slice_offsets)
             raise
