@@ -20,6 +20,30 @@ bool env_is(const char* value) {
 
 bool switched_off_by_env() { return env_is("0"); }
 
+// Opts `kernel` in to `smem_bytes` of dynamic shared memory if it needs it; false if it cannot
+// have that much. Without the opt-in a kernel may have 48 KB less its static shared memory (a
+// kernel with 17 KB of static tiles is refused 32 KB of dynamic memory), so the kernel's own
+// limit is compared, not 48 KB. When raised, the limit goes to all the device allows at once, so
+// it never shrinks under a concurrent or captured launch of the same kernel that needed more.
+bool opt_in_dynamic_smem(const void* kernel, const cudaFuncAttributes& attributes,
+                         size_t smem_bytes, int device) {
+  if (smem_bytes <= static_cast<size_t>(attributes.maxDynamicSharedSizeBytes)) return true;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error for the next launch check
+    return false;
+  }
+  if (static_cast<size_t>(optin) < attributes.sharedSizeBytes + smem_bytes) return false;
+  const int limit = optin - static_cast<int>(attributes.sharedSizeBytes);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 bool clusters_required() { return env_is("1"); }
@@ -58,6 +82,8 @@ int max_active_clusters(const void* kernel, size_t smem_bytes) {
     clusters = 0;
   } else if (attributes.binaryVersion < 90 || attributes.ptxVersion < 90) {
     clusters = kNoClusterCode;
+  } else if (!opt_in_dynamic_smem(kernel, attributes, smem_bytes, device)) {
+    clusters = 0;
   } else if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     cudaGetLastError();
     clusters = 0;

@@ -40,9 +40,10 @@ inline lora_status_t cluster_refused() {
 }
 
 // How many clusters of kClusterBlocks blocks of `kernel` (with `smem_bytes` of dynamic shared
-// memory) the current device holds at once; 0 if it cannot run one, kNoClusterCode if this
-// build's code for the device is not sm_90+ (the kernel is a stub there). Cached per device and
-// kernel.
+// memory) the current device holds at once; 0 if it cannot run one (its shared memory refused
+// included), kNoClusterCode if this build's code for the device is not sm_90+ (the kernel is a
+// stub there). Opts the kernel in to the dynamic shared memory where it needs it. Cached per
+// device, kernel and size, so a call's launch path asks the driver nothing after the first.
 constexpr int kNoClusterCode = -1;
 int max_active_clusters(const void* kernel, size_t smem_bytes);
 
@@ -76,37 +77,6 @@ lora_status_t launch_clusters(void (*kernel)(KArgs...), int clusters, size_t sme
     return LORA_ERR_CUDA;
   }
   return launch_status();
-}
-
-// Opts a kernel in to the dynamic shared memory a launch needs; false if it cannot have it (the
-// caller then takes another plan). Without the opt-in a kernel may have 48 KB less its static
-// shared memory (a kernel with 17 KB of static tiles is refused 32 KB of dynamic memory), so the
-// kernel's current limit is asked, not 48 KB assumed. When raised, the limit goes to all the
-// device allows at once, so it never shrinks under a concurrent or captured launch of the same
-// kernel that needed more.
-template <typename... KArgs>
-bool allow_dynamic_smem(void (*kernel)(KArgs...), size_t smem_bytes) {
-  cudaFuncAttributes attributes;
-  int device = 0, optin = 0;
-  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
-    cudaGetLastError();  // leave no sticky error for the next launch check
-    return false;
-  }
-  if (smem_bytes <= static_cast<size_t>(attributes.maxDynamicSharedSizeBytes)) return true;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  const size_t limit = static_cast<size_t>(optin) - attributes.sharedSizeBytes;
-  if (static_cast<size_t>(optin) < attributes.sharedSizeBytes || smem_bytes > limit) return false;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(limit)) == cudaSuccess) {
-    return true;
-  }
-  cudaGetLastError();
-  return false;
 }
 
 // Device side. Every thread of every block of the cluster must make the same sequence of

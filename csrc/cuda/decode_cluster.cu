@@ -214,8 +214,6 @@ template <typename T, int R>
 lora_status_t launch_typed(const FwdArgs& p, cudaStream_t stream, bool* launched) {
   const size_t smem = 2 * sizeof(float) * R * static_cast<size_t>(p.r);
   const auto kernel = decode_cluster_kernel<T, R>;
-  // Large ranks need the opt-in (allow_dynamic_smem); if refused, not launched.
-  if (!allow_dynamic_smem(kernel, smem)) return cluster_refused();
   const int fit = max_active_clusters(reinterpret_cast<const void*>(kernel), smem);
   if (fit == kNoClusterCode) return LORA_OK;
   if (fit <= 0) return cluster_refused();

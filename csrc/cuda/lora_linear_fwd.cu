@@ -358,7 +358,6 @@ lora_status_t run_cluster(FwdArgs args, bool thin, cudaStream_t stream, bool* la
   const size_t smem = 2 * sizeof(float) * WideTile::BM * static_cast<size_t>(args.r);
   const auto kernel =
       thin ? cluster_adapter_kernel<T, Thin, Wide> : cluster_adapter_kernel<T, Wide, Wide>;
-  if (!allow_dynamic_smem(kernel, smem)) return cluster_refused();
   const int fit = max_active_clusters(reinterpret_cast<const void*>(kernel), smem);
   if (fit == kNoClusterCode) return LORA_OK;
   if (fit <= 0) return cluster_refused();
