@@ -14,13 +14,14 @@
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
 #   PHASES="build bench" BENCH_ARGS="--suite full" GPU_CHECK_TOTAL_S=560 bash scripts/gpu_check.sh
 #   PHASES="plans" bash scripts/gpu_check.sh     # without cluster plans / tensor-core tiles / adapter-in-GEMM, to compare
+#   PHASES="race" bash scripts/gpu_check.sh      # racecheck + synccheck on test_cuda_kernels --smoke (after cppcuda built it)
 #
 # CUTLASS (the Hopper adapter-in-GEMM kernel) is header-only and not on the GPU machine's image:
 # carry this machine's copy with the device tool, carry=[".venv/lib/python3.11/site-packages/
 # cutlass_library/source/include"] (27 MB); LORA_OPS_CUTLASS_DIR defaults to it when present.
 # Without it the build has a stub for that kernel and the forward keeps its other plans.
 #
-# Settings (environment): PHASES (default "build cppcuda test sanitize profile bench"; also "plans"), GPU_CHECK_TOTAL_S (540),
+# Settings (environment): PHASES (default "build cppcuda test sanitize profile bench"; also "plans", "race"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
 # SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
 #
@@ -119,6 +120,31 @@ phase_cppcuda() {
   (( rc == 0 )) || return "$rc"
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$bin" 2>&1 | tail -15 | tee -a "$WORK/cppcuda.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+phase_race() {
+  # compute-sanitizer's racecheck and synccheck (shared-memory hazards, barrier misuse, the
+  # cluster kernels' DSMEM exchange) on one case per kernel family (test_cuda_kernels --smoke,
+  # cluster plans required): tens of times slower than a plain run, so not on the whole suite.
+  local sanitizer tool st rc=0 bin=build-gpu/test_cuda_kernels
+  [[ -x "$bin" ]] || bin=$(find build-gpu -name test_cuda_kernels -type f -perm -u+x 2>/dev/null | head -1)
+  if [[ -z "$bin" ]]; then
+    [[ -f "$WORK/cppcuda_build.rc" ]] || cppcuda_build
+    bin=build-gpu/test_cuda_kernels
+  fi
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [[ ! -x "$sanitizer" ]]; then echo "compute-sanitizer not found" | tee "$WORK/race.txt"; return 3; fi
+  {
+    for tool in racecheck synccheck; do
+      echo "--- $tool"
+      "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "$bin" --smoke 2>&1 |
+        tail -12
+      st=${PIPESTATUS[0]}
+      (( st == 0 )) || rc=$st
+    done
+    exit "$rc"  # the group is a subshell of the pipeline: its status is the pipeline's first
+  } 2>&1 | tee "$WORK/race.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -249,6 +275,7 @@ if wanted bench; then
   fi
 fi
 wanted plans && run_phase plans 150 0
+wanted race && run_phase race 200 0
 rm -f "$OUT"/*.tmp
 
 pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" "$1" 2>/dev/null | tail -1; }
@@ -265,6 +292,7 @@ pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" 
   for name in "${ORDER[@]}"; do echo "| $name | ${STATUS[$name]} | ${TAKEN[$name]} |"; done
   echo
   wanted test && echo "- pytest, whole suite: $(pytest_result "$WORK/test.txt")"
+  wanted race && echo "- racecheck / synccheck on test_cuda_kernels --smoke: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|cases, .* failed|not found' "$WORK/race.txt" 2>/dev/null | tr '\n' ';')"
   if wanted sanitize; then
     echo "- memcheck on pytest -m cuda -k \"$SANITIZER_SELECT\": $(pytest_result "$WORK/sanitize.txt"); $(grep -E 'ERROR SUMMARY|not found' "$WORK/sanitize.txt" 2>/dev/null | tail -1)"
     grep -q "Device not supported" "$WORK/sanitize.txt" 2>/dev/null && echo "- compute-sanitizer refused this device (seen before on gVisor machines)"

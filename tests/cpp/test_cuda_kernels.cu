@@ -1148,6 +1148,37 @@ void run_suite(Backend& be, bool quick) {
   }
 }
 
+// One case per kernel family, for compute-sanitizer's racecheck and synccheck (tens of times
+// slower than a plain run): the decode cluster kernel (1 and 16 rows), the cluster adapter
+// kernel (M > 16, a rank whose shared memory needs the opt-in), the backward's split kernels,
+// the multi-adapter shrink / expand / fused layer, and on Hopper one adapter-in-GEMM case each
+// way. Run with the cluster plans required (the caller sets LORA_OPS_CUDA_CLUSTERS=1).
+void run_smoke(Backend& be, bool hopper_gemm) {
+  Rng rng(11);
+  const Dropout drop = make_dropout(0.25, 0x5a5a), none = make_dropout(0.0, 0);
+  const lora_dtype_t bf16 = LORA_DTYPE_BF16;
+  test_fwd(be, bf16, LinearShape{1, 1000, 520, 16}, drop, XLayout::kDense, true, rng);
+  test_fwd(be, bf16, LinearShape{16, 520, 264, 64}, drop, XLayout::kPadded, true, rng);
+  test_fwd(be, bf16, LinearShape{133, 520, 264, 64}, drop, XLayout::kPadded, true, rng);
+  test_fwd(be, LORA_DTYPE_F32, LinearShape{133, 100, 72, 8}, none, XLayout::kDense, true, rng);
+  test_bwd(be, bf16, LinearShape{133, 264, 520, 64}, drop, XLayout::kPadded,
+           BwdMask{true, true, true}, rng);
+  test_bwd(be, LORA_DTYPE_F32, LinearShape{9, 100, 72, 8}, none, XLayout::kDense,
+           BwdMask{true, true, true}, rng);
+  for (int64_t M : {7, 133}) {
+    test_shrink(be, bf16, M, 256, 8, 2, IndexForm::kSegment, false, rng);
+    test_expand(be, bf16, M, 256, 8, 2, IndexForm::kToken, true, rng);
+    test_linear(be, bf16, M, 100, 256, 16, 3, IndexForm::kToken, true, rng);
+  }
+  if (hopper_gemm) {
+    setenv("LORA_OPS_CUDA_ADAPTER_GEMM", "1", 1);
+    test_fwd(be, bf16, LinearShape{1030, 4104, 72, 24}, drop, XLayout::kDense, true, rng);
+    test_bwd(be, bf16, LinearShape{520, 72, 8200, 24}, none, XLayout::kDense,
+             BwdMask{true, true, true}, rng);
+    unsetenv("LORA_OPS_CUDA_ADAPTER_GEMM");
+  }
+}
+
 // One case of each op recorded into a CUDA graph and replayed: the entry points must neither
 // synchronise nor allocate.
 void run_graph_cases(CudaBackend& be) {
@@ -1233,12 +1264,19 @@ void check_adapter_gemm_accepts() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // --quick: the suite without its large-M cases; --smoke: one case per kernel family only
+  // (run_smoke), for the slow sanitizer tools.
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const bool smoke = argc > 1 && std::strcmp(argv[1], "--smoke") == 0;
 #ifdef LORA_TEST_CPU_BACKEND
   {
     std::printf("== backend cpu (checks this harness)\n");
     CpuBackend cpu;
-    run_suite(cpu, quick);
+    if (smoke) {
+      run_smoke(cpu, false);
+    } else {
+      run_suite(cpu, quick);
+    }
   }
 #endif
   check_adapter_gemm_accepts();
@@ -1253,6 +1291,14 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cuda_ok(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   std::printf("== backend cuda on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  if (smoke) {
+    CudaBackend cuda;
+    if (prop.major >= 9) setenv("LORA_OPS_CUDA_CLUSTERS", "1", 1);
+    run_smoke(cuda, prop.major == 9 && lora_ops::cuda::adapter_gemm_built());
+    unsetenv("LORA_OPS_CUDA_CLUSTERS");
+    std::printf("test_cuda_kernels --smoke: %d cases, %d failed\n", g_cases, g_failed_cases);
+    return g_failed_cases > 0 ? 1 : 0;
+  }
   {
     CudaBackend cuda;
     // Where clusters exist, a cluster plan the planner picks must launch: its shared memory or
