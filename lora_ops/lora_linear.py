@@ -170,15 +170,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     device = x.device
     chosen = _backend.compiled_backend(OP, backend, x)
     if chosen is not None:
-        # The compiled op checks every argument itself, but the dispatcher picks its kernel from
-        # all the tensors' devices (one meta operand would route the call to the fake kernel),
-        # so the devices are compared here. The other Python checks (~2.5 µs, a fifth of a
-        # decode-sized call) run only when the op refuses, to word the error for this function's
-        # arguments (x before flattening, say) rather than the op's.
+        # The compiled op checks every argument itself (operands on several devices included:
+        # the fake kernel that a meta operand routes the call to refuses them too). The Python
+        # checks (~2.5 µs, a fifth of a decode-sized call) run only when the op refuses, to word
+        # the error for this function's arguments (x before flattening, say) rather than the op's.
         try:
-            if (weight.device != device or lora_a.device != device or lora_b.device != device or
-                    (bias is not None and bias.device != device)):
-                _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
             return _on_tokens(_fwd_of(chosen), x, weight, bias, lora_a, lora_b, scaling, p,
                               seed)
         except _backend.OP_REFUSALS:
