@@ -47,9 +47,25 @@ pybind11::dict build_info() {
   return info;
 }
 
+#ifdef LORA_OPS_WITH_CUDA
+pybind11::dict cuda_paths() {
+  const lora_ops::cuda::CudaPaths paths = lora_ops::cuda::cuda_paths();
+  pybind11::dict d;
+  d["clusters"] = paths.clusters;
+  d["mma"] = paths.mma;
+  d["adapter_gemm"] = paths.adapter_gemm;
+  return d;
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lora_ops compiled kernels; importing this module registers the torch.ops.lora_ops ops";
   m.def("build_info", &build_info, "How this library was built");
+#ifdef LORA_OPS_WITH_CUDA
+  m.def("cuda_paths", &cuda_paths,
+        "Which CUDA fast paths run on the current device (cluster plans, tensor-core tiles, "
+        "adapter-in-GEMM), with this build's code and the environment switches as they are");
+#endif
 }

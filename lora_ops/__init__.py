@@ -1,5 +1,5 @@
 """lora_ops: fused LoRA kernels for PyTorch (CUDA, Triton, CPU, and a pure-PyTorch reference)."""
-from lora_ops._backend import available_backends, build_info
+from lora_ops._backend import available_backends, build_info, cuda_paths
 from lora_ops.lora_linear import lora_linear
 from lora_ops.model import (LoRASummary, from_peft, inject, load_adapter, load_adapters, lora_summary,
                             merge, merge_and_unload, save_adapter, unmerge)
@@ -10,7 +10,7 @@ from lora_ops.multi_lora_module import MultiLoRALinear, mixed_batch
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_backends", "build_info", "__version__",
+    "available_backends", "build_info", "cuda_paths", "__version__",
     # single adapter
     "lora_linear", "LoRALinear", "lora_scaling",
     # many adapters in one batch

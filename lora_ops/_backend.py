@@ -45,6 +45,17 @@ def build_info() -> Dict[str, object]:
     return info
 
 
+def cuda_paths(device: int) -> Dict[str, bool]:
+    """Which fast paths of the `cuda` backend run on CUDA device `device`: thread block cluster
+    plans, tensor-core adapter tiles, the Hopper adapter-in-GEMM kernel (each needs this build's
+    code for the device to be recent enough, and its switch not off). Empty without the compiled
+    CUDA kernels or a GPU."""
+    if not compiled_with_cuda() or not torch.cuda.is_available():
+        return {}
+    with torch.cuda.device(device):
+        return dict(_C.cuda_paths())
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -89,8 +89,10 @@ def _info() -> Dict[str, object]:
     cuda = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
+        paths = _backend.cuda_paths(index)
         cuda.append({"name": props.name, "capability": f"{props.major}.{props.minor}",
-                     "memory_gib": round(props.total_memory / 2**30, 1)})
+                     "memory_gib": round(props.total_memory / 2**30, 1),
+                     "fast paths": " ".join(p for p, on in paths.items() if on) or "none"})
     return {
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in _PACKAGES},
                      "torch cuda": torch.version.cuda or "none"},

@@ -86,6 +86,7 @@ import lora_ops
 info = lora_ops.build_info()
 print("build_info:", info)
 print("available_backends:", lora_ops.available_backends())
+print("cuda_paths:", lora_ops.cuda_paths(0))  # which fast paths this build runs on this GPU
 if not info.get("compiled") or not info.get("with_cuda"):
     raise SystemExit("build: lora_ops._C did not load with its CUDA kernels")
 if not info.get("cuda_adapter_gemm"):

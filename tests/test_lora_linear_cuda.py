@@ -88,3 +88,21 @@ def test_adapter_in_gemm_plan_agrees_with_oracle(device, backend, dtype, M, K, N
     x, w, b, a, bb = make_operands((M,), K, N, r, dtype, device)
     check_parity(device, backend, dtype, x, w, b, a, bb, s=0.5, p=0.1, seed=M)
     check_parity(device, backend, dtype, x, w, None, a, bb, s=2.0, p=0.0, seed=M)
+
+
+def test_cuda_paths_follow_the_device_and_switches(monkeypatch):
+    """cuda_paths says which fast paths run: empty without a GPU; on one, what its capability
+    allows (a build made for the visible cards has their code), each off with its switch."""
+    if not torch.cuda.is_available() or not lora_ops.build_info().get("with_cuda"):
+        assert lora_ops.cuda_paths(0) == {}
+        return
+    major = torch.cuda.get_device_capability(0)[0]
+    paths = lora_ops.cuda_paths(0)
+    assert paths["mma"] == (major >= 8)
+    assert paths["clusters"] == (major >= 9)
+    assert paths["adapter_gemm"] == (major == 9 and bool(lora_ops.build_info()["cuda_adapter_gemm"]))
+    for switch, path in (("LORA_OPS_CUDA_MMA", "mma"), ("LORA_OPS_CUDA_CLUSTERS", "clusters"),
+                         ("LORA_OPS_CUDA_ADAPTER_GEMM", "adapter_gemm")):
+        monkeypatch.setenv(switch, "0")
+        assert not lora_ops.cuda_paths(0)[path], switch
+        monkeypatch.delenv(switch)

@@ -6,8 +6,10 @@
 #include <vector>
 
 #include "adapter_gemm.cuh"
+#include "cluster.cuh"
 #include "common.cuh"
 #include "lora_linear_fwd.cuh"
+#include "mma_tile.cuh"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops {
@@ -111,6 +113,16 @@ lora_status_t adapter_gemm(lora_dtype_t dtype, const AdapterGemmArgs& a, cudaStr
 }  // namespace detail
 
 bool adapter_gemm_built() { return detail::sm90::built_f16() && detail::sm90::built_bf16(); }
+
+CudaPaths cuda_paths() {
+  CudaPaths paths;
+  paths.clusters = detail::clusters_run_here();
+  paths.mma = detail::mma_enabled();
+  const detail::DeviceFacts f = detail::device_facts();
+  paths.adapter_gemm = detail::adapter_gemm_mode() != detail::AdapterGemmMode::kOff && f.f16 &&
+                       f.bf16;
+  return paths;
+}
 
 bool adapter_gemm_accepts(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                           bool depth_by_out) {

@@ -20,6 +20,10 @@ bool env_is(const char* value) {
 
 bool switched_off_by_env() { return env_is("0"); }
 
+// Built with the same architectures as the cluster kernels: the code the runtime picks for it
+// on this device is the code it picks for them.
+__global__ void cluster_probe_kernel() {}
+
 // Opts `kernel` in to `smem_bytes` of dynamic shared memory if it needs it; false if it cannot
 // have that much. Without the opt-in a kernel may have 48 KB less its static shared memory (a
 // kernel with 17 KB of static tiles is refused 32 KB of dynamic memory), so the kernel's own
@@ -47,6 +51,16 @@ bool opt_in_dynamic_smem(const void* kernel, const cudaFuncAttributes& attribute
 }  // namespace
 
 bool clusters_required() { return env_is("1"); }
+
+bool clusters_run_here() {
+  if (!clusters_enabled()) return false;
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, cluster_probe_kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+}
 
 bool clusters_enabled() {
   if (switched_off_by_env()) return false;

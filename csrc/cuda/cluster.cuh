@@ -28,6 +28,10 @@ constexpr int kClusterBlocks = 8;
 // Whether the current device runs cluster launches and they are not switched off.
 bool clusters_enabled();
 
+// clusters_enabled(), and this build's code for the device is sm_90+ (the cluster kernels have a
+// body): whether the cluster plans can run here at all.
+bool clusters_run_here();
+
 // LORA_OPS_CUDA_CLUSTERS=1 (tests): a cluster plan the planner picked that cannot launch (its
 // shared memory refused, no cluster fits) fails the call with LORA_ERR_UNSUPPORTED instead of
 // falling back, so a plan that never runs cannot pass for one that does.

@@ -229,10 +229,21 @@ bool adapter_gemm_built();
 
 // Whether the plans admit a product of this shape (out [M, N], depths K and r; the weights as
 // the forward's [N, K], r <= 128, or, depth_by_out, the backward's [K, N]) and CUTLASS's
-// can_implement takes it with dense rows. Host only, no GPU needed: the tests check the two rules agree, since
-// a shape the plans admit but CUTLASS refuses would quietly never take the plan.
+// can_implement takes it with dense rows. Host only, no GPU needed: the tests check the two
+// rules agree, since a shape the plans admit but CUTLASS refuses would quietly never take the
+// plan.
 bool adapter_gemm_accepts(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                           bool depth_by_out);
+
+// Which of the CUDA backend's fast paths run on the current device, with this build's code for
+// it and the environment switches as they are now: thread block cluster plans (sm_90 code,
+// LORA_OPS_CUDA_CLUSTERS), tensor-core adapter tiles (sm_80 code, LORA_OPS_CUDA_MMA), the
+// adapter-in-GEMM kernel (sm_90a code and CUTLASS, LORA_OPS_CUDA_ADAPTER_GEMM). A build for the
+// wrong architecture (plain 9.0 for an H100, say) shows here as a path that does not run.
+struct CudaPaths {
+  bool clusters = false, mma = false, adapter_gemm = false;
+};
+CudaPaths cuda_paths();
 
 }  // namespace cuda
 #endif
