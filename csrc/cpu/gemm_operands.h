@@ -94,10 +94,13 @@ struct OperandA {
     pack_bf16_pairs_panel(dst, row_ptr, static_cast<int>(count), kMR, kc);
   }
 
-  void pack(float* __restrict dst, int64_t i, int64_t count, int64_t k0, int64_t kc) const {
+  // A(i .. i+count-1, k0 .. k0+kc-1) as kc x width (k-major), rows >= count zero; width is kMR
+  // for the micro-kernel's broadcast operand, kNR for gemm_tile_b_rows' vector operand.
+  void pack(float* __restrict dst, int64_t i, int64_t count, int64_t k0, int64_t kc,
+            int64_t width = kMR) const {
     if (stride_k == 1) {
-      const float* row_ptr[panel_row_pointers(kMR)];
-      alignas(64) float staging[kMR * kKC];  // the rows as fp32, when they are not fp32 already
+      const float* row_ptr[panel_row_pointers(kNR)];
+      alignas(64) float staging[kNR * kKC];  // the rows as fp32, when they are not fp32 already
       for (int64_t r = 0; r < count; ++r) {
         row_ptr[r] = nullptr;
         if constexpr (std::is_same_v<T, float>) {
@@ -108,19 +111,22 @@ struct OperandA {
           row_ptr[r] = staging + r * kc;
         }
       }
-      transpose_rows_to_panel(dst, row_ptr, static_cast<int>(count), kMR, kc);
+      transpose_rows_to_panel(dst, row_ptr, static_cast<int>(count), static_cast<int>(width),
+                              kc);
       return;
     }
     if (stride_i == 1 && rows == nullptr && dropout.threshold == 0) {  // a transposed matrix
       for (int64_t p = 0; p < kc; ++p) {
         const T* src = data + (k0 + p) * stride_k + i;
-        for (int64_t r = 0; r < kMR; ++r) dst[p * kMR + r] = r < count ? to_float(src[r]) : 0.0f;
+        for (int64_t r = 0; r < width; ++r) {
+          dst[p * width + r] = r < count ? to_float(src[r]) : 0.0f;
+        }
       }
       return;
     }
     for (int64_t p = 0; p < kc; ++p) {
-      for (int64_t r = 0; r < kMR; ++r) {
-        dst[p * kMR + r] = r < count
+      for (int64_t r = 0; r < width; ++r) {
+        dst[p * width + r] = r < count
                                ? dropout_value(data[row(i + r) * stride_i + (k0 + p) * stride_k],
                                                dropout, row(i + r), k0 + p)
                                : 0.0f;

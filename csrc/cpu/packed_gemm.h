@@ -52,6 +52,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu/panel_transpose.h"
 #include "cpu/phased_work.h"
 #include "cpu/vec.h"
 #include "lora_ops/common.h"
@@ -175,6 +176,30 @@ bool streams_b(int64_t m, int64_t k, const PackA& pack_a, const PackB& pack_b) {
       return true;
     case BLayout::kOther:
       break;
+  }
+  return false;
+}
+
+// Most rows of a product that gemm_tile_b_rows takes (its A panels, kc x rows rounded up to kNR,
+// would fill b_pack at 256). Fused fwd, C ABI, fp32, against packing B: 0.90 / 0.87 / 0.96 /
+// 1.05 at M = 24 (K = N = 4096) / 64 / 128 (K = N = 2048) / 256 (K = 4096, N = 1024).
+inline constexpr int64_t kBRowsMaxM = 128;
+
+// Whether a packed product reads B's columns in place as the micro-kernel's broadcast operand
+// (gemm_tile_b_rows) instead of transposing them into panels: AVX-512, fp32 B stored along k
+// (a weight [N, K] in x W^T) as read, more rows than the streamed path takes and at most
+// kBRowsMaxM. With few rows each element of B serves few multiply-adds, so its transpose into
+// panels was a large share of the product (M = 64, K = N = 2048: 25% of the GEMM's time), while
+// A, the operand packed instead, is the small one there.
+template <class PackB>
+inline constexpr bool kBRowsOperands =
+    kVecLen == 16 && std::is_same_v<typename PackB::Element, float>;
+
+template <class PackA, class PackB>
+bool broadcasts_b_rows(int64_t m, const PackA& pack_a, const PackB& pack_b) {
+  (void)pack_a;
+  if constexpr (kBRowsOperands<PackB>) {
+    return m > kSmallM && m <= kBRowsMaxM && pack_b.layout() == BLayout::kAlongK;
   }
   return false;
 }
@@ -550,6 +575,81 @@ void gemm_tile_packed(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
   store_c_tile(epilogue, i0, m, j0, n, ws.c_tile, n_pad);
 }
 
+// c[R x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p b_rows[i][p] a[p, :]^T: the
+// micro-kernel with its broadcast operand read from R rows in place (B's columns, contiguous
+// in k) and its vector operand a panel of kNR rows of A. The same products in the same order as
+// micro_kernel, with the operands' roles exchanged, so C^T comes out.
+template <int R>
+inline void micro_kernel_b_rows(int64_t kc, const float* const* b_rows,
+                                const float* __restrict a, float* __restrict c, int64_t ldc,
+                                bool accumulate) {
+  VecF acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = VecF{};
+  for (int64_t p = 0; p < kc; ++p) {
+    const VecF a0 = *reinterpret_cast<const VecF*>(a);
+    const VecF a1 = *reinterpret_cast<const VecF*>(a + kVecLen);
+    for (int i = 0; i < R; ++i) {
+      const VecF bi = broadcast(b_rows[i][p]);
+      acc[i][0] = fmadd(bi, a0, acc[i][0]);
+      acc[i][1] = fmadd(bi, a1, acc[i][1]);
+    }
+    a += kNR;
+  }
+  for (int i = 0; i < R; ++i) {
+    VecF* row = reinterpret_cast<VecF*>(c + i * ldc);
+    if (accumulate) {
+      row[0] += acc[i][0];
+      row[1] += acc[i][1];
+    } else {
+      row[0] = acc[i][0];
+      row[1] = acc[i][1];
+    }
+  }
+}
+
+// The tile of a product that broadcasts_b_rows: for each depth block, the tile's rows of A
+// packed once as panels of kNR rows (into b_pack), then kMR columns of B at a time read in place
+// against every panel, into C^T (c_tile, n rounded up to kMR rows of m rounded up to kNR); then
+// C^T's columns handed to the epilogue as rows of C, a_pack holding a slab at a time.
+// m <= kBRowsMaxM, n <= kMaxTileN.
+template <class PackA, class PackB, class Epilogue>
+void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
+                      int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
+                      const GemmScratch& ws) {
+  const int64_t m_pad = round_up(m, kNR);
+  const int64_t n_pad = round_up(n, kMR);
+  float* __restrict ct = ws.c_tile;  // C^T: n_pad x m_pad
+  if (k == 0) std::fill(ct, ct + n_pad * m_pad, 0.0f);
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t kc = std::min(kKC, k - k0);
+    for (int64_t ip = 0; ip < m; ip += kNR) {
+      pack_a.pack(ws.b_pack + ip * kc, i0 + ip, std::min(kNR, m - ip), k0, kc, kNR);
+    }
+    for (int64_t jp = 0; jp < n; jp += kMR) {
+      const int64_t count = std::min(kMR, n - jp);
+      const float* b_rows[kMR];
+      // Columns past n repeat the last one: computed into C^T's padding rows, never stored.
+      for (int64_t c = 0; c < kMR; ++c) {
+        b_rows[c] = pack_b.along_k(j0 + jp + std::min(c, count - 1), k0);
+      }
+      for (int64_t ip = 0; ip < m_pad; ip += kNR) {
+        float* c = ct + jp * m_pad + ip;
+        if (count <= kHalfMR) {
+          micro_kernel_b_rows<kHalfMR>(kc, b_rows, ws.b_pack + ip * kc, c, m_pad, k0 > 0);
+        } else {
+          micro_kernel_b_rows<kMR>(kc, b_rows, ws.b_pack + ip * kc, c, m_pad, k0 > 0);
+        }
+      }
+    }
+  }
+  const int64_t slab = std::max<int64_t>(1, kMC * kKC / n);  // rows of C per pass through a_pack
+  for (int64_t i = 0; i < m; i += slab) {
+    const int64_t rows = std::min(slab, m - i);
+    transpose_block(ws.a_pack, n, ct + i, m_pad, n, rows);
+    store_c_tile(epilogue, i0 + i, rows, j0, n, ws.a_pack, n);
+  }
+}
+
 // C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; `streamed` is
 // streams_b() of the whole product; m <= kMaxTileM and n <= max_tile_n(streamed). False if
 // the thread's scratch could not be allocated.
@@ -561,6 +661,12 @@ bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogu
   if (streamed) {
     gemm_tile_few_rows(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
     return true;
+  }
+  if constexpr (kBRowsOperands<PackB>) {
+    if (broadcasts_b_rows(m, pack_a, pack_b) && n <= kMaxTileN) {
+      gemm_tile_b_rows(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
+      return true;
+    }
   }
 #if defined(__AVX512BF16__)
   if constexpr (kBf16Operands<PackA, PackB>) {
