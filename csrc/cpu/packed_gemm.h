@@ -233,23 +233,22 @@ inline int64_t few_rows_kc(int64_t m) {
   return kc / (2 * kVecLen) * (2 * kVecLen);
 }
 
-// c[R x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p a[p, :R]^T b[p, :]: the first R
-// rows of an A panel (kMR wide).
-template <int R>
-inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
-                         float* __restrict c, int64_t ldc, bool accumulate) {
+// c[R x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p s(i, p) v[p, :] for i < R: per
+// step p, R broadcast scalars against the two vectors of a kNR-wide panel row of v.
+template <int R, class Scalar>
+inline void micro_kernel_tile(int64_t kc, Scalar s, const float* __restrict v,
+                              float* __restrict c, int64_t ldc, bool accumulate) {
   VecF acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = VecF{};
   for (int64_t p = 0; p < kc; ++p) {
-    const VecF b0 = *reinterpret_cast<const VecF*>(b);
-    const VecF b1 = *reinterpret_cast<const VecF*>(b + kVecLen);
+    const VecF v0 = *reinterpret_cast<const VecF*>(v);
+    const VecF v1 = *reinterpret_cast<const VecF*>(v + kVecLen);
     for (int i = 0; i < R; ++i) {
-      const VecF ai = broadcast(a[i]);
-      acc[i][0] = fmadd(ai, b0, acc[i][0]);
-      acc[i][1] = fmadd(ai, b1, acc[i][1]);
+      const VecF si = broadcast(s(i, p));
+      acc[i][0] = fmadd(si, v0, acc[i][0]);
+      acc[i][1] = fmadd(si, v1, acc[i][1]);
     }
-    a += kMR;
-    b += kNR;
+    v += kNR;
   }
   for (int i = 0; i < R; ++i) {
     VecF* row = reinterpret_cast<VecF*>(c + i * ldc);
@@ -261,6 +260,15 @@ inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __r
       row[1] = acc[i][1];
     }
   }
+}
+
+// c[R x kNR] = (accumulate ? c : 0) + sum_p a[p, :R]^T b[p, :]: the first R rows of an A panel
+// (kMR wide) against a B panel.
+template <int R>
+inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
+                         float* __restrict c, int64_t ldc, bool accumulate) {
+  micro_kernel_tile<R>(kc, [a](int i, int64_t p) { return a[p * kMR + i]; }, b, c, ldc,
+                       accumulate);
 }
 
 #if defined(__AVX512BF16__)
@@ -575,36 +583,16 @@ void gemm_tile_packed(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
   store_c_tile(epilogue, i0, m, j0, n, ws.c_tile, n_pad);
 }
 
-// c[R x kNR] (row stride ldc) = (accumulate ? c : 0) + sum_p b_rows[i][p] a[p, :]^T: the
-// micro-kernel with its broadcast operand read from R rows in place (B's columns, contiguous
-// in k) and its vector operand a panel of kNR rows of A. The same products in the same order as
-// micro_kernel, with the operands' roles exchanged, so C^T comes out.
+// c[R x kNR] = (accumulate ? c : 0) + sum_p b_rows[i][p] a[p, :]: the micro-kernel with its
+// broadcast operand read from R rows in place (B's columns, contiguous in k) and its vector
+// operand a panel of kNR rows of A: the same products in the same order as micro_kernel, the
+// operands' roles exchanged, so C^T comes out.
 template <int R>
 inline void micro_kernel_b_rows(int64_t kc, const float* const* b_rows,
                                 const float* __restrict a, float* __restrict c, int64_t ldc,
                                 bool accumulate) {
-  VecF acc[R][2];
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = VecF{};
-  for (int64_t p = 0; p < kc; ++p) {
-    const VecF a0 = *reinterpret_cast<const VecF*>(a);
-    const VecF a1 = *reinterpret_cast<const VecF*>(a + kVecLen);
-    for (int i = 0; i < R; ++i) {
-      const VecF bi = broadcast(b_rows[i][p]);
-      acc[i][0] = fmadd(bi, a0, acc[i][0]);
-      acc[i][1] = fmadd(bi, a1, acc[i][1]);
-    }
-    a += kNR;
-  }
-  for (int i = 0; i < R; ++i) {
-    VecF* row = reinterpret_cast<VecF*>(c + i * ldc);
-    if (accumulate) {
-      row[0] += acc[i][0];
-      row[1] += acc[i][1];
-    } else {
-      row[0] = acc[i][0];
-      row[1] = acc[i][1];
-    }
-  }
+  micro_kernel_tile<R>(kc, [b_rows](int i, int64_t p) { return b_rows[i][p]; }, a, c, ldc,
+                       accumulate);
 }
 
 // The tile of a product that broadcasts_b_rows: for each depth block, the tile's rows of A
