@@ -82,9 +82,11 @@ def build_library(src: str, build_dir: str) -> str:
 
 
 class KernelCall:
-    """One kernel call of a case through the C ABI of a library, on buffers made once."""
+    """One kernel call of a case through the C ABI of a library, on buffers made once. With
+    copies > 1 the weight is one of that many copies, the next one on each call, so that a
+    memory-bound product reads it from memory rather than from the last-level cache."""
 
-    def __init__(self, lib: ctypes.CDLL, op: str, case: LinearCase):
+    def __init__(self, lib: ctypes.CDLL, op: str, case: LinearCase, copies: int = 1):
         torch_dtype, code = DTYPES[case.dtype]
         M, K, N, r = case.M, case.K, case.N, case.r
 
@@ -100,21 +102,31 @@ class KernelCall:
             "x": rand(M, K), "w": rand(N, K), "b": rand(N), "a": rand(r, K), "bb": rand(N, r),
             "s": rand(M, r), "y": empty(M, N), "dy": rand(M, N), "dx": empty(M, K),
             "da": empty(r, K), "db": empty(N, r)}
+        self.weights = [self.buffers["w"]] + [rand(N, K) for _ in range(copies - 1)]
         p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in self.buffers.items()}
         i64, f32 = ctypes.c_int64, ctypes.c_float
         dims = (code, i64(M), i64(N), i64(K), i64(r))
-        if op == "fwd":
-            self.fn = lib.lora_ops_cpu_lora_linear_fwd
-            self.args = dims + (p["x"], i64(K), p["w"], p["b"], p["a"], p["bb"], f32(2.0),
-                                NO_DROPOUT, p["s"], p["y"], None)
-        else:
-            self.fn = lib.lora_ops_cpu_lora_linear_bwd
-            self.args = dims + (p["dy"], p["x"], i64(K), p["w"], p["a"], p["bb"], p["s"],
-                                f32(2.0), NO_DROPOUT, p["dx"], p["da"], p["db"], None)
+        self.fn = lib.lora_ops_cpu_lora_linear_fwd if op == "fwd" else lib.lora_ops_cpu_lora_linear_bwd
+        self.variants = []
+        for w in self.weights:
+            w_ptr = ctypes.c_void_p(w.data_ptr())
+            if op == "fwd":
+                args = dims + (p["x"], i64(K), w_ptr, p["b"], p["a"], p["bb"], f32(2.0),
+                               NO_DROPOUT, p["s"], p["y"], None)
+            else:
+                args = dims + (p["dy"], p["x"], i64(K), w_ptr, p["a"], p["bb"], p["s"],
+                               f32(2.0), NO_DROPOUT, p["dx"], p["da"], p["db"], None)
+            self.variants.append(args)
+        self.calls = 0
         self.fn.restype = ctypes.c_int
+
+    @property
+    def args(self) -> tuple:
+        return self.variants[self.calls % len(self.variants)]
 
     def __call__(self) -> None:
         status = self.fn(*self.args)
+        self.calls += 1
         if status != 0:
             raise RuntimeError(f"{self.label}: the kernel returned status {status}")
 
@@ -150,10 +162,11 @@ class MultiKernelCall(KernelCall):
         a, bb = self.buffers["a"], self.buffers["bb"]
         self.stacks = (AdapterStack(a.data_ptr(), *a.stride()), AdapterStack(bb.data_ptr(), *bb.stride()))
         self.fn = lib.lora_ops_cpu_multi_lora_linear_fwd
-        self.args = (code, i64(T), i64(N), i64(K), i64(U), i64(r_max), i64(1), p["x"], i64(K),
-                     p["w"], p["b"], ctypes.byref(self.stacks[0]), ctypes.byref(self.stacks[1]),
-                     p["offset"], p["width"], p["scalings"], p["ranks"], idx, p["t"], p["y"],
-                     None)
+        self.variants = [(code, i64(T), i64(N), i64(K), i64(U), i64(r_max), i64(1), p["x"],
+                          i64(K), p["w"], p["b"], ctypes.byref(self.stacks[0]),
+                          ctypes.byref(self.stacks[1]), p["offset"], p["width"], p["scalings"],
+                          p["ranks"], idx, p["t"], p["y"], None)]
+        self.calls = 0
         self.fn.restype = ctypes.c_int
 
 
@@ -198,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", action="append",
                         help="M=..,K=..,N=..,r=..[,dtype=..] as for lora-ops bench (repeatable)")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--copies", type=int, default=1,
+                        help="fwd/bwd: weight copies rotated call by call (enough to exceed the "
+                             "last-level cache times the weight read from memory)")
     args = parser.parse_args(argv)
     try:
         defaults = DEFAULT_MULTI_SHAPES if args.op == "multi_fwd" else DEFAULT_SHAPES
@@ -221,8 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# {args.base} (base) vs {args.new or 'working tree'} (new), "
               f"{torch.get_num_threads()} threads, {args.rounds} rounds")
         for case in cases:
-            call = MultiKernelCall if args.op == "multi_fwd" else KernelCall
-            calls = [call(libs[name], args.op, case) for name in ("base", "new")]
+            if args.op == "multi_fwd":
+                calls = [MultiKernelCall(libs[name], args.op, case) for name in ("base", "new")]
+            else:
+                calls = [KernelCall(libs[name], args.op, case, args.copies)
+                         for name in ("base", "new")]
             base_t, new_t = time_interleaved(calls, args.rounds)
             ratio, faster = paired_ratio(base_t, new_t)
             print(f"{calls[0].label:<40} base {statistics.median(base_t) * 1e3:9.3f} ms  "
