@@ -328,7 +328,7 @@ inline void dot_block(const float* __restrict a, int64_t lda, const TB* const* b
     VecF av[R];
     for (int r = 0; r < R; ++r) av[r] = load_vec(a + r * lda + p);
     for (int c = 0; c < C; ++c) {
-      prefetch_ahead(b[c] + p);
+      prefetch_stream(b[c], p);
       const VecF bv = load_vec(b[c] + p);
       for (int r = 0; r < R; ++r) s[r][c] = fmadd(av[r], bv, s[r][c]);
     }
@@ -376,7 +376,7 @@ inline void scale_rows_columns(const float* __restrict a_rows, int64_t m, int64_
 #pragma GCC unroll 8
   for (int q = 0; q < kR; ++q) {
     for (int v = 0; v < kVecs; ++v) {
-      prefetch_ahead(b[q] + j + v * kVecLen);
+      prefetch_stream(b[q], j + v * kVecLen);
       bv[q][v] = load_vec(b[q] + j + v * kVecLen);
     }
   }
