@@ -136,8 +136,8 @@ struct ShrinkTiles {
   }
   bool streamed(int64_t s, int64_t g) const {
     const AdapterGroup& group = a.groups.groups[g];
-    return streams_b(group.end - group.begin, a.K, OperandA<T>{a.x, a.ldx, 1},
-                     a_t(s, group.adapter));
+    return streams_b(group.end - group.begin, a.ranks[group.adapter], a.K,
+                     OperandA<T>{a.x, a.ldx, 1}, a_t(s, group.adapter));
   }
   int64_t items() const { return static_cast<int64_t>(tiles.size()); }
   bool operator()(int64_t item) const {
@@ -191,7 +191,7 @@ struct ExpandTiles {
   }
   bool streamed(int64_t s, int64_t g) const {
     const AdapterGroup& group = a.groups.groups[g];
-    return streams_b(group.end - group.begin, a.ranks[group.adapter],
+    return streams_b(group.end - group.begin, a.slice_width[s], a.ranks[group.adapter],
                      OperandA<float>{a.t, a.r_max, 1}, b_t(s, group.adapter));
   }
   int64_t items() const { return static_cast<int64_t>(tiles.size()); }

@@ -191,7 +191,7 @@ lora_status_t adapter_grad(int64_t r_max, int64_t wide, int64_t L, const TR* r_m
     const int64_t m = ranks[groups.groups[g].adapter];
     if (m == 0 || wide == 0) continue;
     const auto [a_op, b_op] = operands(g);
-    streamed[g] = streams_b(m, depth(g), a_op, b_op);
+    streamed[g] = streams_b(m, wide, depth(g), a_op, b_op);
     const TileGrid grid = plan_tiles(m, wide, threaded ? max_threads() : 1, streamed[g]);
     for (int64_t i0 = 0; i0 < m; i0 += grid.tile_m) {
       for (int64_t j0 = 0; j0 < wide; j0 += grid.tile_n) {

@@ -157,14 +157,41 @@ bool multiplies_bf16_pairs(const PackA& pack_a, const PackB& pack_b) {
 // K = N = 1024 and 0.88 with N = 14336.
 inline constexpr int64_t kBf16MaxStreamRows = 8;
 
-// Whether a product of m rows and depth k streams B rather than packing it (see the top of this
+// A narrow product: B stored along k and at most kNarrowMaxN columns, which streams_b streams at
+// any number of rows, kSmallM rows per work item (plan_tiles). It is the adapter's shrink
+// x A^T, n its rank: each element of A, packed into panels, would serve only n multiply-adds,
+// and n short of a multiple of kNR leaves that share of the micro-kernel's lanes idle. The dot
+// products load B in place instead; they win wherever the panels are part empty, and over full
+// fp32 panels up to kNarrowFullPanelMaxRows rows. bf16 pairs run at twice the multiply-adds per
+// instruction, so there only half a panel or less. AVX-512 only, the one vector unit measured:
+// fused fwd, C ABI, K = 4096 and N = r (base GEMM as narrow as the shrink), new/old:
+// - fp32, r = 16: 0.75 / 0.77 / 0.72 / 0.74 at M = 64 / 256 / 1024 / 4096; r = 8, M = 2048:
+//   0.54; r = 48: 0.72 / 0.80 at M = 256 / 1024;
+// - fp32, full panels: r = 32, 0.84 / 0.97 / 1.11 at M = 256 / 512 / 1024; r = 64, 0.80 /
+//   0.96 / 1.0 at M = 256 / 512 / 1024;
+// - bf16, r = 16: 0.68 / 0.74 / 0.77 at M = 256 / 1024 / 4096 (fp16 0.58 at 256); full panels
+//   1.17 / 1.18 (r = 64, M = 256; r = 32, M = 512).
+inline constexpr int64_t kNarrowMaxN = 64;
+inline constexpr int64_t kNarrowFullPanelMaxRows = 512;
+
+template <class PackA, class PackB>
+bool narrow_product(int64_t m, int64_t n, const PackA& pack_a, const PackB& pack_b) {
+  if (kVecLen != 16 || pack_b.layout() != BLayout::kAlongK || n > kNarrowMaxN) return false;
+  if (multiplies_bf16_pairs(pack_a, pack_b)) return n <= kNR / 2;
+  return n % kNR != 0 || m <= kNarrowFullPanelMaxRows;
+}
+
+// Whether an m x n product of depth k streams B rather than packing it (see the top of this
 // file).
 template <class PackA, class PackB>
-bool streams_b(int64_t m, int64_t k, const PackA& pack_a, const PackB& pack_b) {
-  if (m > kSmallM) return false;
+bool streams_b(int64_t m, int64_t n, int64_t k, const PackA& pack_a, const PackB& pack_b) {
+  const bool narrow = narrow_product(m, n, pack_a, pack_b);
+  if (m > kSmallM && !narrow) return false;
   switch (pack_b.layout()) {
     case BLayout::kAlongK:
-      if (m > kBf16MaxStreamRows && multiplies_bf16_pairs(pack_a, pack_b)) return false;
+      if (m > kBf16MaxStreamRows && !narrow && multiplies_bf16_pairs(pack_a, pack_b)) {
+        return false;
+      }
       return k >= kMinDotDepth;
     case BLayout::kAlongJ:
       // Every such product: scale_rows_into loads each element of B once per pass over all the
@@ -697,7 +724,7 @@ GemmTiles<PackA, PackB, Epilogue> plan_gemm(const PackA& pack_a, const PackB& pa
                                             const Epilogue& epilogue, int64_t m, int64_t n,
                                             int64_t k) {
   const bool threaded = m > 0 && n > 0 && worth_threads(m, n, k);
-  const bool streamed = m > 0 && n > 0 && streams_b(m, k, pack_a, pack_b);
+  const bool streamed = m > 0 && n > 0 && streams_b(m, n, k, pack_a, pack_b);
   const TileGrid grid =
       m > 0 && n > 0 ? plan_tiles(m, n, threaded ? max_threads() : 1, streamed) : TileGrid{};
   return GemmTiles<PackA, PackB, Epilogue>{pack_a, pack_b, epilogue, m, n, k,

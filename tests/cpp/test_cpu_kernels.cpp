@@ -539,12 +539,17 @@ void test_linear() {
       test_linear_case({dt, 3, 70, 90, 257, p, true, 1});
     }
   }
-  // At most 4 rows (or a rank of at most 4 for d_lora_a) stream B instead of packing it.
+  // Up to 16 rows (or a rank of up to 16 for d_lora_a) B is streamed instead of packed; so is
+  // A in the shrink at any number of rows while the rank is narrow (up to 64, the cases with
+  // K >= 128 above and the two M = 389 ones here; with AVX-512).
   test_linear_case({LORA_DTYPE_BF16, 4, 300, 600, 9, 0.2, true, 5});
   test_linear_case({LORA_DTYPE_F16, 200, 30, 70, 3, 0.2, true, 0});
   test_linear_case({LORA_DTYPE_F32, 389, 300, 600, 16, 0.1, true, 0});
   test_linear_case({LORA_DTYPE_BF16, 389, 300, 600, 16, 0.1, true, 0});
-  // Packed products (more than 16 rows) with a rank of at most 16, without dropout.
+  // A shrink packed again: a rank above 64, and fp32 full panels (r = 32) beyond 512 rows.
+  test_linear_case({LORA_DTYPE_F32, 40, 33, 130, 70, 0.2, true, 1});
+  test_linear_case({LORA_DTYPE_F32, 520, 20, 140, 32, 0.0, true, 0});
+  // More than 16 rows with a rank of at most 16, without dropout.
   test_linear_case({LORA_DTYPE_F32, 389, 300, 600, 16, 0.0, true, 2});
   test_linear_case({LORA_DTYPE_BF16, 40, 33, 70, 5, 0.0, false, 1});
   test_linear_case({LORA_DTYPE_F16, 17, 17, 45, 1, 0.0, true, 3});
