@@ -81,34 +81,42 @@ def build_library(src: str, build_dir: str) -> str:
     raise FileNotFoundError(f"no liblora_ops.so in {build_dir}")
 
 
+def linear_buffers(case: LinearCase, copies: int = 1) -> dict:
+    """The tensors of a single-adapter case, made once and shared by both builds' calls (each
+    build on its own buffers measured up to 10% apart at M = 1 from where they landed in memory
+    alone). `weights` holds `copies` weights, one per call in turn, so that with enough of them a
+    memory-bound product reads its weight from memory rather than from the last-level cache."""
+    torch_dtype = DTYPES[case.dtype][0]
+    M, K, N, r = case.M, case.K, case.N, case.r
+
+    def rand(*shape):
+        return torch.randn(*shape).to(torch_dtype)
+
+    def empty(*shape):
+        return torch.empty(*shape, dtype=torch_dtype)
+
+    return {"x": rand(M, K), "weights": [rand(N, K) for _ in range(max(copies, 1))],
+            "b": rand(N), "a": rand(r, K), "bb": rand(N, r), "s": rand(M, r),
+            "y": empty(M, N), "dy": rand(M, N), "dx": empty(M, K), "da": empty(r, K),
+            "db": empty(N, r)}
+
+
 class KernelCall:
-    """One kernel call of a case through the C ABI of a library, on buffers made once. With
-    copies > 1 the weight is one of that many copies, the next one on each call, so that a
-    memory-bound product reads it from memory rather than from the last-level cache."""
+    """One kernel call of a case through the C ABI of a library, on the buffers given (kept on
+    self: the C call holds only their addresses), the next weight copy on each call."""
 
-    def __init__(self, lib: ctypes.CDLL, op: str, case: LinearCase, copies: int = 1):
-        torch_dtype, code = DTYPES[case.dtype]
+    def __init__(self, lib: ctypes.CDLL, op: str, case: LinearCase, buffers: dict):
+        code = DTYPES[case.dtype][1]
         M, K, N, r = case.M, case.K, case.N, case.r
-
-        def rand(*shape):
-            return torch.randn(*shape).to(torch_dtype)
-
-        def empty(*shape):
-            return torch.empty(*shape, dtype=torch_dtype)
-
         self.label = f"{op} {case.label()}"
-        # Kept on self: the C call holds only their addresses.
-        self.buffers = {
-            "x": rand(M, K), "w": rand(N, K), "b": rand(N), "a": rand(r, K), "bb": rand(N, r),
-            "s": rand(M, r), "y": empty(M, N), "dy": rand(M, N), "dx": empty(M, K),
-            "da": empty(r, K), "db": empty(N, r)}
-        self.weights = [self.buffers["w"]] + [rand(N, K) for _ in range(copies - 1)]
-        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in self.buffers.items()}
+        self.buffers = buffers
+        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in buffers.items()
+             if name != "weights"}
         i64, f32 = ctypes.c_int64, ctypes.c_float
         dims = (code, i64(M), i64(N), i64(K), i64(r))
         self.fn = lib.lora_ops_cpu_lora_linear_fwd if op == "fwd" else lib.lora_ops_cpu_lora_linear_bwd
         self.variants = []
-        for w in self.weights:
+        for w in buffers["weights"]:
             w_ptr = ctypes.c_void_p(w.data_ptr())
             if op == "fwd":
                 args = dims + (p["x"], i64(K), w_ptr, p["b"], p["a"], p["bb"], f32(2.0),
@@ -120,47 +128,54 @@ class KernelCall:
         self.calls = 0
         self.fn.restype = ctypes.c_int
 
-    @property
-    def args(self) -> tuple:
-        return self.variants[self.calls % len(self.variants)]
-
     def __call__(self) -> None:
-        status = self.fn(*self.args)
+        status = self.fn(*self.variants[self.calls % len(self.variants)])
         self.calls += 1
         if status != 0:
             raise RuntimeError(f"{self.label}: the kernel returned status {status}")
 
 
+def multi_buffers(case: MultiCase) -> dict:
+    """The tensors of a multi-adapter case (one slice), shared by both builds' calls."""
+    torch_dtype = DTYPES[case.dtype][0]
+    T, U, K, N, r_max = case.T, case.U, case.K, case.N, case.r_max
+    index = token_adapter(T, U, case.dist, case.none_frac)
+    buffers = {
+        "x": torch.randn(T, K).to(torch_dtype), "w": torch.randn(N, K).to(torch_dtype),
+        "b": torch.randn(N).to(torch_dtype), "a": torch.randn(U, r_max, K).to(torch_dtype),
+        "bb": torch.randn(U, N, r_max).to(torch_dtype), "scalings": torch.full((U,), 2.0),
+        "ranks": torch.tensor([case.adapter_rank(a) for a in range(U)], dtype=torch.int32),
+        "t": torch.empty(1, T, r_max), "y": torch.empty(T, N, dtype=torch_dtype),
+        "offset": torch.zeros(1, dtype=torch.int64),
+        "width": torch.full((1,), N, dtype=torch.int64)}
+    if case.index == "segment":
+        # The batch in segment order, as a prefill engine lays it out.
+        _, seg_indptr, seg_adapter = segments_from_token_adapter(index, U)
+        buffers["indptr"] = seg_indptr.to(torch.int32)
+        buffers["segments"] = seg_adapter.to(torch.int32)
+    else:
+        buffers["index"] = index
+    return buffers
+
+
 class MultiKernelCall(KernelCall):
     """lora_ops_cpu_multi_lora_linear_fwd of a multi-adapter case (one slice) through the C ABI."""
 
-    def __init__(self, lib: ctypes.CDLL, op: str, case: MultiCase):
-        torch_dtype, code = DTYPES[case.dtype]
+    def __init__(self, lib: ctypes.CDLL, op: str, case: MultiCase, buffers: dict):
+        code = DTYPES[case.dtype][1]
         T, U, K, N, r_max = case.T, case.U, case.K, case.N, case.r_max
-        index = token_adapter(T, U, case.dist, case.none_frac)
         self.label = f"{op} {case.label()}"
-        self.buffers = {
-            "x": torch.randn(T, K).to(torch_dtype), "w": torch.randn(N, K).to(torch_dtype),
-            "b": torch.randn(N).to(torch_dtype), "a": torch.randn(U, r_max, K).to(torch_dtype),
-            "bb": torch.randn(U, N, r_max).to(torch_dtype), "scalings": torch.full((U,), 2.0),
-            "ranks": torch.tensor([case.adapter_rank(a) for a in range(U)], dtype=torch.int32),
-            "t": torch.empty(1, T, r_max), "y": torch.empty(T, N, dtype=torch_dtype),
-            "offset": torch.zeros(1, dtype=torch.int64),
-            "width": torch.full((1,), N, dtype=torch.int64)}
-        if case.index == "segment":
-            # The batch in segment order, as a prefill engine lays it out.
-            _, seg_indptr, seg_adapter = segments_from_token_adapter(index, U)
-            self.buffers["indptr"] = seg_indptr.to(torch.int32)
-            self.buffers["segments"] = seg_adapter.to(torch.int32)
-            idx = AdapterIndex(None, self.buffers["indptr"].data_ptr(),
-                               self.buffers["segments"].data_ptr(), seg_adapter.numel())
+        self.buffers = buffers
+        if "segments" in buffers:
+            idx = AdapterIndex(None, buffers["indptr"].data_ptr(), buffers["segments"].data_ptr(),
+                               buffers["segments"].numel())
         else:
-            self.buffers["index"] = index
-            idx = AdapterIndex(index.data_ptr(), None, None, 0)
-        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in self.buffers.items()}
+            idx = AdapterIndex(buffers["index"].data_ptr(), None, None, 0)
+        p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in buffers.items()}
         i64 = ctypes.c_int64
-        a, bb = self.buffers["a"], self.buffers["bb"]
+        a, bb = buffers["a"], buffers["bb"]
         self.stacks = (AdapterStack(a.data_ptr(), *a.stride()), AdapterStack(bb.data_ptr(), *bb.stride()))
+        self.idx = idx
         self.fn = lib.lora_ops_cpu_multi_lora_linear_fwd
         self.variants = [(code, i64(T), i64(N), i64(K), i64(U), i64(r_max), i64(1), p["x"],
                           i64(K), p["w"], p["b"], ctypes.byref(self.stacks[0]),
@@ -238,9 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{torch.get_num_threads()} threads, {args.rounds} rounds")
         for case in cases:
             if args.op == "multi_fwd":
-                calls = [MultiKernelCall(libs[name], args.op, case) for name in ("base", "new")]
+                buffers = multi_buffers(case)
+                calls = [MultiKernelCall(libs[name], args.op, case, buffers)
+                         for name in ("base", "new")]
             else:
-                calls = [KernelCall(libs[name], args.op, case, args.copies)
+                buffers = linear_buffers(case, args.copies)
+                calls = [KernelCall(libs[name], args.op, case, buffers)
                          for name in ("base", "new")]
             base_t, new_t = time_interleaved(calls, args.rounds)
             ratio, faster = paired_ratio(base_t, new_t)

@@ -44,3 +44,23 @@ def test_parse_case_takes_the_shapes_of_its_op_in_the_bench_syntax():
         64, 16, 512, "identical", "segment", "fp16")
     with pytest.raises(ValueError, match="--op multi_fwd times T="):
         ab_cpu.parse_case("M=64,K=2048,N=1024,r=16", "fp32", "multi_fwd")
+
+
+def test_both_builds_share_the_buffers_and_rotate_the_weight_copies():
+    case = ab_cpu.parse_case("M=2,K=8,N=4,r=1", "fp32", "fwd")
+    buffers = ab_cpu.linear_buffers(case, copies=3)
+    assert len(buffers["weights"]) == 3
+    seen = {"a": [], "b": []}
+
+    def fake_lib(name):
+        def fwd(*args):
+            seen[name].append(args[7].value)  # the weight's address
+            return 0
+        return type("Lib", (), {"lora_ops_cpu_lora_linear_fwd": staticmethod(fwd)})()
+
+    calls = [ab_cpu.KernelCall(fake_lib(name), "fwd", case, buffers) for name in ("a", "b")]
+    for _ in range(4):
+        for call in calls:
+            call()
+    addresses = [w.data_ptr() for w in buffers["weights"]]
+    assert seen["a"] == seen["b"] == addresses + addresses[:1]
