@@ -97,10 +97,11 @@ inline void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 // How far ahead of a streamed operand's loads prefetch_ahead asks for its cache line. The
 // hardware prefetcher follows a stream only within a 4 KB page and ramps up again after each
 // crossing, which the 6-8 weight rows a decode product streams at once hit every 64 lines; a
-// software prefetch a few lines ahead carries them across. Measured with the C ABI A/B (weight
-// rotated through 8-10 copies, read from memory, 2 threads, K = N = 4096): 256 / 512 / 2048 B
-// ahead took 0.95 / 0.94 / 0.94 of the time without at M = 1 fp32, 0.91 / 0.86 / 0.87 at M = 4,
-// 0.96 / 0.93 / 1.00 at M = 12.
+// software prefetch a few lines ahead carries them across. Against no prefetch (C ABI A/B, both
+// builds on the same buffers, weight rotated through 10 copies so it comes from memory, 2
+// threads, K = N = 4096): fwd fp32 0.99 / 0.90 / 0.99 / 0.93 at M = 1 / 4 / 8 / 16, bf16 / fp16
+// 0.92 / 0.89 at M = 1; bwd fp32 1.01 / 0.89 / 0.91 at M = 1 / 8 / 16 (mixed for bf16 and fp16
+// there: 0.9-1.1 between runs). 512 B ahead did better than 256 or 2048 at M = 4 and 12.
 inline constexpr uintptr_t kStreamPrefetchBytes = 512;
 
 // A read prefetch of the line kStreamPrefetchBytes past p. Never faults, so it may point past the
@@ -112,8 +113,7 @@ inline void prefetch_ahead(const void* p) {
 }
 
 // prefetch_ahead for the vector at element i of a stream of T, once per 64-byte line: a
-// half-precision vector is half a line, and a second prefetch of the same line cost more than it
-// saved (C ABI A/B against one per vector, bf16 / fp16, M = 1: fwd 0.90 / 0.98, bwd 0.96 / 0.94).
+// half-precision vector is half a line, and a second prefetch of the line only takes a load slot.
 template <class T>
 inline void prefetch_stream(const T* stream, int64_t i) {
   constexpr int64_t kLine = 64;
