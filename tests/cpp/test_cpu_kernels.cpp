@@ -351,6 +351,11 @@ void test_builtin_gemm() {
       test_builtin_gemm_case(dt, nk, 20, 21, 5, 0.0f);
       test_builtin_gemm_case(dt, nk, 23, 17, 8, 0.0f);
       test_builtin_gemm_case(dt, nk, 19, 300, 263, 1.0f);
+      // fp32 x W^T at 17-128 rows reads W in place (gemm_tile_b_rows): a last panel of A of 8
+      // and of 16 rows (one vector), against a ragged last group of W's rows, half height (4)
+      // and full height (10); two depth blocks.
+      test_builtin_gemm_case(dt, nk, 40, 100, 300, 0.5f);
+      test_builtin_gemm_case(dt, nk, 48, 70, 530, 0.0f);
     }
   }
   // bf16 pairs (vdpbf16ps where the CPU has it), B along k and along j: several depth blocks
