@@ -64,6 +64,12 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   weight in cache 0.99 / 1.00 at M = 32 / 64, 1.12 at M = 256 (N = 1024), 1.15 at M = 1024
 //   (K = N = 2048); the multi-adapter fwd at T = 64 / 256, K = N = 2048 (bench): 1.08 / 1.13.
 //   bwd 0.87 / 1.13 / 0.98 / 0.92 / 0.78 / 1.13 at M = 4 / 8 / 10 / 12 / 16 / 24.
+//   On 2026-12-06, after gemm_tile_b_rows (fp32 W read in place at 17-128 rows) and its
+//   one-vector last panel, the torch op's time over F.linear's (MKL) in one process, the weight
+//   rotated through ten copies, K = N = 4096, on the built-in GEMM / on MKL: 0.96 / 1.04,
+//   0.91 / 1.04, 0.93 / 1.03, 0.98 / 1.04, 0.98 / 1.04, 1.02 / 1.03, 1.03 / 1.05 at M = 40 / 48 /
+//   64 / 80 / 96 / 112 / 128; at M = 64 with N = 1024 / 14336, 1.00 / 1.09 and 0.90 / 1.03; at
+//   M = 96 with K = 14336, 0.98 / 1.01; at M = 256, 1.07 / 1.04. Hence 128 rows.
 // - bf16 (oneDNN on AMX): fwd 0.73 / 0.98 / 1.07 / 1.21 / 2.2 / 2.4 at M = 4 / 5 / 6 / 8 / 12 /
 //   16 (5.1 at M = 64, in cache); bwd 0.53 / 0.61 / 0.65 / 0.71 / 0.89 / 1.04 at M = 4 / 5 / 6 /
 //   8 / 12 / 16.
@@ -76,7 +82,7 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 constexpr int64_t kBf16MaxRows = 4, kBf16MaxRowsDyW = 48;
 constexpr int64_t kAmxBf16MaxRows = 4, kAmxBf16MaxRowsDyW = 12;
 constexpr int64_t kFp16NativeMaxRows = 12, kFp16NativeMaxRowsDyW = 16;
-constexpr int64_t kMklIntelMaxRows = 32, kMklIntelMaxRowsDyW = 16;
+constexpr int64_t kMklIntelMaxRows = 128, kMklIntelMaxRowsDyW = 16;
 
 const char* cpu_vector_isa() {
 #if defined(__AVX512F__)
