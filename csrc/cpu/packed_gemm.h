@@ -24,10 +24,11 @@
 // pack_bf16_pairs (the same panels, each row a word holding a pair of bf16 along k) for a
 // dot-product micro-kernel (Bf16PairPanels).
 //
-// A product of at most kSmallM rows (decode) uses each element of B too few times to pay for
-// packing it: when B's layout allows (streams_b), B is streamed in place instead, in its
-// storage type (widened in registers), in long contiguous runs the hardware prefetcher follows,
-// through
+// A product of at most kSmallM rows (decode), or a narrow one (few columns: the shrink, see
+// narrow_product), uses each element of B too few times to pay for packing it: when B's layout
+// allows (streams_b), B is streamed in place instead, in its storage type (widened in
+// registers), in long contiguous runs the hardware prefetcher follows (and prefetch_stream
+// carries across pages), through
 //   PackB::Element   B's storage type (float, Half, BFloat16);
 //   pack_b.layout()  BLayout::kAlongK when B(., j) is contiguous in k and needs no
 //       transformation, kAlongJ when B(k, .) is contiguous in j (the row-major matrices of the
