@@ -20,6 +20,7 @@ SHAPES = [
     # depth blocks (1536 deep at 16 rows).
     ((4, 4), 1603, 26, 16),
     ((17,), 72, 33, 8),
+    ((3, 13), 200, 45, 24),  # the CPU shrink streamed at more than 16 rows (a narrow product)
     # A 1-D x (one token, as nn.Linear takes it), and no features at all: y = b, dx empty.
     ((), 9, 7, 2),
     ((2, 3), 0, 5, 2),
@@ -82,7 +83,7 @@ def test_parity(device, backend, dtype, shape):
 @pytest.mark.parametrize("device,backend", backend_params(("cpu",), devices=("cpu",)))
 @pytest.mark.parametrize("gemm", ["builtin", "aten"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M", [1, 5, 17, 70])
+@pytest.mark.parametrize("M", [1, 5, 17, 70, 130])
 def test_cpu_base_gemm_choices(device, backend, gemm, dtype, M, monkeypatch):
     # The CPU kernels run x W^T and dY W on their own GEMM or on ATen's matmul, chosen per dtype,
     # product and row count and by what ATen's runs on here (AMX, MKL on Intel): a machine takes
