@@ -157,9 +157,7 @@ def _check_slices(op: str, lora_b: List[Tensor], slice_offsets: Optional[Sequenc
     not overlap, and for the fused layer they tile all N columns (kernels.h: N = sum of the
     slice widths)."""
     widths = [b.shape[1] for b in lora_b]
-    if slice_offsets is None:
-        slice_offsets = [sum(widths[:s]) for s in range(len(widths))]
-    offsets = [int(o) for o in slice_offsets]
+    offsets = _slice_offsets(lora_b, slice_offsets)
     if len(offsets) != len(lora_b):
         _fail(op, f"slice_offsets has {len(offsets)} entries but lora_b has {len(lora_b)} slices")
     ok, end = True, 0

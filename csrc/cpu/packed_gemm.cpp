@@ -82,12 +82,9 @@ int64_t balanced_tile_n(const TileGrid& grid, int64_t m, int64_t n, int threads)
 }  // namespace
 
 TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
-  constexpr int64_t kMinTileN = 64;
-  constexpr int64_t kMinTileM = 4 * kMR;
-  int64_t tiles_n = ceil_div(n, max_tile_n(streamed));
-  int64_t tiles_m = ceil_div(m, kMaxTileM);
   if (streamed && m > kSmallM) {
-    // A narrow product (streams_b): work items of the decode path's kSmallM rows, all columns.
+    // A narrow product (streams_b; n <= kNarrowMaxN): work items of the decode path's kSmallM
+    // rows, all columns in each.
     TileGrid grid;
     grid.tile_m = kSmallM;
     grid.tiles_m = ceil_div(m, kSmallM);
@@ -95,6 +92,10 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
     grid.tiles_n = 1;
     return grid;
   }
+  constexpr int64_t kMinTileN = 64;
+  constexpr int64_t kMinTileM = 4 * kMR;
+  int64_t tiles_n = ceil_div(n, max_tile_n(streamed));
+  int64_t tiles_m = ceil_div(m, kMaxTileM);
   if (streamed) {
     // Memory-bound: B is read in runs as long as the tiles are wide (short runs cost the
     // prefetcher its ramp-up each time), so as few column tiles as fit, the same number for

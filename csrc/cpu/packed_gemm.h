@@ -4,8 +4,8 @@
 // Blocking follows the Goto/BLIS scheme: a work item owns a tile of C (at most kMaxTileM x
 // kMaxTileN); for each depth block of kKC it packs its columns of B into fp32 panels of kNR
 // columns and, kMC rows at a time, its rows of A into panels of kMR rows, then runs a register
-// micro-kernel over panel pairs (the kernels are in gemm_kernels.h). Work items run in parallel (OpenMP), each with its own packed
-// buffers, so no thread waits on another.
+// micro-kernel over panel pairs (the kernels are in gemm_kernels.h). Work items run in
+// parallel (OpenMP), each with its own packed buffers, so no thread waits on another.
 //
 // The operands and the epilogue are template parameters, so the adapter work of a LoRA kernel
 // (dropout, dtype conversion, gather of rows, scaling, bias, masks) happens while packing or

@@ -74,9 +74,9 @@ inline void store_lanes(float* dst, __m256 v, int lanes) {
 
 }  // namespace detail
 
-// Any width (the micro-kernels' are 6, 12 and 32); count <= width; rows[r] valid for r < count, and rows holds
-// panel_row_pointers(width) entries (the 8 x 8 blocks index up to a multiple of 8; entries past
-// count are never read).
+// Any width (the micro-kernels' are 6, 12 and 32); count <= width; rows[r] valid for
+// r < count, and rows holds panel_row_pointers(width) entries (the 8 x 8 blocks index up to a
+// multiple of 8; entries past count are never read).
 inline void transpose_rows_to_panel(float* __restrict dst, const float* const* rows, int count,
                                     int width, int64_t kc) {
 #if defined(__AVX__)
