@@ -364,7 +364,11 @@ def _make_linear_backward(shrink_op, dx_op):
         # plain linear ones (the adapter term does not depend on W or b).
         dw = (dy.t() @ x).to(weight.dtype) if need_w else None
         dbias = dy.sum(0) if need_bias else None
-        return dx, dw, dbias, d_a, d_b, None, None, None, None, None, None
+        grads = (dx, dw, dbias, d_a, d_b, None, None, None, None, None, None)
+        # One per input the op was called with: the dispatcher drops trailing index arguments
+        # left at their default (None), and torch 2.11's custom-op autograd refuses extra
+        # gradients where later releases ignore them. needs_input_grad has the call's length.
+        return grads[:len(ctx.needs_input_grad)]
     return backward
 
 
