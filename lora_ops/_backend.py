@@ -5,6 +5,7 @@ The compiled library (`lora_ops._C`) is optional: without it the package still i
 job; this module only decides among the four implementations of an op.
 """
 import functools
+import importlib.metadata
 import importlib.util
 import os
 from typing import Dict, List, Optional, Tuple
@@ -65,6 +66,32 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# Triton 3.6's interpreter (torch 2.11's Triton) cannot take a scalar loaded or computed in a
+# kernel as a loop bound, which every lora_ops kernel does; 3.7.1 and 3.8 run them (both tested).
+# Compiled for a GPU, 3.6 builds every kernel (lora_ops.triton.compile_check).
+MIN_TRITON_INTERPRETER = (3, 7)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> Optional[Tuple[int, ...]]:
+    """The installed Triton's (major, minor, ...) without importing it; None if not installed."""
+    try:
+        text = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+def _interpreter_runs_kernels() -> bool:
+    version = triton_version()
+    return version is not None and version[:2] >= MIN_TRITON_INTERPRETER
+
+
 def available_backends() -> Dict[str, List[str]]:
     """Usable backends per device type, in the order a call prefers them.
 
@@ -80,7 +107,7 @@ def _usable(interpreted: bool) -> Dict[str, Tuple[str, ...]]:
     cpu: List[str] = ["cpu"] if _COMPILED else []
     cpu.append("reference")
     # The interpreter is for testing the Triton kernels, never a default.
-    if _triton_importable() and interpreted:
+    if _triton_importable() and interpreted and _interpreter_runs_kernels():
         cpu.append("triton")
     cuda: List[str] = []
     if torch.cuda.is_available():
@@ -164,5 +191,10 @@ def _why_missing(backend: str, device: torch.device) -> str:
     if backend == "cpu" and device.type == "cuda":
         return "; the cpu backend takes CPU tensors"
     if backend == "triton" and device.type == "cpu":
+        if triton_interpreted() and _triton_importable() and not _interpreter_runs_kernels():
+            found = ".".join(map(str, triton_version()))
+            need = ".".join(map(str, MIN_TRITON_INTERPRETER))
+            return (f"; Triton {found}'s interpreter cannot run these kernels (a loop bound loaded in "
+                    f"the kernel), Triton {need} or later's can")
         return "; triton runs on CPU tensors only with TRITON_INTERPRET=1"
     return ""

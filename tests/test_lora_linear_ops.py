@@ -93,6 +93,32 @@ def test_errors_name_op_argument_and_what_was_seen():
         lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
 
 
+@pytest.mark.parametrize("version,usable", [("3.6.0", False), ("3.7.1", True), ("3.8.0+git1a2b", True)])
+def test_interpreted_triton_needs_an_interpreter_that_runs_the_kernels(monkeypatch, version, usable):
+    """Triton 3.6's interpreter fails inside every kernel: on CPU tensors under TRITON_INTERPRET=1
+    the triton backend is then not offered, and asking for it says why."""
+    if not _backend._triton_importable():
+        pytest.skip("triton is not installed")
+    x, w, b, a, bb = op_args("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend.importlib.metadata, "version", lambda name: version)
+    _backend.triton_version.cache_clear()
+    _backend._usable.cache_clear()
+    try:
+        assert ("triton" in lora_ops.available_backends()["cpu"]) == usable
+        if torch.cuda.is_available():  # compiled for the GPU, any version
+            assert "triton" in lora_ops.available_backends()["cuda"]
+        if not usable:
+            with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu tensors "
+                                                   r".*Triton 3\.6\.0's interpreter cannot run these "
+                                                   r"kernels .* Triton 3\.7 or later's can"):
+                lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+    finally:
+        monkeypatch.undo()
+        _backend.triton_version.cache_clear()
+        _backend._usable.cache_clear()
+
+
 def test_env_var_picks_backend(monkeypatch):
     monkeypatch.setenv("LORA_OPS_BACKEND", "reference")
     assert _backend.resolve_backend("lora_linear", None, torch.device("cpu")) == "reference"

@@ -13,8 +13,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 triton = pytest.importorskip("triton")
+from lora_ops import _backend  # noqa: E402
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("triton needs a GPU, or TRITON_INTERPRET=1 set before it is imported", allow_module_level=True)
+if not torch.cuda.is_available() and not _backend._interpreter_runs_kernels():
+    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (see "
+                "lora_ops._backend.MIN_TRITON_INTERPRETER)", allow_module_level=True)
 
 from lora_ops import reference as ref  # noqa: E402
 from lora_ops.reference import multi_lora as multi_ref  # noqa: E402
