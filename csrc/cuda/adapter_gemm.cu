@@ -60,7 +60,7 @@ DeviceFacts device_facts() {
         cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device) !=
             cudaSuccess) {
       cudaGetLastError();
-      major = 0;
+      return DeviceFacts{};  // not kept: a failed query is asked again, not taken as "no sm_90"
     }
     f.f16 = major == 9 && sm90::runs_here_f16();
     f.bf16 = major == 9 && sm90::runs_here_bf16();
