@@ -6,7 +6,9 @@
 # The standalone library's cmake build (for cppcuda) runs in the background next to the build
 # phase, each with half the cores: the builds overlap instead of taking turns.
 # Every phase runs under `timeout` with what is left of an overall deadline (~9 minutes), so
-# the script always ends, and says which phases passed, failed or ran out of time. A phase
+# the script always ends, and says which phases passed, failed or ran out of time. Before the
+# GPU session, run scripts/check_gpu_image_versions.sh on the machine without a GPU: it builds
+# and tests the tree against this machine's torch 2.11 and Triton 3.6, at no device time. A phase
 # that ran out of time can be run alone in a second call on the still-warm machine (it keeps
 # the build): PHASES="sanitize" or PHASES="bench" with GPU_CHECK_TOTAL_S=560.
 #
