@@ -55,8 +55,9 @@ def test_every_triton_kernel_compiles_for_sm90_in_every_dtype(tmp_path):
             if v["OPERAND"] == "bf16":
                 tiles.add(tuple(int(v[k]) for k in ("BLOCK_M", "BLOCK_COL", "BLOCK_RED", "num_stages",
                                                      "num_warps")))
-        # --quick runs M = 1 (the decode tiles of 16 rows) and M = 300 (the tiled ones)
-        assert tiles == {t for t in _DECODE_TILES if t[0] == 16} | set(_TILED_TILES), kernel
+        # --quick compiles every configuration at M = 1 (the decode tiles of 16 rows) and
+        # M = 300 (the tiled ones), and the first at M = 64
+        assert tiles >= {t for t in _DECODE_TILES if t[0] == 16} | set(_TILED_TILES), kernel
 
 def test_what_the_interpreter_runs_but_a_gpu_cannot_is_reported(tmp_path):
     # A plain Python call in a kernel runs in the interpreter (tests/ would pass) but has no
