@@ -356,7 +356,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     operand, precision = operand_dtype(x.dtype), dot_precision(x.dtype)
 
     block_m, block_r = row_block(M), rank_block(R, 128)
-    block_k = _shrink_block_k(M, block_m, block_r, x.element_size())
+    block_k = _shrink_block_k(M, block_m, block_r, max(x.element_size(), lora_a.element_size()))
     shrink_programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
     # Without column tiles nothing would sum the partials, so N == 0 never splits.
     splits, k_per_split = (split_reduction(shrink_programs, K, block_k, 512, x.device) if N > 0
