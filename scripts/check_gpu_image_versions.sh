@@ -6,7 +6,7 @@
 #
 # Builds the extension (CUDA sources too, sm_90a, with CUTLASS when the project venv has it) in a
 # clean clone of HEAD against that torch and runs the test suite, which compiles the Triton
-# kernels for sm_90 with that Triton (tests/test_triton_compile.py).
+# kernels for sm_90 and sm_80 with that Triton (tests/test_triton_compile.py).
 #
 #   bash scripts/check_gpu_image_versions.sh        # first run: ~3 GB of wheels, then ~10 minutes
 #

@@ -153,10 +153,13 @@ phase_race() {
 
 phase_test() {
   # pytest-timeout and pytest-xdist are on the GPU machine's image; use them where present.
+  # -v: a line per test as it ends, so a phase stopped by its time limit still says what failed.
+  # The Triton GEMMs run their default configurations (tests/conftest.py) and each tuned one
+  # once (test_every_tuned_configuration_matches_reference), not a tuning run per shape.
   local extra=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   (( PYTEST_WORKERS > 1 )) && "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$PYTEST_WORKERS")
-  "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 ${extra[@]+"${extra[@]}"} \
+  "$PY" -m pytest tests -v -rfEs -p no:cacheprovider --durations=15 ${extra[@]+"${extra[@]}"} \
     --junitxml="$OUT/pytest-junit.xml" 2>&1 | tee "$WORK/test.txt"
 }
 
@@ -281,7 +284,16 @@ wanted plans && run_phase plans 150 0
 wanted race && run_phase race 200 0
 rm -f "$OUT"/*.tmp
 
-pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" "$1" 2>/dev/null | tail -1; }
+# pytest's last line; where the phase was stopped before it, the per-test lines counted (-v)
+pytest_result() {
+  local last
+  last=$(grep -E "[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s|no tests ran" "$1" 2>/dev/null | tail -1)
+  if [[ -n "$last" ]]; then echo "$last"; return; fi
+  echo "stopped before its end; per-test lines: $(grep -cE " PASSED( |$)" "$1" 2>/dev/null) passed," \
+    "$(grep -cE " (FAILED|ERROR)( |$)" "$1" 2>/dev/null) failed or errors, $(grep -cE " SKIPPED( |$)" "$1" 2>/dev/null) skipped"
+}
+# The tests that failed, from -v's per-test lines (also where the phase was stopped).
+pytest_failures() { grep -oE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERROR)" "$1" 2>/dev/null | sort -u | head -30; }
 {
   echo "# lora_ops GPU check"
   echo
@@ -294,7 +306,10 @@ pytest_result() { grep -E "[0-9]+ (passed|failed|errors?|skipped)|no tests ran" 
   echo "|---|---|---|"
   for name in "${ORDER[@]}"; do echo "| $name | ${STATUS[$name]} | ${TAKEN[$name]} |"; done
   echo
-  wanted test && echo "- pytest, whole suite: $(pytest_result "$WORK/test.txt")"
+  if wanted test; then
+    echo "- pytest, whole suite: $(pytest_result "$WORK/test.txt")"
+    pytest_failures "$WORK/test.txt" | sed 's/^/  - /'
+  fi
   wanted race && echo "- racecheck / synccheck on test_cuda_kernels --smoke: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|cases, .* failed|not found' "$WORK/race.txt" 2>/dev/null | tr '\n' ';')"
   if wanted sanitize; then
     echo "- memcheck on pytest -m cuda -k \"$SANITIZER_SELECT\": $(pytest_result "$WORK/sanitize.txt"); $(grep -E 'ERROR SUMMARY|not found' "$WORK/sanitize.txt" 2>/dev/null | tail -1)"

@@ -1,4 +1,4 @@
-"""The Triton kernels compile for a GPU (sm_90), with the GPU's configurations and operand dtypes,
+"""The Triton kernels compile for a GPU (sm_90, sm_80), with the GPU's configurations and operand dtypes,
 on a machine without one: lora_ops.triton.compile_check, which the interpreter-run tests cannot
 stand in for (the interpreter compiles nothing and feeds tl.dot fp32 tiles).
 
@@ -30,13 +30,15 @@ def _run(args, timeout):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the Triton tests compile and run "
                     "the kernels themselves (and this would take minutes of the GPU check)")
-def test_every_triton_kernel_compiles_for_sm90_in_every_dtype(tmp_path):
+def test_every_triton_kernel_compiles_for_sm90_and_sm80_in_every_dtype(tmp_path):
+    # sm_80 too: its 163 KB of shared memory is what the default configurations are sized for.
     out = tmp_path / "compiled.json"
-    proc = _run(["-m", "lora_ops.triton.compile_check", "--quick", "--arch", "90", "--json", str(out)],
-                timeout=3000)
+    proc = _run(["-m", "lora_ops.triton.compile_check", "--quick", "--arch", "90", "--arch", "80",
+                 "--json", str(out)], timeout=3000)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    (report,) = json.loads(out.read_text())
-    compiled = report["compiled"]
+    reports = json.loads(out.read_text())
+    assert sorted(r["arch"] for r in reports) == [80, 90]
+    compiled = [c for r in reports for c in r["compiled"]]
     assert compiled and all(c["error"] is None for c in compiled)
     # The coverage the check claims: every kernel with an operand dtype was compiled in each one
     # the GPU runs it in, fp32 dots as tf32 too, and the autotuned GEMMs in every configuration.
@@ -56,7 +58,7 @@ def test_every_triton_kernel_compiles_for_sm90_in_every_dtype(tmp_path):
                 tiles.add(tuple(int(v[k]) for k in ("BLOCK_M", "BLOCK_COL", "BLOCK_RED", "num_stages",
                                                      "num_warps")))
         # --quick compiles every configuration at M = 1 (the decode tiles of 16 rows) and
-        # M = 300 (the tiled ones), and the first at M = 64
+        # M = 300 (the tiled ones), and the default one at M = 64
         assert tiles >= {t for t in _DECODE_TILES if t[0] == 16} | set(_TILED_TILES), kernel
 
 def test_what_the_interpreter_runs_but_a_gpu_cannot_is_reported(tmp_path):

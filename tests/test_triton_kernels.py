@@ -23,6 +23,10 @@ if not torch.cuda.is_available() and not _backend._interpreter_runs_kernels():
 from lora_ops import reference as ref  # noqa: E402
 from lora_ops.reference import multi_lora as multi_ref  # noqa: E402
 from lora_ops.reference.dropout import dropout_keep_mask  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+from lora_ops.triton import _launch  # noqa: E402
+from lora_ops.triton import lora_linear as triton_single  # noqa: E402
 from lora_ops.triton.lora_linear import lora_linear_bwd, lora_linear_fwd  # noqa: E402
 from lora_ops.triton.multi_lora import multi_lora_expand, multi_lora_shrink  # noqa: E402
 from tests.helpers import DTYPES, assert_close_scaled, rel_err  # noqa: E402
@@ -147,6 +151,120 @@ def test_dropout_mask_is_the_reference_mask_bit_for_bit(seed):
     dx, _, _ = lora_linear_bwd(dy, x, zeros_w, eye, torch.randn(8, K, device=DEVICE), s, SCALING, p, seed,
                                (True, False, False))
     assert torch.equal(dx != 0, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuned kernels: the tuner, the default configurations, and every configuration on its own
+# ---------------------------------------------------------------------------------------------
+
+TUNED = ("_fwd_gemm_kernel", "_dx_gemm_kernel", "_da_kernel")
+
+
+def _fwd_and_bwd_match_reference(M, K, N, r, dtype, p=0.1):
+    x, w, b, a, lora_b = _single_inputs(M, K, N, r, dtype, True, x_row_pad=1)
+    y, s = lora_linear_fwd(x, w, b, a, lora_b, SCALING, p, 99)
+    assert_close_scaled(y, ref.lora_linear_fwd(*_f64(x, w, b, a, lora_b), SCALING, p, 99)[0],
+                        ref.lora_linear_fwd(x, w, b, a, lora_b, SCALING, p, 99)[0], dtype, "y")
+    dy = torch.randn(M, N, device=DEVICE).to(dtype)
+    grads = lora_linear_bwd(dy, x, w, a, lora_b, s, SCALING, p, 99, (True, True, True))
+    oracle = ref.lora_linear_bwd(*_f64(dy, x, w, a, lora_b, s), SCALING, p, 99)
+    low = ref.lora_linear_bwd(dy, x, w, a, lora_b, s, SCALING, p, 99)
+    for name, got, want, lowp in zip(("dx", "d_lora_a", "d_lora_b"), grads, oracle, low):
+        assert_close_scaled(got, want, lowp, dtype, name)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """kernel name -> one entry per launch: "tuner" where the autotuner took it, else the BLOCK_M
+    the launcher passed to the bare JIT function."""
+    seen, in_tuner = {name: [] for name in TUNED}, []
+    for name in TUNED:
+        tuner = getattr(triton_single, name)
+
+        def tuned(*args, _name=name, _run=tuner.run, **kwargs):
+            seen[_name].append("tuner")
+            in_tuner.append(_name)
+            try:
+                return _run(*args, **kwargs)
+            finally:
+                in_tuner.pop()
+
+        def direct(*args, _name=name, _run=tuner.fn.run, **kwargs):
+            if not in_tuner:
+                seen[_name].append(kwargs.get("BLOCK_M"))
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(tuner, "run", tuned)
+        monkeypatch.setattr(tuner.fn, "run", direct)
+    return seen
+
+
+def test_tuning_off_launches_the_default_configurations(monkeypatch, launches):
+    monkeypatch.setenv(_launch.AUTOTUNE_ENV, "0")
+    M = 5
+    _fwd_and_bwd_match_reference(M, 40, 13, 8, torch.float32)
+    gemm = triton_single._default_gemm_config(_launch.m_bucket(M), 4).kwargs["BLOCK_M"]
+    assert launches == {"_fwd_gemm_kernel": [gemm], "_dx_gemm_kernel": [gemm],
+                        "_da_kernel": [triton_single._DA_DEFAULT.kwargs["BLOCK_M"]]}
+
+
+def test_tuning_on_launches_through_the_tuner(monkeypatch, launches):
+    monkeypatch.setenv(_launch.AUTOTUNE_ENV, "1")
+    _fwd_and_bwd_match_reference(33, 13, 40, 8, torch.float16)
+    assert launches == {name: ["tuner"] for name in TUNED}
+
+
+def test_a_forced_configuration_is_the_one_launched(monkeypatch, launches):
+    # Under the interpreter this is also the one test of the kernels at a second set of tiles.
+    monkeypatch.setenv(_launch.AUTOTUNE_ENV, "1")
+    gemm = triton.Config({"BLOCK_M": 16, "BLOCK_COL": 16, "BLOCK_RED": 16, "GROUP_M": 2}, num_warps=4,
+                         num_stages=2)
+    da = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=2)
+    with _launch.forced_config("_fwd_gemm_kernel", gemm), _launch.forced_config("_dx_gemm_kernel", gemm), \
+            _launch.forced_config("_da_kernel", da):
+        _fwd_and_bwd_match_reference(40, 33, 21, 24, torch.float32)
+    assert launches == {name: [16] for name in TUNED}
+    assert not _launch._FORCED
+
+
+def test_default_configurations_are_tuned_ones_the_pruning_keeps():
+    for bucket in (1, 2, 4, 8, 16, 32, 64, 128, 4096):
+        for element_size in (2, 4):
+            config = triton_single._default_gemm_config(bucket, element_size)
+            kept = triton_single._prune_gemm_configs(triton_single._gemm_configs(), {"M_BUCKET": bucket})
+            assert any(c.all_kwargs() == config.all_kwargs() for c in (kept if not _launch.INTERPRETED
+                                                                        else triton_single._gemm_configs()))
+    assert any(c.all_kwargs() == triton_single._DA_DEFAULT.all_kwargs() for c in triton_single._da_configs())
+
+
+def _rows_for(kernel, config):
+    """An M the tuner would offer `config` at: a decode tile's own row count (its bucket) less
+    a few rows, or 200 rows (two ragged row tiles and more) for the tiled GEMM and dA ones."""
+    if kernel != "_da_kernel" and config.kwargs["BLOCK_RED"] >= 128:
+        return max(1, config.kwargs["BLOCK_M"] - 3)
+    return 200
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has one configuration per kernel; on a GPU "
+                    "each configuration is compiled and checked here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kernel", TUNED)
+def test_every_tuned_configuration_matches_reference(kernel, dtype, monkeypatch):
+    # The other tests run with tuning off (tests/conftest.py): this is where the configurations
+    # the tuner may pick are each run. One that needs more shared memory than the GPU has is
+    # skipped by the tuner, and counted here, not failed; every row count must keep one.
+    monkeypatch.setenv(_launch.AUTOTUNE_ENV, "0")
+    ran, refused = {}, []
+    for config in getattr(triton_single, kernel).configs:
+        M = _rows_for(kernel, config)
+        try:
+            with _launch.forced_config(kernel, config):
+                _fwd_and_bwd_match_reference(M, 264, 136, 24, dtype)
+        except OutOfResources:
+            refused.append(config)
+            continue
+        ran.setdefault(M, []).append(config)
+    wanted = {_rows_for(kernel, c) for c in getattr(triton_single, kernel).configs}
+    assert set(ran) == wanted, f"no configuration ran at M in {wanted - set(ran)}; refused: {refused}"
 
 
 # ---------------------------------------------------------------------------------------------

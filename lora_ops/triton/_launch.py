@@ -1,10 +1,15 @@
 """What every lora_ops Triton launcher decides the same way: operand dtype, dot precision, how
-many programs fill the device, and block sizes for the adapter rank."""
+many programs fill the device, block sizes for the adapter rank, and whether an autotuned kernel
+times its configurations or takes the launcher's default one."""
+import contextlib
 import functools
+import os
+from typing import Dict, Iterator
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from lora_ops._backend import triton_interpreted
 
@@ -68,3 +73,46 @@ def split_reduction(programs: int, length: int, block: int, min_chunk: int, devi
     splits = max(1, min(want, triton.cdiv(length, block if INTERPRETED else min_chunk)))
     per_split = max(1, triton.cdiv(triton.cdiv(length, splits), block)) * block
     return max(1, triton.cdiv(length, per_split)), per_split
+
+
+AUTOTUNE_ENV = "LORA_OPS_TRITON_AUTOTUNE"
+# Timing a configuration: Triton's default (25 ms warm-up, 100 ms of repeats) spends ~10 s on a
+# new shape of lora_linear's three tuned kernels; a tenth of it still ranks configurations whose
+# times differ by more than a few per cent, which is all the choice needs.
+TUNING_BENCH = functools.partial(triton.testing.do_bench, warmup=5, rep=10)
+_FORCED: Dict[str, triton.Config] = {}
+
+
+def autotuning() -> bool:
+    """Whether an autotuned kernel times its configurations on a new shape (the default) or takes
+    the launcher's default configuration (LORA_OPS_TRITON_AUTOTUNE=0, read on every call): no
+    tuning time on a shape's first call, and the same configuration, hence the same result bits,
+    in every process. The tests run with it off (tests/conftest.py) and check every
+    configuration on its own (test_triton_kernels)."""
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+@contextlib.contextmanager
+def forced_config(kernel_name: str, config: triton.Config) -> Iterator[None]:
+    """Every launch of the autotuned kernel `kernel_name` takes `config` (tests)."""
+    saved = _FORCED.get(kernel_name)
+    _FORCED[kernel_name] = config
+    try:
+        yield
+    finally:
+        if saved is None:
+            _FORCED.pop(kernel_name, None)
+        else:
+            _FORCED[kernel_name] = saved
+
+
+def launch_tuned(kernel, grid, default: triton.Config, *args, **kwargs) -> None:
+    """Launches the autotuned `kernel` (a triton.autotune over a JIT function) by its tuner, or,
+    with tuning off or a configuration forced, as the bare JIT function with that configuration's
+    block sizes, warps and stages."""
+    config = _FORCED.get(kernel.fn.__name__)
+    if config is None and autotuning():
+        kernel[grid](*args, **kwargs)
+        return
+    options = {k: v for k, v in (config or default).all_kwargs().items() if v is not None}
+    kernel.fn[grid](*args, **kwargs, **options)

@@ -8,11 +8,14 @@ test here and fail on its first GPU call. This check calls the real launchers on
 with the GPU's choices (configurations, operand dtypes, split counts), but each kernel launch
 compiles the kernel for the target (Triton's front end, LLVM and ptxas, all shipped in the
 triton package) and launches nothing. Every autotune configuration is compiled, since the
-autotuner may pick any of them (--quick: for bf16 and fp32 at one rank, see _single_cases).
+autotuner may pick any of them (--quick: for bf16 and fp32 at one rank, see _single_cases), and
+every case also runs with tuning off (LORA_OPS_TRITON_AUTOTUNE=0), where the launchers take their
+default configurations.
 
-It fails when a kernel does not compile, or when a kernel launched without autotuning, or
-every configuration of an autotuned launch, needs more shared memory than the target has (an
-autotuner skips single configurations that do not fit, so those are counted, not failed).
+It fails when a kernel does not compile, or when a kernel launched without autotuning (tuning
+off included), or every configuration of an autotuned launch, needs more shared memory than the
+target has (an autotuner skips single configurations that do not fit, so those are counted, not
+failed).
 
     python -m lora_ops.triton.compile_check                 # sm_90 and sm_80, every case
     python -m lora_ops.triton.compile_check --quick --arch 90 --json out.json
@@ -110,7 +113,6 @@ class _Collector:
         self.launches: List[Launch] = []
         self.jobs: List[tuple] = []
         self.case = ""
-        self.every_config = True  # False: an autotuned launch takes its first configuration only
         self._index: Dict[tuple, int] = {}
         self._binders: Dict[int, Callable] = {}
 
@@ -145,9 +147,9 @@ class _Collector:
             kwargs.pop("warmup", None)
             tuner.nargs = dict(zip(tuner.arg_names, args))
             configs = tuner.prune_configs(kwargs)
-            launch = Launch(tuner.fn.__name__, collector.case, collector.every_config or len(configs) == 1)
+            launch = Launch(tuner.fn.__name__, collector.case, True)
             collector.launches.append(launch)
-            for config in configs if collector.every_config else configs[:1]:
+            for config in configs:
                 options = {k: v for k, v in config.all_kwargs().items() if v is not None}
                 collector.add(tuner.fn, args, {**kwargs, **options}, launch)
 
@@ -218,8 +220,8 @@ def _single_cases(quick: bool) -> Iterator[Tuple[str, bool, Callable[[], None]]]
 
         # --quick compiles every autotune configuration for bf16 (what the GPU targets are set
         # in) and fp32 without dropout (the most shared memory; ieee dots only, see run_check), at
-        # the largest rank block and aligned sizes, and one configuration for every other set of
-        # constexpr flags.
+        # the largest rank block and aligned sizes, and the default configuration for every
+        # other set of constexpr flags.
         every_config = not quick or (r == max(ranks) and K == 256 and M != 64 and
                                      (dname == "bf16" or (dname == "fp32" and p == 0.0)))
         yield f"lora_linear {dname} M={M} r={r} K={K} N={N} p={p}", every_config, run
@@ -266,9 +268,24 @@ def kernels() -> List[str]:
     return sorted(names)
 
 
+@contextlib.contextmanager
+def _tuning(on: bool) -> Iterator[None]:
+    saved = os.environ.get(_launch.AUTOTUNE_ENV)
+    os.environ[_launch.AUTOTUNE_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_launch.AUTOTUNE_ENV)
+        else:
+            os.environ[_launch.AUTOTUNE_ENV] = saved
+
+
 def run_check(arch: int, quick: bool, workers: int) -> _Collector:
-    """Every case's launches for sm_`arch`, fp32 cases twice (torch's allow_tf32 off and on,
-    which switches the fp32 dots to tf32), then the compiles."""
+    """Every case's launches for sm_`arch` with tuning off (the default configurations, which
+    must fit), then, for the cases that take every configuration, with tuning on; fp32 cases
+    twice (torch's allow_tf32 off and on, which switches the fp32 dots to tf32). Then the
+    compiles; a specialization launched both ways is compiled once."""
     collector = _Collector(arch)
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -279,9 +296,12 @@ def run_check(arch: int, quick: bool, workers: int) -> _Collector:
                     if allow_tf32 and "fp32" not in name:
                         continue
                     collector.case = name + (" tf32" if allow_tf32 else "")
+                    with _tuning(False):
+                        run()
                     # tf32 changes the dots' instructions, not the tiles' shared memory
-                    collector.every_config = every_config and not (quick and allow_tf32)
-                    run()
+                    if every_config and not (quick and allow_tf32):
+                        with _tuning(True):
+                            run()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     collector.compile_all(workers)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from lora_ops.triton._launch import (
-    INTERPRETED, dot_precision, m_bucket, operand_dtype, rank_block, row_block, split_reduction)
+    INTERPRETED, TUNING_BENCH, dot_precision, launch_tuned, m_bucket, operand_dtype, rank_block,
+    row_block, split_reduction)
 from lora_ops.triton.dropout import dropout_args, dropout_keep
 
 # ---------------------------------------------------------------------------------------------
@@ -35,11 +36,27 @@ _TILED_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8)
 _INTERPRETER_TILE = (32, 32, 32, 1, 4)
 
 
+def _gemm_config(bm, bc, br, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_COL": bc, "BLOCK_RED": br, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
 def _gemm_configs():
     tiles = [_INTERPRETER_TILE] if INTERPRETED else _DECODE_TILES + _TILED_TILES
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_COL": bc, "BLOCK_RED": br, "GROUP_M": 8},
-                          num_stages=stages, num_warps=warps)
-            for bm, bc, br, stages, warps in tiles]
+    return [_gemm_config(*tile) for tile in tiles]
+
+
+def _default_gemm_config(m_bucket: int, element_size: int) -> triton.Config:
+    """The GEMMs' configuration when tuning is off, one of the tuned set (the one the pruning
+    would offer for this M): thin column tiles streaming the weight at decode sizes, 128 x 128
+    tiles above (64 x 64 in fp32). Each fits sm_80's 163 KB of shared memory in its dtype (the
+    compile check fails otherwise); Triton keeps num_stages - 1 tiles of each operand."""
+    if INTERPRETED:
+        return _gemm_config(*_INTERPRETER_TILE)
+    if m_bucket <= 64:
+        cols, depth = (16, 256) if element_size <= 2 else (32, 128)
+        return _gemm_config(max(16, m_bucket), cols, depth, 4, 4)
+    return _gemm_config(128, 128, 64, 3, 4) if element_size <= 2 else _gemm_config(64, 64, 64, 4, 4)
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -54,6 +71,11 @@ def _da_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=4)
             for bm in (64, 128) for bk in (32, 64, 128) for stages in (3, 4)]
+
+
+# dA's configuration when tuning is off: at most 96 KB of shared memory in fp32 at r = 128.
+_DA_DEFAULT = _da_configs()[0] if INTERPRETED else triton.Config(
+    {"BLOCK_M": 64, "BLOCK_K": 64}, num_stages=3, num_warps=4)
 
 
 _PRUNE = None if INTERPRETED else {"early_config_prune": _prune_gemm_configs}
@@ -111,7 +133,8 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, M, K, R, k_per_split,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"], prune_configs_by=_PRUNE,
+                 do_bench=TUNING_BENCH)
 @triton.jit
 def _fwd_gemm_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, s_parts_ptr, b_ptr, y_ptr,
                      M, N, K, R, num_s_parts,
@@ -212,7 +235,7 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R, n_per_split,
             tl.store(ds_ptrs, ds * scaling, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=_da_configs(), key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=_da_configs(), key=["M_BUCKET", "K", "R"], do_bench=TUNING_BENCH)
 @triton.jit
 def _da_kernel(ds_ptr, x_ptr, da_ptr, db32_ptr, db_ptr, M, K, R, db_numel,
                stride_dsm, stride_xm, stride_xk, stride_dar, seed, threshold, keep_scale, M_BUCKET,
@@ -251,7 +274,8 @@ def _da_kernel(ds_ptr, x_ptr, da_ptr, db32_ptr, db_ptr, M, K, R, db_numel,
              mask=r_mask[:, None] & k_mask[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"], prune_configs_by=_PRUNE,
+                 do_bench=TUNING_BENCH)
 @triton.jit
 def _dx_gemm_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, M, N, K, R,
                     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_ar, stride_ak,
@@ -370,7 +394,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             HAS_DROPOUT=threshold > 0, OPERAND=operand, PRECISION=precision,
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     if N > 0:
-        _fwd_gemm_kernel[_gemm_grid(M, N)](
+        launch_tuned(
+            _fwd_gemm_kernel, _gemm_grid(M, N), _default_gemm_config(m_bucket(M), x.element_size()),
             x, weight, bias.contiguous() if bias is not None else weight, s, s_parts, lora_b, y,
             M, N, K, R, splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), R, M * R,
@@ -433,14 +458,16 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             da_programs = triton.cdiv(R, da_block_r) * triton.cdiv(K, meta["BLOCK_K"]) if compute_da else 0
             return (da_programs + cast_programs,)
 
-        _da_kernel[da_grid](
+        launch_tuned(
+            _da_kernel, da_grid, _DA_DEFAULT,
             ds, x, da if compute_da else ds, db32, db if cast_db else db32, M, K, R, db32.numel(),
             R, x.stride(0), x.stride(1), K, seed_arg, threshold, keep_scale, m_bucket(M),
             COMPUTE_DA=compute_da, HAS_DROPOUT=threshold > 0, OPERAND=operand, PRECISION=precision,
             BLOCK_R=da_block_r, CAST_BLOCK=_CAST_BLOCK)
 
     if want_dx and K > 0:
-        _dx_gemm_kernel[_gemm_grid(M, K)](
+        launch_tuned(
+            _dx_gemm_kernel, _gemm_grid(M, K), _default_gemm_config(m_bucket(M), dy.element_size()),
             dy, weight, ds, lora_a, dx, M, N, K, R,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), R,
             lora_a.stride(0), lora_a.stride(1), K, seed_arg, threshold, keep_scale, m_bucket(M),
