@@ -24,7 +24,7 @@
 # Without it the build has a stub for that kernel and the forward keeps its other plans.
 #
 # Settings (environment): PHASES (default "build cppcuda test sanitize profile bench"; also "plans", "race"), GPU_CHECK_TOTAL_S (540),
-# PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (4),
+# PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (8),
 # SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
 #
 # Files under $OUT (the device tool returns at most 8): log.txt (everything), summary.md,
@@ -48,7 +48,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 # models, torch.compile. The multi-adapter ops go first (their out-of-range index test included).
 export SANITIZER_SELECT=${SANITIZER_SELECT:-"cuda-cuda and not graph and not compile and not at_size and not opcheck and not peft"}
 export BENCH_ARGS=${BENCH_ARGS:-}
-export PYTEST_WORKERS=${PYTEST_WORKERS:-4}   # test processes sharing the GPU (pytest-xdist)
+export PYTEST_WORKERS=${PYTEST_WORKERS:-8}   # test processes sharing the GPU (pytest-xdist): Triton and inductor compile on the CPU, 16 cores
 if [[ -z "${LORA_OPS_CUTLASS_DIR:-}" ]]; then
   for dir in "$PWD"/.venv/lib/python3*/site-packages/cutlass_library/source/include; do
     [[ -f "$dir/cutlass/cutlass.h" ]] && export LORA_OPS_CUTLASS_DIR=$dir
