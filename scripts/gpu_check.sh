@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (H100/H200, torch 2.11+cu130, no network): build the
-# extension, run the whole test suite (CUDA tests included), compute-sanitizer memcheck on a
-# fast subset of the CUDA tests, the CUDA backend's kernel times per call (torch.profiler) and the
-# GPU benchmark suite; results and a summary under $OUT.
+# extension, run the CUDA kernels' C++ test, the whole test suite (CUDA tests included),
+# compute-sanitizer memcheck on a fast subset of the CUDA tests, the GPU benchmark suite,
+# memcheck on the C++ test, and the CUDA backend's kernel times per call (torch.profiler), in
+# that order (what matters most first); results and a summary under $OUT.
 # The standalone library's cmake build (for cppcuda) runs in the background next to the build
 # phase, each with half the cores: the builds overlap instead of taking turns.
-# Every phase runs under `timeout` with what is left of an overall deadline (~9 minutes), so
-# the script always ends, and says which phases passed, failed or ran out of time. Before the
+# Every phase runs under `timeout` with what is left of an overall deadline (~9 minutes, for a
+# 15-minute device lease that includes the machine's start), less a reserve for the phases after
+# it, so the script always ends, and says which phases passed, failed or ran out of time. Before the
 # GPU session, run scripts/check_gpu_image_versions.sh on the machine without a GPU: it builds
 # and tests the tree against this machine's torch 2.11 and Triton 3.6, at no device time. A phase
 # that ran out of time can be run alone in a second call on the still-warm machine (it keeps
 # the build): PHASES="sanitize" or PHASES="bench" with GPU_CHECK_TOTAL_S=560.
+# (The lease in force when this was written: 15 minutes of device time per task, start included.)
 #
 #   bash scripts/gpu_check.sh                                    # all phases
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
@@ -23,7 +26,7 @@
 # cutlass_library/source/include"] (27 MB); LORA_OPS_CUTLASS_DIR defaults to it when present.
 # Without it the build has a stub for that kernel and the forward keeps its other plans.
 #
-# Settings (environment): PHASES (default "build cppcuda test sanitize profile bench"; also "plans", "race"), GPU_CHECK_TOTAL_S (540),
+# Settings (environment): PHASES (default "build cppcuda test sanitize bench cppsan profile"; also "plans", "race"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (8),
 # SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
 #
@@ -37,7 +40,7 @@ cd "$(dirname "$SELF")/.."
 export OUT=${OUT:-$PWD/gpu_check_out}
 export GPU_CHECK_START=${GPU_CHECK_START:-$(date +%s)}
 export GPU_CHECK_TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
-export PHASES=${PHASES:-"build cppcuda test sanitize profile bench"}
+export PHASES=${PHASES:-"build cppcuda test sanitize bench cppsan profile"}
 export PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -109,20 +112,34 @@ cppcuda_build() {
   echo $? > "$WORK/cppcuda_build.rc"
 }
 
-phase_cppcuda() {
-  # The CUDA kernels on their own, through the standalone library: tests/cpp/test_cuda_kernels
-  # checks every entry point against fp64 host loops (poisoned outputs, repeat and graph replay),
-  # then again under compute-sanitizer memcheck.
-  local sanitizer bin=build-gpu/test_cuda_kernels
+# The standalone library's test binary, once its build (started next to the build phase, or
+# here) has finished.
+cppcuda_binary() {
+  local bin=build-gpu/test_cuda_kernels
   [[ -f "$WORK/cppcuda_build.rc" ]] || [[ -f "$WORK/cppcuda_build.started" ]] || cppcuda_build
   while [[ ! -f "$WORK/cppcuda_build.rc" ]]; do sleep 2; done
-  [[ "$(cat "$WORK/cppcuda_build.rc")" == 0 ]] || { tail -40 "$WORK/cppcuda.txt"; return 1; }
+  [[ "$(cat "$WORK/cppcuda_build.rc")" == 0 ]] || { tail -40 "$WORK/cppcuda.txt" >&2; return 1; }
   [[ -x "$bin" ]] || bin=$(find build-gpu -name test_cuda_kernels -type f -perm -u+x | head -1)
+  echo "$bin"
+}
+
+phase_cppcuda() {
+  # The CUDA kernels on their own, through the standalone library: tests/cpp/test_cuda_kernels
+  # checks every entry point against fp64 host loops (poisoned outputs, repeat and graph replay).
+  local bin
+  bin=$(cppcuda_binary) || return 1
   "$bin" 2>&1 | tail -25 | tee -a "$WORK/cppcuda.txt"
-  local rc=${PIPESTATUS[0]}
-  (( rc == 0 )) || return "$rc"
+  return "${PIPESTATUS[0]}"
+}
+
+phase_cppsan() {
+  # The same test under compute-sanitizer memcheck (the pytest memcheck of phase sanitize
+  # reaches the kernels through torch; this one through the C entry points, graph replay too).
+  local sanitizer bin
+  bin=$(cppcuda_binary) || return 1
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$bin" 2>&1 | tail -15 | tee -a "$WORK/cppcuda.txt"
+  if [[ ! -x "$sanitizer" ]]; then echo "compute-sanitizer not found" | tee "$WORK/cppsan.txt"; return 3; fi
+  "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$bin" 2>&1 | tail -15 | tee "$WORK/cppsan.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -182,9 +199,10 @@ phase_profile() {
 
 phase_bench() {
   # The engine checkpoints its JSON after every job and starts no job past its budget; if
-  # `timeout` still has to stop it, the summary is rebuilt from the last checkpoint.
-  local budget=$(( $(left) - 60 ))
-  (( budget > 360 )) && budget=360
+  # `timeout` still has to stop it, the summary is rebuilt from the last checkpoint. The budget
+  # leaves the phase's last 30 s for the job in flight and the report.
+  local budget=$(( ${PHASE_LIMIT:-$(left)} - 30 ))
+  (( budget < 10 )) && budget=10
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
   "$PY" -m lora_ops.bench --suite gpu --time-budget "$budget" --warmup-ms 10 --rep-ms 40 \
     --out-dir "$OUT" $BENCH_ARGS
@@ -244,7 +262,7 @@ run_phase() {
   fi
   echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
   t0=$(date +%s)
-  timeout --kill-after=15 "$limit" bash "$SELF" __phase "$name"; rc=$?
+  PHASE_LIMIT=$limit timeout --kill-after=15 "$limit" bash "$SELF" __phase "$name"; rc=$?
   TAKEN[$name]=$(( $(date +%s) - t0 ))
   case $rc in
     0) STATUS[$name]="ok" ;;
@@ -268,18 +286,21 @@ if wanted build; then
   run_phase build 240 280
   [[ "${STATUS[build]}" == ok ]] || echo "build did not succeed: what follows runs without the compiled backends"
 fi
-wanted cppcuda && run_phase cppcuda 150 260
-wanted test && run_phase test 150 220
-wanted sanitize && run_phase sanitize 100 170
-wanted profile && run_phase profile 45 150
+# run_phase NAME CAP RESERVE: the reserves keep >= 150 s for bench (T1/T2's rows come first in
+# its suite) and a little for the memcheck of the C++ test, whatever the phases before it take.
+wanted cppcuda && run_phase cppcuda 90 330
+wanted test && run_phase test 150 260
+wanted sanitize && run_phase sanitize 100 210
 if wanted bench; then
-  run_phase bench 420 10
+  run_phase bench 360 60
   bench_json=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
   if [[ -n "$bench_json" && "${STATUS[bench]}" != ok ]]; then
     "$PY" -m lora_ops.bench --from-json "$bench_json" --summary "${bench_json%.json}.md" \
       --plot "${bench_json%.json}.png" || true
   fi
 fi
+wanted cppsan && run_phase cppsan 150 10
+wanted profile && run_phase profile 45 0
 wanted plans && run_phase plans 150 0
 wanted race && run_phase race 200 0
 rm -f "$OUT"/*.tmp
@@ -310,6 +331,8 @@ pytest_failures() { grep -oE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERR
     echo "- pytest, whole suite: $(pytest_result "$WORK/test.txt")"
     pytest_failures "$WORK/test.txt" | sed 's/^/  - /'
   fi
+  wanted cppcuda && echo "- test_cuda_kernels: $(grep -E '^test_cuda_kernels: ' "$WORK/cppcuda.txt" 2>/dev/null | tail -1)"
+  wanted cppsan && echo "- memcheck on test_cuda_kernels: $(grep -E 'ERROR SUMMARY|not found' "$WORK/cppsan.txt" 2>/dev/null | tail -1)"
   wanted race && echo "- racecheck / synccheck on test_cuda_kernels --smoke: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|cases, .* failed|not found' "$WORK/race.txt" 2>/dev/null | tr '\n' ';')"
   if wanted sanitize; then
     echo "- memcheck on pytest -m cuda -k \"$SANITIZER_SELECT\": $(pytest_result "$WORK/sanitize.txt"); $(grep -E 'ERROR SUMMARY|not found' "$WORK/sanitize.txt" 2>/dev/null | tail -1)"
