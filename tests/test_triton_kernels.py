@@ -226,14 +226,14 @@ def test_a_forced_configuration_is_the_one_launched(monkeypatch, launches):
     assert not _launch._FORCED
 
 
-def test_default_configurations_are_tuned_ones_the_pruning_keeps():
+def test_default_gpu_tiles_are_tuned_ones_the_pruning_keeps():
+    gpu_configs = [triton_single._gemm_config(*t) for t in triton_single._DECODE_TILES + triton_single._TILED_TILES]
     for bucket in (1, 2, 4, 8, 16, 32, 64, 128, 4096):
+        kept = [c.all_kwargs() for c in triton_single._prune_gemm_configs(gpu_configs, {"M_BUCKET": bucket})]
         for element_size in (2, 4):
-            config = triton_single._default_gemm_config(bucket, element_size)
-            kept = triton_single._prune_gemm_configs(triton_single._gemm_configs(), {"M_BUCKET": bucket})
-            assert any(c.all_kwargs() == config.all_kwargs() for c in (kept if not _launch.INTERPRETED
-                                                                        else triton_single._gemm_configs()))
-    assert any(c.all_kwargs() == triton_single._DA_DEFAULT.all_kwargs() for c in triton_single._da_configs())
+            tile = triton_single._default_gemm_tile(bucket, element_size)
+            assert triton_single._gemm_config(*tile).all_kwargs() in kept, (bucket, element_size, tile)
+    assert triton_single._DA_DEFAULT_TILE in triton_single._DA_TILES
 
 
 def _rows_for(kernel, config):

@@ -46,17 +46,19 @@ def _gemm_configs():
     return [_gemm_config(*tile) for tile in tiles]
 
 
-def _default_gemm_config(m_bucket: int, element_size: int) -> triton.Config:
-    """The GEMMs' configuration when tuning is off, one of the tuned set (the one the pruning
-    would offer for this M): thin column tiles streaming the weight at decode sizes, 128 x 128
-    tiles above (64 x 64 in fp32). Each fits sm_80's 163 KB of shared memory in its dtype (the
-    compile check fails otherwise); Triton keeps num_stages - 1 tiles of each operand."""
-    if INTERPRETED:
-        return _gemm_config(*_INTERPRETER_TILE)
+def _default_gemm_tile(m_bucket: int, element_size: int):
+    """The GPU tile the GEMMs take when tuning is off, one of the tuned set that the pruning keeps
+    for this M: thin column tiles streaming the weight at decode sizes, 128 x 128 tiles above
+    (64 x 64 in fp32). Each fits sm_80's 163 KB of shared memory in its dtype (the compile check
+    fails otherwise); Triton keeps num_stages - 1 tiles of each operand."""
     if m_bucket <= 64:
         cols, depth = (16, 256) if element_size <= 2 else (32, 128)
-        return _gemm_config(max(16, m_bucket), cols, depth, 4, 4)
-    return _gemm_config(128, 128, 64, 3, 4) if element_size <= 2 else _gemm_config(64, 64, 64, 4, 4)
+        return (max(16, m_bucket), cols, depth, 4, 4)
+    return (128, 128, 64, 3, 4) if element_size <= 2 else (64, 64, 64, 4, 4)
+
+
+def _default_gemm_config(m_bucket: int, element_size: int) -> triton.Config:
+    return _gemm_config(*(_INTERPRETER_TILE if INTERPRETED else _default_gemm_tile(m_bucket, element_size)))
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -66,16 +68,22 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_RED"] <= 64]
 
 
+# dA's tiles (BLOCK_M, BLOCK_K, stages); the default, when tuning is off, takes at most 96 KB of
+# shared memory (fp32, r = 128).
+_DA_TILES = [(bm, bk, stages) for bm in (64, 128) for bk in (32, 64, 128) for stages in (3, 4)]
+_DA_DEFAULT_TILE = (64, 64, 3)
+_DA_INTERPRETER_TILE = (32, 32, 1)
+
+
+def _da_config(bm, bk, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=4)
+
+
 def _da_configs():
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=4)
-            for bm in (64, 128) for bk in (32, 64, 128) for stages in (3, 4)]
+    return [_da_config(*tile) for tile in ([_DA_INTERPRETER_TILE] if INTERPRETED else _DA_TILES)]
 
 
-# dA's configuration when tuning is off: at most 96 KB of shared memory in fp32 at r = 128.
-_DA_DEFAULT = _da_configs()[0] if INTERPRETED else triton.Config(
-    {"BLOCK_M": 64, "BLOCK_K": 64}, num_stages=3, num_warps=4)
+_DA_DEFAULT = _da_config(*(_DA_INTERPRETER_TILE if INTERPRETED else _DA_DEFAULT_TILE))
 
 
 _PRUNE = None if INTERPRETED else {"early_config_prune": _prune_gemm_configs}
