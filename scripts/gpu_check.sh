@@ -13,7 +13,6 @@
 # and tests the tree against this machine's torch 2.11 and Triton 3.6, at no device time. A phase
 # that ran out of time can be run alone in a second call on the still-warm machine (it keeps
 # the build): PHASES="sanitize" or PHASES="bench" with GPU_CHECK_TOTAL_S=560.
-# (The lease in force when this was written: 15 minutes of device time per task, start included.)
 #
 #   bash scripts/gpu_check.sh                                    # all phases
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
@@ -112,8 +111,16 @@ cppcuda_build() {
   echo $? > "$WORK/cppcuda_build.rc"
 }
 
+# compute-sanitizer's path; where there is none, says so into the phase's file ($1) and fails.
+sanitizer_path() {
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [[ ! -x "$sanitizer" ]]; then echo "compute-sanitizer not found" | tee "$1" >&2; return 3; fi
+  echo "$sanitizer"
+}
+
 # The standalone library's test binary, once its build (started next to the build phase, or
-# here) has finished.
+# here: an incremental build on a warm machine) has finished.
 cppcuda_binary() {
   local bin=build-gpu/test_cuda_kernels
   [[ -f "$WORK/cppcuda_build.rc" ]] || [[ -f "$WORK/cppcuda_build.started" ]] || cppcuda_build
@@ -137,8 +144,7 @@ phase_cppsan() {
   # reaches the kernels through torch; this one through the C entry points, graph replay too).
   local sanitizer bin
   bin=$(cppcuda_binary) || return 1
-  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  if [[ ! -x "$sanitizer" ]]; then echo "compute-sanitizer not found" | tee "$WORK/cppsan.txt"; return 3; fi
+  sanitizer=$(sanitizer_path "$WORK/cppsan.txt") || return 3
   "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$bin" 2>&1 | tail -15 | tee "$WORK/cppsan.txt"
   return "${PIPESTATUS[0]}"
 }
@@ -147,14 +153,9 @@ phase_race() {
   # compute-sanitizer's racecheck and synccheck (shared-memory hazards, barrier misuse, the
   # cluster kernels' DSMEM exchange) on one case per kernel family (test_cuda_kernels --smoke,
   # cluster plans required): tens of times slower than a plain run, so not on the whole suite.
-  local sanitizer tool st rc=0 bin=build-gpu/test_cuda_kernels
-  [[ -x "$bin" ]] || bin=$(find build-gpu -name test_cuda_kernels -type f -perm -u+x 2>/dev/null | head -1)
-  if [[ -z "$bin" ]]; then
-    [[ -f "$WORK/cppcuda_build.rc" ]] || cppcuda_build
-    bin=build-gpu/test_cuda_kernels
-  fi
-  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  if [[ ! -x "$sanitizer" ]]; then echo "compute-sanitizer not found" | tee "$WORK/race.txt"; return 3; fi
+  local sanitizer tool st rc=0 bin
+  bin=$(cppcuda_binary) || return 1
+  sanitizer=$(sanitizer_path "$WORK/race.txt") || return 3
   {
     for tool in racecheck synccheck; do
       echo "--- $tool"
@@ -182,8 +183,7 @@ phase_test() {
 
 phase_sanitize() {
   local sanitizer
-  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  if [[ ! -x "$sanitizer" ]]; then echo "compute-sanitizer not found" | tee "$WORK/sanitize.txt"; return 3; fi
+  sanitizer=$(sanitizer_path "$WORK/sanitize.txt") || return 3
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 99 \
     --report-api-errors no --print-limit 20 --target-processes all \
     "$PY" -m pytest tests/test_multi_lora_ops.py tests -q -rfEs -x -p no:cacheprovider -m cuda \

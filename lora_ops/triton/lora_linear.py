@@ -9,6 +9,7 @@ Backward: (1) dS = scaling dY B and dB = scaling dY^T S from one pass over dY (d
           (1-p) as one GEMM with an extra loop over r and the mask applied in the epilogue.
 Every tile is converted to the operand dtype right after tl.load; accumulation is fp32.
 """
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +58,7 @@ def _default_gemm_tile(m_bucket: int, element_size: int):
     return (128, 128, 64, 3, 4) if element_size <= 2 else (64, 64, 64, 4, 4)
 
 
+@functools.lru_cache(maxsize=None)  # a launcher asks on every call; the answer is a constant
 def _default_gemm_config(m_bucket: int, element_size: int) -> triton.Config:
     return _gemm_config(*(_INTERPRETER_TILE if INTERPRETED else _default_gemm_tile(m_bucket, element_size)))
 
