@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lora_ops import _backend
 from lora_ops import reference
+from lora_ops.autocast import autocast_dtype, autocast_operands
 from lora_ops.fake_impl import register_fake
 from lora_ops.reference.tokens import tokens_2d
 
@@ -171,15 +172,24 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     chosen = _backend.compiled_backend(OP, backend, x)
     if chosen is not None:
         # The compiled op checks every argument itself (operands on several devices included:
-        # the fake kernel that a meta operand routes the call to refuses them too). The Python
-        # checks (~2.5 µs, a fifth of a decode-sized call) run only when the op refuses, to word
-        # the error for this function's arguments (x before flattening, say) rather than the op's.
+        # the fake kernel that a meta operand routes the call to refuses them too), and casts
+        # them itself in an autocast region (csrc/torch_autocast.cpp). The Python checks (~2.5
+        # µs, a fifth of a decode-sized call) run only when the op refuses, to word the error for
+        # this function's arguments (x before flattening, say) rather than the op's.
         try:
             return _on_tokens(_fwd_of(chosen), x, weight, bias, lora_a, lora_b, scaling, p,
                               seed)
         except _backend.OP_REFUSALS:
-            _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+            _check_args(*autocast_operands(x, weight, bias, lora_a, lora_b), scaling, dropout_p)
             raise
+    dtype = autocast_dtype(device)
+    if dtype is not None:
+        # The reference and Triton backends: the operands cast as the compiled ops cast them,
+        # then this function again with autocast off (lora_ops/autocast.py).
+        operands = autocast_operands(x, weight, bias, lora_a, lora_b)
+        with torch.autocast(device.type, enabled=False):
+            return lora_linear(*operands, scaling, dropout_p=dropout_p, training=training,
+                               seed=seed, backend=backend)
     _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     fwd = _fwd_of(_backend.resolve_backend(OP, backend, device))
     return _on_tokens(fwd, x, weight, bias, lora_a, lora_b, scaling, p, seed)

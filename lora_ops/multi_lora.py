@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lora_ops import _backend
+from lora_ops.autocast import autocast_dtype, autocast_operands
 from lora_ops.fake_impl import register_fake
 from lora_ops.reference import multi_lora as reference
 from lora_ops.reference.multi_lora import adapter_of_token
@@ -577,8 +578,9 @@ def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,
     index = (token_adapter, seg_indptr, seg_adapter)
 
     def checked():
-        x2d = _tokens_2d(op, "x", x)
-        stacks = _as_stacks(op, "lora_a", lora_a)
+        x_cast, lora_a_cast = autocast_operands(x, lora_a)
+        x2d = _tokens_2d(op, "x", x_cast)
+        stacks = _as_stacks(op, "lora_a", lora_a_cast)
         L, r_max = _check_shrink(op, x2d, stacks)
         _check_adapters(op, scalings, ranks, L, r_max, x.device)
         return x2d, stacks, _check_index(op, x2d.shape[0], L, *index, x.device)
@@ -592,6 +594,13 @@ def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,
             return shrink_op(chosen)(x2d, stacks, _as_float32(scalings), _as_int32(ranks),
                                      *_kernel_index(index))
         return _checked_on_refusal(run, checked)
+    if isinstance(x, Tensor) and autocast_dtype(x.device) is not None:
+        # The reference and Triton backends: cast as the compiled ops cast (lora_ops/autocast.py).
+        operands = autocast_operands(x, lora_a)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_shrink(*operands, scalings, ranks,
+                               token_adapter=token_adapter, seg_indptr=seg_indptr,
+                               seg_adapter=seg_adapter, backend=backend)
     x2d, stacks, index = checked()
     chosen = _backend.resolve_backend(op, backend, x.device)
     if chosen == "reference":
@@ -696,9 +705,16 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
             return _compiled_linear(linear_fwd_op(chosen), x, weight, bias, lora_a, lora_b,
                                     scalings, ranks, index, slice_offsets)
         except _backend.OP_REFUSALS:
-            _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks, index,
-                                 slice_offsets)
+            _checked_linear_args(*autocast_operands(x, weight, bias, lora_a, lora_b), scalings,
+                                 ranks, index, slice_offsets)
             raise
+    if isinstance(x, Tensor) and autocast_dtype(x.device) is not None:
+        # The reference and Triton backends: cast as the compiled ops cast (lora_ops/autocast.py).
+        operands = autocast_operands(x, weight, bias, lora_a, lora_b)
+        with torch.autocast(x.device.type, enabled=False):
+            return multi_lora_linear(*operands, scalings, ranks, token_adapter=token_adapter,
+                                     seg_indptr=seg_indptr, seg_adapter=seg_adapter,
+                                     slice_offsets=slice_offsets, backend=backend)
     x2d, a_stacks, b_stacks, offsets, index = _checked_linear_args(
         x, weight, bias, lora_a, lora_b, scalings, ranks, index, slice_offsets)
     chosen = _backend.resolve_backend(op, backend, x.device)
