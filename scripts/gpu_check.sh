@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (H100/H200, torch 2.11+cu130, no network): build the
-# extension, run the CUDA kernels' C++ test, the whole test suite (CUDA tests included),
+# extension, probe the CUDA backend's plan families (scripts/gpu_probe.py: a family that hangs,
+# crashes or computes wrongly is switched off, LORA_OPS_CUDA_*=0, for every later phase, and the
+# tests requiring it are deselected, so that one hung kernel cannot stall the whole check), run
+# the CUDA kernels' C++ test, the whole test suite (CUDA tests included),
 # compute-sanitizer memcheck on a fast subset of the CUDA tests, the GPU benchmark suite,
 # memcheck on the C++ test, and the CUDA backend's kernel times per call (torch.profiler), in
 # that order (what matters most first); results and a summary under $OUT.
@@ -25,7 +28,7 @@
 # cutlass_library/source/include"] (27 MB); LORA_OPS_CUTLASS_DIR defaults to it when present.
 # Without it the build has a stub for that kernel and the forward keeps its other plans.
 #
-# Settings (environment): PHASES (default "build cppcuda test sanitize bench cppsan profile"; also "plans", "race"), GPU_CHECK_TOTAL_S (540),
+# Settings (environment): PHASES (default "build probe cppcuda test sanitize bench cppsan profile"; also "plans", "race"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (8),
 # SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
 #
@@ -39,7 +42,7 @@ cd "$(dirname "$SELF")/.."
 export OUT=${OUT:-$PWD/gpu_check_out}
 export GPU_CHECK_START=${GPU_CHECK_START:-$(date +%s)}
 export GPU_CHECK_TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
-export PHASES=${PHASES:-"build cppcuda test sanitize bench cppsan profile"}
+export PHASES=${PHASES:-"build probe cppcuda test sanitize bench cppsan profile"}
 export PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -130,6 +133,13 @@ cppcuda_binary() {
   echo "$bin"
 }
 
+phase_probe() {
+  # Which plan families work (one child process for all of them unless one hangs or crashes);
+  # the exports and the pytest deselection for the failed ones land in $WORK for the main script.
+  "$PY" scripts/gpu_probe.py --budget $(( ${PHASE_LIMIT:-100} - 5 )) --env-out "$WORK/probe.env" \
+    --deselect-out "$WORK/probe.k" 2>&1 | tee "$WORK/probe.txt"
+}
+
 phase_cppcuda() {
   # The CUDA kernels on their own, through the standalone library: tests/cpp/test_cuda_kernels
   # checks every entry point against fp64 host loops (poisoned outputs, repeat and graph replay).
@@ -177,6 +187,7 @@ phase_test() {
   local extra=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   (( PYTEST_WORKERS > 1 )) && "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$PYTEST_WORKERS")
+  [[ -n "${PROBE_DESELECT:-}" ]] && extra+=(-k "$PROBE_DESELECT")
   "$PY" -m pytest tests -v -rfEs -p no:cacheprovider --durations=15 ${extra[@]+"${extra[@]}"} \
     --junitxml="$OUT/pytest-junit.xml" 2>&1 | tee "$WORK/test.txt"
 }
@@ -187,7 +198,7 @@ phase_sanitize() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 99 \
     --report-api-errors no --print-limit 20 --target-processes all \
     "$PY" -m pytest tests/test_multi_lora_ops.py tests -q -rfEs -x -p no:cacheprovider -m cuda \
-    -k "$SANITIZER_SELECT" \
+    -k "$SANITIZER_SELECT${PROBE_DESELECT:+ and $PROBE_DESELECT}" \
     2>&1 | tee "$WORK/sanitize.txt"
 }
 
@@ -288,6 +299,13 @@ if wanted build; then
 fi
 # run_phase NAME CAP RESERVE: the reserves keep >= 150 s for bench (T1/T2's rows come first in
 # its suite) and a little for the memcheck of the C++ test, whatever the phases before it take.
+if wanted probe; then
+  run_phase probe 100 250
+  # The failed families' switches for every later phase (children inherit them), and the tests
+  # that require those families left out of pytest.
+  [[ -s "$WORK/probe.env" ]] && source "$WORK/probe.env" && cat "$WORK/probe.env"
+  export PROBE_DESELECT=$(cat "$WORK/probe.k" 2>/dev/null)
+fi
 wanted cppcuda && run_phase cppcuda 90 330
 wanted test && run_phase test 150 260
 wanted sanitize && run_phase sanitize 100 210
@@ -327,6 +345,11 @@ pytest_failures() { grep -oE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERR
   echo "|---|---|---|"
   for name in "${ORDER[@]}"; do echo "| $name | ${STATUS[$name]} | ${TAKEN[$name]} |"; done
   echo
+  if wanted probe; then
+    grep -E "^probe " "$WORK/probe.txt" 2>/dev/null | sed 's/^/- /'
+    [[ -s "$WORK/probe.env" ]] && echo "- switched off for the later phases: $(tr '\n' ' ' < "$WORK/probe.env")"
+    [[ -n "${PROBE_DESELECT:-}" ]] && echo "- pytest deselection: -k \"$PROBE_DESELECT\""
+  fi
   if wanted test; then
     echo "- pytest, whole suite: $(pytest_result "$WORK/test.txt")"
     pytest_failures "$WORK/test.txt" | sed 's/^/  - /'

@@ -52,14 +52,17 @@ def _cpu_name() -> str:
 
 
 def environment(device: torch.device) -> Dict[str, object]:
-    from lora_ops import build_info
+    from lora_ops import build_info, cuda_paths
 
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name = props.name
         detail = {"sm": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
                   "memory_gib": round(props.total_memory / 2 ** 30, 1),
-                  "l2_bytes": getattr(props, "L2_cache_size", None), "cuda": torch.version.cuda}
+                  "l2_bytes": getattr(props, "L2_cache_size", None), "cuda": torch.version.cuda,
+                  # the cuda backend's plans in this run (LORA_OPS_CUDA_* switches included)
+                  "fast_paths": " ".join(p for p, on in cuda_paths(device.index or 0).items() if on)
+                  or "none"}
     else:
         name = f"CPU: {_cpu_name()}"
         detail = {"cores": os.cpu_count(), "vector_isa": torch.backends.cpu.get_cpu_capability()}

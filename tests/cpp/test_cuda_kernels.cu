@@ -1148,6 +1148,39 @@ void run_suite(Backend& be, bool quick) {
   }
 }
 
+// One of the library's LORA_OPS_CUDA_* switches set for a scope, and put back as it was after (not
+// unset: a switch the caller's environment turned off stays off for the sections after).
+class ScopedSwitch {
+ public:
+  ScopedSwitch(const char* name, const char* value) : name_(name) {
+    const char* before = std::getenv(name);
+    had_ = before != nullptr;
+    if (had_) before_ = before;
+    setenv(name, value, 1);
+  }
+  ~ScopedSwitch() {
+    if (had_) {
+      setenv(name_, before_.c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedSwitch(const ScopedSwitch&) = delete;
+  ScopedSwitch& operator=(const ScopedSwitch&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string before_;
+};
+
+// Whether the caller's environment switched a fast path off (scripts/gpu_check.sh does, for a
+// family scripts/gpu_probe.py found hanging or wrong): the sections that require it are skipped.
+bool switched_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
 // One case per kernel family, for compute-sanitizer's racecheck and synccheck (tens of times
 // slower than a plain run): the decode cluster kernel (1 and 16 rows), the cluster adapter
 // kernel (M > 16, a rank whose shared memory needs the opt-in), the backward's split kernels,
@@ -1171,11 +1204,10 @@ void run_smoke(Backend& be, bool hopper_gemm) {
     test_linear(be, bf16, M, 100, 256, 16, 3, IndexForm::kToken, true, rng);
   }
   if (hopper_gemm) {
-    setenv("LORA_OPS_CUDA_ADAPTER_GEMM", "1", 1);
+    ScopedSwitch required("LORA_OPS_CUDA_ADAPTER_GEMM", "1");
     test_fwd(be, bf16, LinearShape{1030, 4104, 72, 24}, drop, XLayout::kDense, true, rng);
     test_bwd(be, bf16, LinearShape{520, 72, 8200, 24}, none, XLayout::kDense,
              BwdMask{true, true, true}, rng);
-    unsetenv("LORA_OPS_CUDA_ADAPTER_GEMM");
   }
 }
 
@@ -1266,6 +1298,9 @@ void check_adapter_gemm_accepts() {
 int main(int argc, char** argv) {
   // --quick: the suite without its large-M cases; --smoke: one case per kernel family only
   // (run_smoke), for the slow sanitizer tools.
+  // A line per case as it ends, also into a pipe: a run stopped by a time limit (a hung kernel)
+  // still shows the cases it finished and so the one it was in.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   const bool smoke = argc > 1 && std::strcmp(argv[1], "--smoke") == 0;
 #ifdef LORA_TEST_CPU_BACKEND
@@ -1291,47 +1326,53 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cuda_ok(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   std::printf("== backend cuda on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  const bool clusters = prop.major >= 9 && !switched_off("LORA_OPS_CUDA_CLUSTERS");
+  const bool hopper_gemm = prop.major == 9 && lora_ops::cuda::adapter_gemm_built() &&
+                           !switched_off("LORA_OPS_CUDA_ADAPTER_GEMM");
+  for (const char* name :
+       {"LORA_OPS_CUDA_CLUSTERS", "LORA_OPS_CUDA_MMA", "LORA_OPS_CUDA_ADAPTER_GEMM"}) {
+    if (switched_off(name)) std::printf("   %s=0 in the environment: not required\n", name);
+  }
   if (smoke) {
     CudaBackend cuda;
-    if (prop.major >= 9) setenv("LORA_OPS_CUDA_CLUSTERS", "1", 1);
-    run_smoke(cuda, prop.major == 9 && lora_ops::cuda::adapter_gemm_built());
-    unsetenv("LORA_OPS_CUDA_CLUSTERS");
+    std::unique_ptr<ScopedSwitch> required;
+    if (clusters) required = std::make_unique<ScopedSwitch>("LORA_OPS_CUDA_CLUSTERS", "1");
+    run_smoke(cuda, hopper_gemm);
     std::printf("test_cuda_kernels --smoke: %d cases, %d failed\n", g_cases, g_failed_cases);
     return g_failed_cases > 0 ? 1 : 0;
   }
   {
     CudaBackend cuda;
-    // Where clusters exist, a cluster plan the planner picks must launch: its shared memory or
-    // occupancy refused would otherwise fall back silently and pass as the other plans.
-    if (prop.major >= 9) {
-      std::printf("== backend cuda, cluster plans required (LORA_OPS_CUDA_CLUSTERS=1)\n");
-      setenv("LORA_OPS_CUDA_CLUSTERS", "1", 1);
+    {
+      // Where clusters exist, a cluster plan the planner picks must launch: its shared memory or
+      // occupancy refused would otherwise fall back silently and pass as the other plans.
+      std::unique_ptr<ScopedSwitch> required;
+      if (clusters) {
+        std::printf("== backend cuda, cluster plans required (LORA_OPS_CUDA_CLUSTERS=1)\n");
+        required = std::make_unique<ScopedSwitch>("LORA_OPS_CUDA_CLUSTERS", "1");
+      }
+      run_suite(cuda, quick);
+      run_graph_cases(cuda);
     }
-    run_suite(cuda, quick);
-    run_graph_cases(cuda);
-    unsetenv("LORA_OPS_CUDA_CLUSTERS");
-    if (prop.major == 9 && lora_ops::cuda::adapter_gemm_built()) {
+    if (hopper_gemm) {
       std::printf("== backend cuda, adapter-in-GEMM plan required (LORA_OPS_CUDA_ADAPTER_GEMM=1)\n");
-      setenv("LORA_OPS_CUDA_ADAPTER_GEMM", "1", 1);
+      ScopedSwitch required("LORA_OPS_CUDA_ADAPTER_GEMM", "1");
       run_adapter_gemm_cases(cuda);
-      unsetenv("LORA_OPS_CUDA_ADAPTER_GEMM");
     }
     // On GPUs with thread block clusters the forward takes its single-launch plans above; the
     // multi-launch plans that other GPUs run are checked here on the same device.
     if (prop.major >= 9) {
       std::printf("== backend cuda, cluster plans switched off (LORA_OPS_CUDA_CLUSTERS=0)\n");
-      setenv("LORA_OPS_CUDA_CLUSTERS", "0", 1);
+      ScopedSwitch off("LORA_OPS_CUDA_CLUSTERS", "0");
       run_suite(cuda, /*quick=*/true);
       run_graph_cases(cuda);
-      unsetenv("LORA_OPS_CUDA_CLUSTERS");
     }
     // fp16 / bf16 products run on tensor-core tiles on sm_80+; the SIMT tiles that fp32 (and
     // older GPUs) run are checked for them here.
     if (prop.major >= 8) {
       std::printf("== backend cuda, tensor-core tiles switched off (LORA_OPS_CUDA_MMA=0)\n");
-      setenv("LORA_OPS_CUDA_MMA", "0", 1);
+      ScopedSwitch off("LORA_OPS_CUDA_MMA", "0");
       run_suite(cuda, /*quick=*/true);
-      unsetenv("LORA_OPS_CUDA_MMA");
     }
   }
   std::printf("test_cuda_kernels: %d cases, %d failed\n", g_cases, g_failed_cases);
