@@ -30,7 +30,8 @@
 #
 # Settings (environment): PHASES (default "build probe cppcuda test sanitize bench cppsan profile"; also "plans", "race"), GPU_CHECK_TOTAL_S (540),
 # PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (nproc), PYTEST_WORKERS (8),
-# SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options).
+# SANITIZER_SELECT (pytest -k expression for memcheck), BENCH_ARGS (extra `lora-ops bench` options),
+# BENCH_TRITON_AUTOTUNE (0: the bench's Triton GEMMs take their default configurations).
 #
 # Files under $OUT (the device tool returns at most 8): log.txt (everything), summary.md,
 # env.txt, pytest-junit.xml, kernels.md, and the benchmark's <date>_<device>_<commit>_gpu.{json,md,png},
@@ -214,8 +215,13 @@ phase_bench() {
   # leaves the phase's last 30 s for the job in flight and the report.
   local budget=$(( ${PHASE_LIMIT:-$(left)} - 30 ))
   (( budget < 10 )) && budget=10
+  # The Triton GEMMs on their default configurations: tuned, each one's first shape would compile
+  # every configuration (~10 per kernel; the compile check takes ~1.2 s of CPU per kernel
+  # configuration here), in the main thread, again for each integer specialisation (M = 1, M a
+  # multiple of 16, ...), and each new shape would time them: minutes of the phase before the
+  # suite's later T1/T2 rows. The summary says which (BENCH_TRITON_AUTOTUNE=1 tunes).
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  "$PY" -m lora_ops.bench --suite gpu --time-budget "$budget" --warmup-ms 10 --rep-ms 40 \
+  LORA_OPS_TRITON_AUTOTUNE=${BENCH_TRITON_AUTOTUNE:-0} "$PY" -m lora_ops.bench --suite gpu --time-budget "$budget" --warmup-ms 10 --rep-ms 40 \
     --out-dir "$OUT" $BENCH_ARGS
 }
 

@@ -69,13 +69,23 @@ def environment(device: torch.device) -> Dict[str, object]:
     env = {"device_type": device.type, "device_name": name, "device_detail": detail,
            "threads": torch.get_num_threads(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__,
-           "triton": _version("triton"), "peft": _version("peft"),
+           "triton": _version("triton"), "triton_autotune": _triton_autotune(),
+           "peft": _version("peft"),
            "python": platform.python_version(),
            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "lora_ops_build": {k: str(v) for k, v in build_info().items()}}
     env.update(commit())
     return env
+
+
+def _triton_autotune() -> Optional[bool]:
+    """Whether the Triton GEMMs tuned each shape (LORA_OPS_TRITON_AUTOTUNE); None without triton."""
+    try:
+        from lora_ops.triton._launch import autotuning
+    except ImportError:
+        return None
+    return autotuning()
 
 
 def write_json(path: str, doc: dict) -> None:
@@ -116,7 +126,10 @@ def summary_markdown(doc: dict) -> str:
     rates = ", ".join(f"{k} {v:.3g}" for k, v in ceil["matmul_tflops"].items())
     lines = [f"# lora_ops benchmark: {doc['config']['suite']} suite on {env['device_name']}", "",
              f"- date {env['date']}; commit {env['commit']}{dirty}",
-             f"- torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, python {env['python']}, "
+             f"- torch {env['torch']}, triton {env['triton']}"
+             + (" (default GEMM configurations, not tuned per shape: LORA_OPS_TRITON_AUTOTUNE=0)"
+                if env.get("triton_autotune") is False else "")
+             + f", peft {env['peft']}, python {env['python']}, "
              f"{env['threads']} threads (OMP_WAIT_POLICY={env.get('omp_wait_policy')}); "
              f"device {json.dumps(env['device_detail'])}",
              f"- ceilings measured in this run: copy {ceil['copy_gbps']:.1f} GB/s (read + write); "
