@@ -40,3 +40,12 @@ def autocast_operands(*operands):
     first = operands[0]
     dtype = autocast_dtype(first.device) if isinstance(first, Tensor) else None
     return operands if dtype is None else tuple(cast_operand(t, dtype) for t in operands)
+
+
+def call_cast(fn, operands, *args, **kwargs):
+    """fn(*operands, *args, **kwargs) with the operands cast as the autocast region on their device
+    casts them, and autocast off inside: a public function's call of itself on the reference and
+    Triton backends, which have no autocast kernel."""
+    cast = autocast_operands(*operands)  # before the region is left: it reads the region's dtype
+    with torch.autocast(operands[0].device.type, enabled=False):
+        return fn(*cast, *args, **kwargs)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lora_ops import _backend
 from lora_ops import reference
-from lora_ops.autocast import autocast_dtype, autocast_operands
+from lora_ops.autocast import autocast_dtype, autocast_operands, call_cast
 from lora_ops.fake_impl import register_fake
 from lora_ops.reference.tokens import tokens_2d
 
@@ -182,14 +182,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         except _backend.OP_REFUSALS:
             _check_args(*autocast_operands(x, weight, bias, lora_a, lora_b), scaling, dropout_p)
             raise
-    dtype = autocast_dtype(device)
-    if dtype is not None:
-        # The reference and Triton backends: the operands cast as the compiled ops cast them,
-        # then this function again with autocast off (lora_ops/autocast.py).
-        operands = autocast_operands(x, weight, bias, lora_a, lora_b)
-        with torch.autocast(device.type, enabled=False):
-            return lora_linear(*operands, scaling, dropout_p=dropout_p, training=training,
-                               seed=seed, backend=backend)
+    if autocast_dtype(device) is not None:  # cast as the compiled ops cast (csrc/torch_autocast.cpp)
+        return call_cast(lora_linear, (x, weight, bias, lora_a, lora_b), scaling,
+                         dropout_p=dropout_p, training=training, seed=seed, backend=backend)
     _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     fwd = _fwd_of(_backend.resolve_backend(OP, backend, device))
     return _on_tokens(fwd, x, weight, bias, lora_a, lora_b, scaling, p, seed)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lora_ops import _backend
-from lora_ops.autocast import autocast_dtype, autocast_operands
+from lora_ops.autocast import autocast_dtype, autocast_operands, call_cast
 from lora_ops.fake_impl import register_fake
 from lora_ops.reference import multi_lora as reference
 from lora_ops.reference.multi_lora import adapter_of_token
@@ -595,12 +595,8 @@ def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,
                                      *_kernel_index(index))
         return _checked_on_refusal(run, checked)
     if isinstance(x, Tensor) and autocast_dtype(x.device) is not None:
-        # The reference and Triton backends: cast as the compiled ops cast (lora_ops/autocast.py).
-        operands = autocast_operands(x, lora_a)
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_shrink(*operands, scalings, ranks,
-                               token_adapter=token_adapter, seg_indptr=seg_indptr,
-                               seg_adapter=seg_adapter, backend=backend)
+        return call_cast(lora_shrink, (x, lora_a), scalings, ranks, token_adapter=token_adapter,
+                         seg_indptr=seg_indptr, seg_adapter=seg_adapter, backend=backend)
     x2d, stacks, index = checked()
     chosen = _backend.resolve_backend(op, backend, x.device)
     if chosen == "reference":
@@ -709,12 +705,9 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
                                  ranks, index, slice_offsets)
             raise
     if isinstance(x, Tensor) and autocast_dtype(x.device) is not None:
-        # The reference and Triton backends: cast as the compiled ops cast (lora_ops/autocast.py).
-        operands = autocast_operands(x, weight, bias, lora_a, lora_b)
-        with torch.autocast(x.device.type, enabled=False):
-            return multi_lora_linear(*operands, scalings, ranks, token_adapter=token_adapter,
-                                     seg_indptr=seg_indptr, seg_adapter=seg_adapter,
-                                     slice_offsets=slice_offsets, backend=backend)
+        return call_cast(multi_lora_linear, (x, weight, bias, lora_a, lora_b), scalings, ranks,
+                         token_adapter=token_adapter, seg_indptr=seg_indptr,
+                         seg_adapter=seg_adapter, slice_offsets=slice_offsets, backend=backend)
     x2d, a_stacks, b_stacks, offsets, index = _checked_linear_args(
         x, weight, bias, lora_a, lora_b, scalings, ranks, index, slice_offsets)
     chosen = _backend.resolve_backend(op, backend, x.device)
