@@ -46,7 +46,8 @@ bool adapter_gemm_shape_ok(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, 
 
 // LORA_OPS_CUDA_ADAPTER_GEMM: "0" switches the plan off; "1" requires it wherever the shape
 // qualifies (a call it cannot run then fails with LORA_ERR_UNSUPPORTED: the tests use this to
-// know the plan ran); unset, it runs where it can.
+// know the plan ran; the forward's plan, whose s·S comes from a cluster kernel, qualifies only
+// while the cluster plans run); unset, it runs where it can.
 enum class AdapterGemmMode { kOff, kAuto, kRequired };
 AdapterGemmMode adapter_gemm_mode();
 

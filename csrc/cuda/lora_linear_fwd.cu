@@ -490,7 +490,10 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     bool launched = false;
     LORA_RETURN_IF_ERROR(detail::run_adapter_in_gemm(dtype, args, plan, ctx.stream, &launched));
     if (launched) return LORA_OK;
-    if (detail::adapter_gemm_mode() == detail::AdapterGemmMode::kRequired) {
+    // Required where the plan applies: with the cluster plans switched off the forward has no
+    // kernel for its s·S, so the plan does not apply (the backward's needs none and still runs).
+    if (detail::adapter_gemm_mode() == detail::AdapterGemmMode::kRequired &&
+        detail::clusters_run_here()) {
       return LORA_ERR_UNSUPPORTED;
     }
   }

@@ -1113,6 +1113,11 @@ void run_suite(Backend& be, bool quick) {
     test_fwd(be, d, LinearShape{5, 1000, 4096, 16}, drops[1], XLayout::kDense, true, rng);
     test_fwd(be, d, LinearShape{16, 520, 2048, 64}, drops[1], XLayout::kPadded, true, rng);
     test_fwd(be, d, LinearShape{12, 72, 300, 512}, drops[0], XLayout::kMisaligned, false, rng);
+    // Wider than the decode cluster kernel's grid (at most the clusters resident at once): its
+    // blocks take several column groups each, with S gathered once; 1-, 4- and 16-row instances.
+    for (int64_t M : {1, 3, 12}) {
+      test_fwd(be, d, LinearShape{M, 8200, 264, 16}, drops[1], XLayout::kDense, true, rng);
+    }
     // Large M: the single-launch adapter kernel of the forward (thin and wide rank tiles), and
     // the backward's split reductions over many rows.
     if (!quick) {
