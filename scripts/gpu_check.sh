@@ -48,6 +48,9 @@ export PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+# lora_ops is built in place here, not installed: the scripts run as files (scripts/gpu_probe.py,
+# benchmarks/profile_kernels.py) have their own folder, not this one, first on sys.path.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Memcheck sees an out-of-bounds access only past the edge of an allocation: without the caching
 # allocator every tensor is its own allocation. CUDA graphs need that allocator: no graph tests.
 # The CUDA backend's tests (ids "cuda-cuda"), less the slow ones: large sizes, opcheck, PEFT

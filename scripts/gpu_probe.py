@@ -19,6 +19,7 @@ leaves out the tests requiring it. simt has no switch: if it fails, the backend 
     python scripts/gpu_probe.py --env-out probe.env --deselect-out probe.k
 """
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -151,6 +152,12 @@ def main() -> int:
     if args.child is not None:
         child(args.child)
         return 0
+    try:  # the children import it the same way: fail once, clearly, rather than per family
+        importlib.import_module("lora_ops")
+    except ImportError as error:
+        print(f"gpu_probe: cannot import lora_ops ({error}); build it in place and put the "
+              f"repository root on PYTHONPATH, or install it. Nothing was switched off.")
+        return 2
     t0 = time.time()
 
     def run(families, env):
