@@ -15,7 +15,8 @@
 # GPU session, run scripts/check_gpu_image_versions.sh on the machine without a GPU: it builds
 # and tests the tree against this machine's torch 2.11 and Triton 3.6, at no device time. A phase
 # that ran out of time can be run alone in a second call on the still-warm machine (it keeps
-# the build): PHASES="sanitize" or PHASES="bench" with GPU_CHECK_TOTAL_S=560.
+# the build): PHASES="probe sanitize" or PHASES="probe bench" with GPU_CHECK_TOTAL_S=560 (the
+# probe again, so that a plan family it switched off stays off).
 #
 #   bash scripts/gpu_check.sh                                    # all phases
 #   LORA_OPS_COMMIT=<sha> bash scripts/gpu_check.sh              # the copied tree has no .git
@@ -224,8 +225,8 @@ phase_bench() {
   # multiple of 16, ...), and each new shape would time them: minutes of the phase before the
   # suite's later T1/T2 rows. The summary says which (BENCH_TRITON_AUTOTUNE=1 tunes).
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  LORA_OPS_TRITON_AUTOTUNE=${BENCH_TRITON_AUTOTUNE:-0} "$PY" -m lora_ops.bench --suite gpu --time-budget "$budget" --warmup-ms 10 --rep-ms 40 \
-    --out-dir "$OUT" $BENCH_ARGS
+  LORA_OPS_TRITON_AUTOTUNE=${BENCH_TRITON_AUTOTUNE:-0} "$PY" -m lora_ops.bench --suite gpu \
+    --time-budget "$budget" --warmup-ms 10 --rep-ms 40 --out-dir "$OUT" $BENCH_ARGS
 }
 
 phase_plans() {
@@ -306,8 +307,6 @@ if wanted build; then
   run_phase build 240 280
   [[ "${STATUS[build]}" == ok ]] || echo "build did not succeed: what follows runs without the compiled backends"
 fi
-# run_phase NAME CAP RESERVE: the reserves keep >= 150 s for bench (T1/T2's rows come first in
-# its suite) and a little for the memcheck of the C++ test, whatever the phases before it take.
 if wanted probe; then
   run_phase probe 100 250
   # The failed families' switches for every later phase (children inherit them), and the tests
@@ -315,6 +314,8 @@ if wanted probe; then
   [[ -s "$WORK/probe.env" ]] && source "$WORK/probe.env" && cat "$WORK/probe.env"
   export PROBE_DESELECT=$(cat "$WORK/probe.k" 2>/dev/null)
 fi
+# run_phase NAME CAP RESERVE: the reserves keep >= 150 s for bench (T1/T2's rows come first in
+# its suite) and a little for the memcheck of the C++ test, whatever the phases before it take.
 wanted cppcuda && run_phase cppcuda 90 330
 wanted test && run_phase test 150 260
 wanted sanitize && run_phase sanitize 100 210
