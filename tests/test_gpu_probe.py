@@ -96,3 +96,19 @@ def test_families_left_when_the_time_runs_out_are_not_switched_off():
     results, env = gpu_probe.triage(run, {})
     assert all(v == gpu_probe.NOT_PROBED for v in results.values())
     assert gpu_probe.exports(results) == "" and not any(k.startswith("LORA_OPS") for k in env)
+
+
+def test_gpu_check_script_parses_and_defines_its_default_phases():
+    """gpu_check.sh first runs on the GPU machine's few minutes: a syntax error or a phase
+    without a function there would cost the whole session."""
+    import re
+    import subprocess
+    script = os.path.join(ROOT, "scripts", "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    with open(script) as f:
+        text = f.read()
+    default = re.search(r'PHASES=\$\{PHASES:-"([^"]+)"\}', text).group(1).split()
+    assert "probe" in default and default.index("probe") == default.index("build") + 1
+    for phase in default + ["plans", "race"]:
+        assert f"phase_{phase}()" in text, phase
+    assert 'export PYTHONPATH="$PWD' in text  # lora_ops is built in place there, not installed
