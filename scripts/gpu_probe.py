@@ -25,16 +25,15 @@ import subprocess
 import sys
 import time
 
-# family -> (its switch, the switches it runs under, the tests that require it)
+CLUSTERS, MMA, ADAPTER_GEMM = ("LORA_OPS_CUDA_CLUSTERS", "LORA_OPS_CUDA_MMA",
+                               "LORA_OPS_CUDA_ADAPTER_GEMM")
+# family -> (its switch, the switches it runs under: "0" off, "1" required, None unset (as the
+# library would choose), the tests that require it)
 FAMILIES = {
-    "simt": (None, {"LORA_OPS_CUDA_CLUSTERS": "0", "LORA_OPS_CUDA_MMA": "0",
-                    "LORA_OPS_CUDA_ADAPTER_GEMM": "0"}, None),
-    "mma": ("LORA_OPS_CUDA_MMA", {"LORA_OPS_CUDA_CLUSTERS": "0", "LORA_OPS_CUDA_ADAPTER_GEMM": "0"},
-            "tensor_core_and_simt"),
-    "clusters": ("LORA_OPS_CUDA_CLUSTERS", {"LORA_OPS_CUDA_CLUSTERS": "1",
-                                            "LORA_OPS_CUDA_ADAPTER_GEMM": "0"},
-                 "cluster_and_fallback"),
-    "adapter_gemm": ("LORA_OPS_CUDA_ADAPTER_GEMM", {"LORA_OPS_CUDA_ADAPTER_GEMM": "1"},
+    "simt": (None, {CLUSTERS: "0", MMA: "0", ADAPTER_GEMM: "0"}, None),
+    "mma": (MMA, {CLUSTERS: "0", MMA: None, ADAPTER_GEMM: "0"}, "tensor_core_and_simt"),
+    "clusters": (CLUSTERS, {CLUSTERS: "1", MMA: None, ADAPTER_GEMM: "0"}, "cluster_and_fallback"),
+    "adapter_gemm": (ADAPTER_GEMM, {CLUSTERS: None, MMA: None, ADAPTER_GEMM: "1"},
                      "adapter_in_gemm"),
 }
 # (M, K, N, r, dtype, dropout_p): each family's plans (csrc/cuda/NOTES.md, launch counts)
@@ -51,16 +50,26 @@ TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}
 NOT_PROBED = "not probed (the probe's time ran out)"
 
 
+def set_switches(family: str, off) -> None:
+    """This family's switches, every one in `off` (families that failed) kept at "0"."""
+    for name, value in FAMILIES[family][1].items():
+        value = "0" if name in off else value
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def probe(family: str) -> str:
-    """'ok', 'skipped: ...' or 'wrong: ...' for one family, run in this process."""
+    """'ok', 'skipped: ...' or 'wrong: ...' for one family, run in this process under its
+    switches (set_switches)."""
     import torch
     import lora_ops
 
     if not torch.cuda.is_available():
         return "skipped: no CUDA device"
     if family != "simt" and not lora_ops.cuda_paths(0).get(family):
-        return "skipped: not on this GPU or build"
-    os.environ.update(FAMILIES[family][1])
+        return "skipped: not on this GPU or build, or switched off"
     gen = torch.Generator(device="cuda").manual_seed(0)
     for M, K, N, r, dtype_name, p in CASES[family]:
         dtype = getattr(torch, dtype_name)
@@ -83,8 +92,12 @@ def probe(family: str) -> str:
 
 
 def child(families):
+    # switched off before this child: by the parent for a family that failed in an earlier
+    # child, or by the caller's environment
+    off = {name for name in (CLUSTERS, MMA, ADAPTER_GEMM) if os.environ.get(name) == "0"}
     for family in families:
         print(f"start {family}", flush=True)
+        set_switches(family, off)
         try:
             verdict = probe(family)
         except Exception as error:  # a CUDA error may have spoilt the context: stop here
@@ -93,7 +106,7 @@ def child(families):
         print(f"result {family} {verdict}", flush=True)
         switch = FAMILIES[family][0]
         if switch and not passed(verdict):
-            os.environ[switch] = "0"  # the families after it run without it
+            off.add(switch)  # the families after it run without it
 
 
 def run_child(families, env, timeout):

@@ -112,3 +112,21 @@ def test_gpu_check_script_parses_and_defines_its_default_phases():
     for phase in default + ["plans", "race"]:
         assert f"phase_{phase}()" in text, phase
     assert 'export PYTHONPATH="$PWD' in text  # lora_ops is built in place there, not installed
+
+
+def test_each_family_runs_under_its_own_switches_not_the_last_ones(monkeypatch):
+    """One child probes the families in turn: the tensor-core family must not inherit the SIMT
+    family's MMA=0 (it would test the SIMT tiles again, or be skipped as switched off), while a
+    family that failed stays off for those after it."""
+    names = (gpu_probe.CLUSTERS, gpu_probe.MMA, gpu_probe.ADAPTER_GEMM)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    switches = lambda: tuple(os.environ.get(n) for n in names)
+    gpu_probe.set_switches("simt", set())
+    assert switches() == ("0", "0", "0")
+    gpu_probe.set_switches("mma", set())
+    assert switches() == ("0", None, "0")
+    gpu_probe.set_switches("clusters", {gpu_probe.MMA})
+    assert switches() == ("1", "0", "0")
+    gpu_probe.set_switches("adapter_gemm", {gpu_probe.CLUSTERS})
+    assert switches() == ("0", None, "1")
