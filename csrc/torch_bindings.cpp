@@ -8,10 +8,14 @@
 #include "torch_common.h"
 
 TORCH_LIBRARY(lora_ops, m) {
+  // The dropout seed is a SymInt: under torch.compile it is symbolic (drawn in the graph by
+  // torch.randint(...).item(), or a caller's seed that varies between calls), and an `int` would
+  // refuse it while tracing. The CPU and CUDA kernels still take int64_t: they only ever run
+  // with a concrete seed. Only the Autograd kernel sees symbolic ones.
   m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-        "float scaling, float dropout_p, int seed) -> (Tensor y, Tensor s)");
+        "float scaling, float dropout_p, SymInt seed) -> (Tensor y, Tensor s)");
   m.def("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-        "Tensor s, float scaling, float dropout_p, int seed, bool[3] output_mask) "
+        "Tensor s, float scaling, float dropout_p, SymInt seed, bool[3] output_mask) "
         "-> (Tensor dx, Tensor d_lora_a, Tensor d_lora_b)");
 }
 

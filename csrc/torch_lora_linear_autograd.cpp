@@ -19,12 +19,14 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The seed is a c10::SymInt (see torch_bindings.cpp): while torch.compile traces the training
+// graph, this file's kernels run on fake tensors with a symbolic seed, which they only pass on.
 using FwdSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, double, double, int64_t);
+    const at::Tensor&, double, double, c10::SymInt);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, double, double, int64_t, std::array<bool, 3>);
+    const at::Tensor&, double, double, c10::SymInt, std::array<bool, 3>);
 
 // Looked up once: the schema lookup is a hash-map search under a lock.
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
@@ -47,7 +49,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-                               double dropout_p, int64_t seed) {
+                               double dropout_p, c10::SymInt seed) {
     // Below autograd, or the call would come back to this file's Autograd kernel.
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, s] = fwd_op().call(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
@@ -82,7 +84,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       // (below) refuses, rather than hand back gradients that silently lack second derivatives.
       std::tie(dx, da, db) = bwd_op().call(
           dy, x, weight, lora_a, lora_b, s, ctx->saved_data["scaling"].toDouble(),
-          ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt(),
+          ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toSymInt(),
           {need_x, need_a, need_b});
     }
     // The base weight is meant to be frozen; if it is trainable anyway its gradient is the plain
@@ -104,7 +106,8 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
 std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias,
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                                double scaling, double dropout_p, int64_t seed) {
+                                                double scaling, double dropout_p,
+                                                c10::SymInt seed) {
   const at::Tensor no_bias;
   if (!at::GradMode::is_enabled() ||
       !any_requires_grad({&x, &weight, bias ? &*bias : &no_bias, &lora_a, &lora_b})) {
@@ -122,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x, const at::T
 // no gradient, and a second backward would silently miss terms: refuse instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_autograd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p, int64_t seed,
+    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p, c10::SymInt seed,
     std::array<bool, 3> output_mask) {
   TORCH_CHECK(!at::GradMode::is_enabled() ||
                   !any_requires_grad({&dy, &x, &weight, &lora_a, &lora_b, &s}),

@@ -148,6 +148,18 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
+def _as_int64(seed: int) -> int:
+    """The seed's low 64 bits as a signed int64, the ops' seed type (masks depend on no more).
+
+    A traced seed (torch.compile) is left as it is: it may be symbolic, and a comparison would
+    guard on it.
+    """
+    seed = int(seed)
+    if torch.compiler.is_compiling() or -2**63 <= seed < 2**63:
+        return seed
+    return (seed + 2**63) % 2**64 - 2**63
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scaling: float, *, dropout_p: float = 0.0, training: bool = False,
                 seed: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
@@ -166,7 +178,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed()
-    seed = 0 if seed is None else int(seed)
+    seed = 0 if seed is None else _as_int64(seed)
     scaling = float(scaling)
     device = x.device
     chosen = _backend.compiled_backend(OP, backend, x)

@@ -79,3 +79,17 @@ def test_backward_matches_explicit_mask(device, backend):
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_any_python_int_seed_picks_the_mask_by_its_low_64_bits(device, backend):
+    """Seeds beyond int64 (a hash, say) work on every backend: the ops take int64 seeds, and
+    lora_linear passes the low 64 bits, which are all the mask depends on."""
+    x, w, bias, a, b = operands(device)
+    run = lambda seed: lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=0.5, training=True,
+                                            seed=seed, backend=backend)
+    for seed, same in ((2**64 + 5, 5), (2**64 - 1, -1), (-2**70 + 3, 3)):
+        assert torch.equal(run(seed), run(same))
+        want = reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(),
+                                     1.0, dropout_p=0.5, seed=seed)
+        torch.testing.assert_close(run(seed).double(), want, rtol=1e-4, atol=1e-4)

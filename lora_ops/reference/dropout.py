@@ -30,11 +30,27 @@ def dropout_threshold(p: float) -> int:
     return min(_THRESHOLD_ONE, int(round(p * _THRESHOLD_ONE)))
 
 
+def _seed32_of(seed: int, device) -> "int | torch.Tensor":
+    """seed32(seed); while torch.compile traces, as a 0-d tensor computed in the graph.
+
+    A traced seed may be symbolic (drawn in the graph, or a caller's seed that varies), and
+    seed32's 64-bit mask cannot be applied to it (Inductor refuses 2**64 - 1 as an int64
+    constant; Dynamo cannot tell a SymInt from an int, so the tensor form serves every traced
+    seed). As an int64 the seed's two's-complement bits are its low 64 bits, and the arithmetic
+    shift differs from the logical one only in the top 32 bits, which the final mask clears:
+    the same 32 bits as seed32.
+    """
+    if not torch.compiler.is_compiling():
+        return seed32(seed)
+    s = torch.full((), seed, dtype=torch.int64, device=device)
+    return (s ^ (s >> 32)) & _MASK32
+
+
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Bool [rows, cols]: True where element (row, col) of the flattened x is kept."""
     r = torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1)
     c = torch.arange(cols, dtype=torch.int64, device=device).unsqueeze(0)
-    h = _mix32(((_mix32(r ^ seed32(seed)) + c) & _MASK32))
+    h = _mix32(((_mix32(r ^ _seed32_of(seed, device)) + c) & _MASK32))
     return (h >> 8) >= dropout_threshold(p)
 
 

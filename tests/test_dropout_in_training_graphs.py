@@ -1,0 +1,97 @@
+"""Dropout where fine-tuning runs it: under torch.compile(fullgraph=True), with the seed drawn in
+the graph or passed by the caller, and under activation checkpointing, which recomputes the
+forward. In each, the backward must use the mask the forward used.
+
+The layers here have A = I (r = K), so the adapter activation S = drop(x) A^T is drop(x) itself,
+and B of full column rank, so S can be read back from the output: y - x W^T - b = s S B^T. The
+gradients are then checked against the closed form for that very mask, which they match only
+if backward re-drew the forward's mask.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+import lora_ops
+from tests.helpers import backend_params
+
+M, K, N, P = 6, 8, 12, 0.5
+
+
+def make_layer(device, backend):
+    torch.manual_seed(0)
+    layer = lora_ops.LoRALinear.from_linear(nn.Linear(K, N, device=device), r=K, lora_alpha=2 * K,
+                                            lora_dropout=P, backend=backend)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(torch.eye(K))
+        layer.lora_B.weight.normal_()
+    return layer.train()
+
+
+def step(call, layer, x, g, **kwargs):
+    """y = call(x), and the gradients of x and of layer's A and B for the loss sum(y * g)."""
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    x.grad = a.grad = b.grad = None
+    y = call(x, **kwargs)
+    (y * g).sum().backward()
+    return y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()
+
+
+def assert_backward_used_forward_mask(layer, x, g, result):
+    y, dx, da, db = result
+    s, w, b = layer.scaling, layer.weight.detach(), layer.lora_B.weight.detach()
+    adapter = (y - F.linear(x.detach(), w, layer.bias.detach())) / s  # S B^T
+    dropped = torch.linalg.lstsq(b, adapter.t()).solution.t()  # S = drop(x)
+    kept = (dropped - x.detach() / (1 - P)).abs() < 1e-3
+    zeroed = dropped.abs() < 1e-3
+    assert (kept ^ zeroed).all(), "the forward's S is not a dropout of x"
+    assert kept.any() and zeroed.any()
+    ds = s * (g @ b)
+    torch.testing.assert_close(db, s * g.t() @ dropped, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(da, ds.t() @ dropped, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx, g @ w + torch.where(kept, ds / (1 - P), 0.0), rtol=1e-4, atol=1e-4)
+    return kept
+
+
+def inputs(device):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=gen).to(device).requires_grad_()
+    return x, torch.randn(M, N, generator=gen).to(device)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_eager_backward_uses_the_forward_mask(device, backend):
+    """The property the other tests rely on, where it holds by construction."""
+    layer, (x, g) = make_layer(device, backend), inputs(device)
+    assert_backward_used_forward_mask(layer, x, g, step(layer, layer, x, g))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_compile_fullgraph_with_dropout(device, backend):
+    """Seeds drawn in the graph (a fresh mask per call) and seeds the caller varies (a symbolic
+    seed once Dynamo marks it dynamic) both trace, and match eager's masks and gradients."""
+    torch._dynamo.reset()
+    layer, (x, g) = make_layer(device, backend), inputs(device)
+    compiled = torch.compile(layer, fullgraph=True)
+    masks = [assert_backward_used_forward_mask(layer, x, g, step(compiled, layer, x, g)) for _ in range(2)]
+    assert not torch.equal(*masks), "two training steps drew the same dropout mask"
+    for seed in (3, 4, 5):
+        got, want = step(compiled, layer, x, g, seed=seed), step(layer, layer, x, g, seed=seed)
+        for c, e in zip(got, want):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_activation_checkpointing_recomputes_the_same_mask(device, backend, use_reentrant):
+    """checkpoint() runs the forward again in backward; the seed it draws there must be the one
+    the first forward drew (checkpoint restores torch's RNG state), or S and the output would
+    disagree."""
+    layer, (x, g) = make_layer(device, backend), inputs(device)
+    torch.manual_seed(7)
+    result = step(lambda x: checkpoint(layer, x, use_reentrant=use_reentrant), layer, x, g)
+    assert_backward_used_forward_mask(layer, x, g, result)
+    torch.manual_seed(7)
+    for c, e in zip(result, step(layer, layer, x, g)):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
