@@ -159,7 +159,20 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> 
     `requested` (the call's backend= argument) wins, then the LORA_OPS_BACKEND environment
     variable, then the device's first choice. An explicit choice that cannot run on `device`
     is an error, never a silent fallback.
+
+    Under torch.func transforms (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) every call runs
+    on the reference, once the choice is checked: functorch refuses the kernels' autograd (a
+    C++ node, or torch.library's for the Triton ops) and has no forward-mode derivative or
+    batching rule for them, while the reference is plain PyTorch, differentiable to any order,
+    and draws the same dropout masks.
     """
+    chosen = _resolve(op, requested, device)
+    if chosen != "reference" and torch._C._are_functorch_transforms_active():
+        return "reference"
+    return chosen
+
+
+def _resolve(op: str, requested: Optional[str], device: torch.device) -> str:
     explicit = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
     if explicit is None:
         default = _default_on(device.type)
