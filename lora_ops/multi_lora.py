@@ -28,6 +28,7 @@ dX = dY W + sum_s dT_s A_s an expand over A viewed as [L, K, r_max]; the per-ada
 gradients dA = dT^T x and dB = dY^T T are fixed-shape batched GEMMs over tokens sorted by
 adapter (see gram_plan).
 """
+import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -94,10 +95,21 @@ def _check_vector(op: str, arg: str, t, length: int, device: torch.device, integ
         _fail(op, f"{arg} must be a floating-point tensor, got {t.dtype}")
 
 
+SYNC_CHECKS_ENV = "LORA_OPS_SYNC_CHECKS"
+
+
 def _values_readable(device: torch.device) -> bool:
     """Index and rank values are checked where reading them is free: CPU tensors in eager mode
-    (a GPU would need a sync; under torch.compile it would break the graph)."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    (under torch.compile a read would break the graph). On a GPU a read is a host sync, which a
+    decode step cannot afford: there the ops take an out-of-range adapter index as -1 and clamp
+    ranks, unless LORA_OPS_SYNC_CHECKS=1 (read per call; for debugging) asks for the checks
+    anyway, outside CUDA graph capture, where a sync is an error."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cpu":
+        return True
+    return (os.environ.get(SYNC_CHECKS_ENV) == "1" and device.type == "cuda"
+            and not torch.cuda.is_current_stream_capturing())
 
 
 def _check_adapters(op: str, scalings: Optional[Tensor], ranks: Tensor, num_adapters: int,
@@ -105,10 +117,16 @@ def _check_adapters(op: str, scalings: Optional[Tensor], ranks: Tensor, num_adap
     if scalings is not None:
         _check_vector(op, "scalings", scalings, num_adapters, device, integer=False)
     _check_vector(op, "ranks", ranks, num_adapters, device, integer=True)
-    if _values_readable(device) and num_adapters:
-        low, high = _min_max(ranks)
-        if low < 0 or high > r_max:
-            _fail(op, f"ranks must lie in [0, r_max={r_max}], got values from {low} to {high}")
+    if _values_readable(device):
+        _check_rank_values(op, ranks, r_max)
+
+
+def _check_rank_values(op: str, ranks: Tensor, r_max: int) -> None:
+    if ranks.numel() == 0:
+        return
+    low, high = _min_max(ranks)
+    if low < 0 or high > r_max:
+        _fail(op, f"ranks must lie in [0, r_max={r_max}], got values from {low} to {high}")
 
 
 def _check_index(op: str, num_tokens: int, num_adapters: int, token_adapter: Optional[Tensor],
@@ -131,11 +149,15 @@ def _check_index(op: str, num_tokens: int, num_adapters: int, token_adapter: Opt
     _check_vector(op, "seg_indptr", seg_indptr, num_segments + 1, device, integer=True)
     if _values_readable(device):
         _check_adapter_values(op, "seg_adapter", seg_adapter, num_adapters)
-        bounds = seg_indptr.long()
-        if int(bounds[0]) != 0 or int(bounds[-1]) != num_tokens or bool((bounds.diff() < 0).any()):
-            _fail(op, f"seg_indptr must start at 0, never decrease and end at the token count "
-                      f"{num_tokens}, got {bounds.tolist()!s:.200}")
+        _check_segment_bounds(op, seg_indptr, num_tokens)
     return None, seg_indptr.to(torch.int32), seg_adapter.to(torch.int32)
+
+
+def _check_segment_bounds(op: str, seg_indptr: Tensor, num_tokens: int) -> None:
+    bounds = seg_indptr.long()
+    if int(bounds[0]) != 0 or int(bounds[-1]) != num_tokens or bool((bounds.diff() < 0).any()):
+        _fail(op, f"seg_indptr must start at 0, never decrease and end at the token count "
+                  f"{num_tokens}, got {bounds.tolist()!s:.200}")
 
 
 def _min_max(t: Tensor) -> Tuple[int, int]:
@@ -535,15 +557,23 @@ def _checked_on_refusal(run, check):
         raise
 
 
-def _check_index_values(op: str, index: Index, num_adapters: int, device: torch.device) -> None:
-    """The public functions' own rule, which the ops do not have (they take an index outside
-    [-1, L) as -1): refuse one where reading it is free."""
-    token_adapter, _, seg_adapter = index
-    if _values_readable(device):
-        if token_adapter is not None:
-            _check_adapter_values(op, "token_adapter", token_adapter, num_adapters)
-        elif seg_adapter is not None:
-            _check_adapter_values(op, "seg_adapter", seg_adapter, num_adapters)
+def _check_index_values(op: str, index: Index, num_adapters: int, r_max: int, ranks: Tensor,
+                        num_tokens: int, device: torch.device) -> None:
+    """The values of a compiled op's call, checked where they may be read (_values_readable):
+    adapter indices by the public functions' own rule, which the ops do not have (they take an
+    index outside [-1, L) as -1); on a GPU (LORA_OPS_SYNC_CHECKS=1) the ranks and segment bounds
+    too, which the CPU ops check themselves and the GPU ones clamp."""
+    if not _values_readable(device):
+        return
+    token_adapter, seg_indptr, seg_adapter = index
+    if token_adapter is not None:
+        _check_adapter_values(op, "token_adapter", token_adapter, num_adapters)
+    elif seg_adapter is not None:
+        _check_adapter_values(op, "seg_adapter", seg_adapter, num_adapters)
+    if device.type != "cpu":
+        if seg_indptr is not None:
+            _check_segment_bounds(op, seg_indptr, num_tokens)
+        _check_rank_values(op, ranks, r_max)
 
 
 def _stack_list(stacks: Stacks) -> List[Tensor]:
@@ -589,8 +619,9 @@ def lora_shrink(x: Tensor, lora_a: Stacks, scalings: Tensor, ranks: Tensor, *,
     if chosen is not None:
         def run():
             stacks = _stack_list(lora_a)
-            _check_index_values(op, index, stacks[0].shape[0], x.device)
             x2d = x if x.dim() == 2 else tokens_2d(x)
+            _check_index_values(op, index, stacks[0].shape[0], stacks[0].shape[1], ranks,
+                                x2d.shape[0], x.device)
             return shrink_op(chosen)(x2d, stacks, _as_float32(scalings), _as_int32(ranks),
                                      *_kernel_index(index))
         return _checked_on_refusal(run, checked)
@@ -647,8 +678,9 @@ def lora_expand(y: Tensor, t: Tensor, lora_b: Stacks, ranks: Tensor, *,
     if chosen is not None:
         def run():
             stacks = _stack_list(lora_b)
-            _check_index_values(op, index, stacks[0].shape[0], y.device)
             y2d = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+            _check_index_values(op, index, stacks[0].shape[0], stacks[0].shape[2], ranks,
+                                y2d.shape[0], y.device)
             expand_op(chosen)(y2d, t, stacks, _slice_offsets(stacks, slice_offsets),
                               _as_int32(ranks), *_kernel_index(index))
         _checked_on_refusal(run, checked)
@@ -749,12 +781,12 @@ def _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks, index
 def _compiled_linear(fwd_op, x, weight, bias, lora_a, lora_b, scalings, ranks, index,
                      slice_offsets) -> Tensor:
     """multi_lora_linear on a compiled backend, its arguments checked by the op itself, but for
-    the index values (the op takes an index outside [-1, L) as -1; this function refuses one
-    where reading it is free)."""
+    the values _check_index_values checks."""
     a_stacks = [lora_a] if isinstance(lora_a, Tensor) else list(lora_a)
     b_stacks = [lora_b] if isinstance(lora_b, Tensor) else list(lora_b)
-    _check_index_values("multi_lora_linear", index, a_stacks[0].shape[0], x.device)
     x2d = x if x.dim() == 2 else tokens_2d(x)
+    _check_index_values("multi_lora_linear", index, a_stacks[0].shape[0], a_stacks[0].shape[1],
+                        ranks, x2d.shape[0], x.device)
     token_adapter, seg_indptr, seg_adapter = index
     y2d = _run_linear_fwd(fwd_op, x2d, weight, bias, a_stacks, b_stacks,
                           _slice_offsets(b_stacks, slice_offsets), scalings, ranks,

@@ -628,6 +628,29 @@ def test_errors_name_op_argument_and_what_was_seen():
     assert L == 3
 
 
+@pytest.mark.parametrize("device,backend", backend_params(("cuda", "triton"), devices=("cuda",)))
+def test_sync_checks_refuse_bad_values_on_the_gpu(device, backend, monkeypatch):
+    """On a GPU the public functions read no index or rank values (a host sync per call): an
+    out-of-range adapter index means base only, as the ops take it. LORA_OPS_SYNC_CHECKS=1
+    makes them check there as they do on CPU."""
+    p = op_problem(device)
+    wild = torch.tensor([0, 1, 2, 3, 0, -1], device=device)
+    args = (p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scalings, p.ranks)
+    kwargs = dict(slice_offsets=p.offsets, backend=backend)
+    monkeypatch.delenv(multi_lora.SYNC_CHECKS_ENV, raising=False)
+    y = multi_lora_linear(*args, token_adapter=wild, **kwargs)
+    want = ref.multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings,
+                                 p.ranks, token_adapter=wild)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv(multi_lora.SYNC_CHECKS_ENV, "1")
+    with pytest.raises(ValueError, match=r"^multi_lora_linear: token_adapter values must lie in \[-1, 3\)"):
+        multi_lora_linear(*args, token_adapter=wild, **kwargs)
+    with pytest.raises(ValueError, match=r"^lora_shrink: ranks must lie in \[0, r_max=4\]"):
+        lora_shrink(p.x, p.lora_a, p.scalings, torch.tensor([1, 5, 2], device=device),
+                    token_adapter=p.token_adapter, backend=backend)
+    y = multi_lora_linear(*args, token_adapter=p.token_adapter, **kwargs)  # good values still run
+
+
 def test_shrink_and_expand_errors():
     p = op_problem("cpu")
     with pytest.raises(ValueError, match=r"^lora_shrink: x has dtype torch.int64"):
