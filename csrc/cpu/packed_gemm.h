@@ -423,7 +423,16 @@ void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
       for (int64_t c = 0; c < kMR; ++c) {
         b_rows[c] = pack_b.along_k(j0 + jp + std::min(c, count - 1), k0);
       }
-      for (int64_t ip = 0; ip < m_pad; ip += kNR) {
+      // Pairs of full panels by halves of the kMR columns; then a last single panel.
+      const int64_t paired = m - m % (2 * kNR);
+      for (int64_t h = 0; h < count; h += kHalfMR) {
+        for (int64_t ip = 0; ip < paired; ip += 2 * kNR) {
+          const float* a = ws.b_pack + ip * kc;
+          micro_kernel_b_rows_2panels<kHalfMR>(kc, b_rows + h, a, a + kNR * kc,
+                                               ct + (jp + h) * m_pad + ip, m_pad, k0 > 0);
+        }
+      }
+      for (int64_t ip = paired; ip < m_pad; ip += kNR) {
         float* c = ct + jp * m_pad + ip;
         const float* a = ws.b_pack + ip * kc;
         const bool one_vector = m - ip <= kVecLen;

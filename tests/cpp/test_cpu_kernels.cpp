@@ -356,6 +356,12 @@ void test_builtin_gemm() {
       // and full height (10); two depth blocks.
       test_builtin_gemm_case(dt, nk, 40, 100, 300, 0.5f);
       test_builtin_gemm_case(dt, nk, 48, 70, 530, 0.0f);
+      // From 64 rows, pairs of A's panels against half groups of W's rows at once
+      // (micro_kernel_b_rows_2panels): one pair, a pair then a last single panel of 16 rows, and
+      // two pairs; W's row groups full, ragged above and below half height.
+      test_builtin_gemm_case(dt, nk, 64, 24, 300, 0.5f);
+      test_builtin_gemm_case(dt, nk, 80, 29, 530, 0.0f);
+      test_builtin_gemm_case(dt, nk, 128, 4, 260, 1.0f);
     }
   }
   // bf16 pairs (vdpbf16ps where the CPU has it), B along k and along j: several depth blocks
