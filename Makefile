@@ -54,5 +54,7 @@ test-sanitize:
 lint: $(STAMP)
 	$(BIN)/python -m pyflakes setup.py lora_ops tests benchmarks scripts
 
+# Sleeping OpenMP waiters, the benchmarks' method on CPU (benchmarks/conftest.py says why); read
+# when the OpenMP runtime loads, so set before Python starts. A caller's own setting wins.
 bench: $(STAMP)
-	$(BIN)/lora-ops bench
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/lora-ops bench
