@@ -148,6 +148,12 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
+def _capturing_cuda_graph(x) -> bool:
+    """Whether this eager call on x is being captured into a CUDA graph."""
+    return (isinstance(x, Tensor) and x.is_cuda and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def _as_int64(seed: int) -> int:
     """The seed's low 64 bits as a signed int64, the ops' seed type (masks depend on no more).
 
@@ -177,6 +183,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)  # a bool passes
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
+        if _capturing_cuda_graph(x):
+            raise RuntimeError(
+                f"{OP}: dropout (p={p}) with a seed drawn per call (seed=None) under CUDA graph "
+                f"capture: the seed is a host value, baked into the graph, so every replay would "
+                f"apply the same mask. Pass seed= to fix the mask on purpose, capture with "
+                f"dropout_p=0 (lora_dropout=0.0, or eval mode), or keep the layer's dropout "
+                f"outside the captured region")
         seed = draw_seed()
     seed = 0 if seed is None else _as_int64(seed)
     scaling = float(scaling)
