@@ -81,7 +81,7 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // item, allocated on the thread's first use and kept. c_tile is null if allocation failed.
 struct GemmScratch {
   float* a_pack;  // kMC x kKC
-  float* b_pack;  // kKC x kMaxTileN
+  float* b_pack;  // kKC x kMaxTileN, or kBRowsKC x kBRowsMaxM (gemm_tile_b_rows' A panels)
   float* c_tile;  // kMaxTileM x kMaxTileN
 };
 GemmScratch thread_gemm_scratch();
@@ -200,10 +200,20 @@ bool streams_b(int64_t m, int64_t n, int64_t k, const PackA& pack_a, const PackB
   return false;
 }
 
-// Most rows of a product that gemm_tile_b_rows takes (its A panels, kc x rows rounded up to kNR,
-// would fill b_pack at 256). Fused fwd, C ABI, fp32, against packing B: 0.90 / 0.87 / 0.96 /
-// 1.05 at M = 24 (K = N = 4096) / 64 / 128 (K = N = 2048) / 256 (K = 4096, N = 1024).
+// Most rows of a product that gemm_tile_b_rows takes. Fused fwd, C ABI, fp32, against packing B
+// (depth blocks of 256 then): 0.90 / 0.87 / 0.96 / 1.05 at M = 24 (K = N = 4096) / 64 / 128
+// (K = N = 2048) / 256 (K = 4096, N = 1024).
 inline constexpr int64_t kBRowsMaxM = 128;
+// Depth of gemm_tile_b_rows' blocks: each row of B (W's rows, read in place) is read in runs of
+// this many elements before the next group of rows. Runs of 256 (kKC) left the hardware
+// prefetcher short streams to ramp up on, and C^T a read-modify-write per 256 of depth. C ABI
+// A/B, fused fwd, fp32, weights rotated through 24 copies, 2-core Sapphire Rapids-class Xeon,
+// 2026-12-06, time at 2048 / at 256: 0.74 / 0.83 / 0.83 / 0.97 at M = 32 (K = N = 4096) / 64
+// (4096) / 64 (2048) / 128 (2048); 0.74 at M = 24, K = 14336, N = 4096; 0.89 / 0.96 at M = 48 /
+// 96 (K = 4096, N = 1024); 1024 was between the two. A fixed depth, not one sized to the tile's
+// rows: tiles' rows depend on the thread count, and the block sums' rounding must not. A's
+// panels of a block, kBRowsKC x up to kBRowsMaxM, fill b_pack (1 MiB).
+inline constexpr int64_t kBRowsKC = 2048;
 
 // Whether a packed product reads B's columns in place as the micro-kernel's broadcast operand
 // (gemm_tile_b_rows) instead of transposing them into panels: AVX-512, fp32 B stored along k
@@ -411,8 +421,8 @@ void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
   const int64_t n_pad = round_up(n, kMR);
   float* __restrict ct = ws.c_tile;  // C^T: n_pad x m_pad
   if (k == 0) std::fill(ct, ct + n_pad * m_pad, 0.0f);
-  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-    const int64_t kc = std::min(kKC, k - k0);
+  for (int64_t k0 = 0; k0 < k; k0 += kBRowsKC) {
+    const int64_t kc = std::min(kBRowsKC, k - k0);
     for (int64_t ip = 0; ip < m; ip += kNR) {
       pack_a.pack(ws.b_pack + ip * kc, i0 + ip, std::min(kNR, m - ip), k0, kc, kNR);
     }

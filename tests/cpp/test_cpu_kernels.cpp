@@ -362,6 +362,19 @@ void test_builtin_gemm() {
       test_builtin_gemm_case(dt, nk, 64, 24, 300, 0.5f);
       test_builtin_gemm_case(dt, nk, 80, 29, 530, 0.0f);
       test_builtin_gemm_case(dt, nk, 128, 4, 260, 1.0f);
+      // Depth past one of its blocks (2048): single panels; then, on one thread, where a
+      // product is one tile of all its rows (plan_tiles splits rows to feed more threads), one
+      // pair, and a pair and a last panel (more than kNarrowMaxN columns, or B is streamed).
+      test_builtin_gemm_case(dt, nk, 40, 30, 4100, 0.5f);
+#ifdef _OPENMP
+      const int threads = omp_get_max_threads();
+      omp_set_num_threads(1);
+#endif
+      test_builtin_gemm_case(dt, nk, 64, 70, 2049, 0.5f);
+      test_builtin_gemm_case(dt, nk, 96, 65, 2100, 0.0f);
+#ifdef _OPENMP
+      omp_set_num_threads(threads);
+#endif
     }
   }
   // bf16 pairs (vdpbf16ps where the CPU has it), B along k and along j: several depth blocks
