@@ -255,7 +255,8 @@ inline void micro_kernel_b_rows(int64_t kc, const float* const* b_rows,
 // of B serving 4 multiply-adds instead of 2 and each of B's rows read once per depth block
 // rather than once per panel (at 64 rows and more, where the two-panel pass otherwise re-reads
 // B's block from L1 for the second panel, and its first pass pulls twice as many rows of B
-// from memory at once). C ABI A/B on a 2-core Sapphire Rapids-class Xeon, fp32, 2026-12-06:
+// from memory at once). C ABI A/B on a 2-core Sapphire Rapids-class Xeon, fp32, 2026-12-06,
+// with depth blocks of 256 (kBRowsKC since):
 // fused fwd 1.00 / 0.97 / 0.97 / 0.98x at M = 64 (K = N = 2048; 4096) / 128 (2048) / 96
 // (K = 4096, N = 1024), weights rotated through 8 copies; the multi-adapter fwd at T = 64, one
 // adapter, K = N = 2048, 0.97x (new faster in 80% of 40 rounds).
