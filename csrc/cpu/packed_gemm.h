@@ -205,14 +205,15 @@ bool streams_b(int64_t m, int64_t n, int64_t k, const PackA& pack_a, const PackB
 // (K = N = 2048) / 256 (K = 4096, N = 1024).
 inline constexpr int64_t kBRowsMaxM = 128;
 // Depth of gemm_tile_b_rows' blocks: each row of B (W's rows, read in place) is read in runs of
-// this many elements before the next group of rows. Runs of 256 (kKC) left the hardware
-// prefetcher short streams to ramp up on, and C^T a read-modify-write per 256 of depth. C ABI
-// A/B, fused fwd, fp32, weights rotated through 24 copies, 2-core Sapphire Rapids-class Xeon,
-// 2026-12-06, time at 2048 / at 256: 0.74 / 0.83 / 0.83 / 0.97 at M = 32 (K = N = 4096) / 64
-// (4096) / 64 (2048) / 128 (2048); 0.74 at M = 24, K = 14336, N = 4096; 0.89 / 0.96 at M = 48 /
-// 96 (K = 4096, N = 1024); 1024 was between the two. A fixed depth, not one sized to the tile's
-// rows: tiles' rows depend on the thread count, and the block sums' rounding must not. A's
-// panels of a block, kBRowsKC x up to kBRowsMaxM, fill b_pack (1 MiB).
+// this many elements before the next group of rows; runs of 256 (kKC) left the hardware
+// prefetcher short streams to ramp up on. C ABI A/B, fused fwd, fp32, weights rotated through
+// 24 copies, 2-core Sapphire Rapids-class Xeon, 2026-12-06, time at 2048 / at 256: 0.74 / 0.83 /
+// 0.83 / 0.97 at M = 32 (K = N = 4096) / 64 (4096) / 64 (2048) / 128 (2048); 0.74 at M = 24,
+// K = 14336, N = 4096; 0.89 / 0.96 at M = 48 / 96 (K = 4096, N = 1024); 1024 was between the
+// two. The sums still go by blocks of kKC (the micro-kernel is called per kKC of the run, within
+// 2% of one call per run), so they round as the packed path's do: a tile's rows, and so its
+// path, can depend on the thread count, and the results must not. A's panels of a block,
+// kBRowsKC x up to kBRowsMaxM, fill b_pack (1 MiB).
 inline constexpr int64_t kBRowsKC = 2048;
 
 // Whether a packed product reads B's columns in place as the micro-kernel's broadcast operand
@@ -433,23 +434,38 @@ void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
       for (int64_t c = 0; c < kMR; ++c) {
         b_rows[c] = pack_b.along_k(j0 + jp + std::min(c, count - 1), k0);
       }
-      // Pairs of full panels by halves of the kMR columns; then a last single panel.
+      // Pairs of full panels by halves of the kMR columns; then a last single panel. Each call
+      // covers kKC of depth: every sum is then rounded as the packed path rounds it (block sums
+      // of kKC added in order), which a tile may take instead of this one (its rows, and so
+      // its path, can depend on the thread count), while B's rows are still read in runs of kc.
       const int64_t paired = m - m % (2 * kNR);
       for (int64_t h = 0; h < count; h += kHalfMR) {
         for (int64_t ip = 0; ip < paired; ip += 2 * kNR) {
           const float* a = ws.b_pack + ip * kc;
-          micro_kernel_b_rows_2panels<kHalfMR>(kc, b_rows + h, a, a + kNR * kc,
-                                               ct + (jp + h) * m_pad + ip, m_pad, k0 > 0);
+          for (int64_t p = 0; p < kc; p += kKC) {
+            const float* rows[kHalfMR];
+            for (int c = 0; c < kHalfMR; ++c) rows[c] = b_rows[h + c] + p;
+            micro_kernel_b_rows_2panels<kHalfMR>(std::min(kKC, kc - p), rows, a + p * kNR,
+                                                 a + (kc + p) * kNR,
+                                                 ct + (jp + h) * m_pad + ip, m_pad, k0 + p > 0);
+          }
         }
       }
       for (int64_t ip = paired; ip < m_pad; ip += kNR) {
         float* c = ct + jp * m_pad + ip;
         const float* a = ws.b_pack + ip * kc;
         const bool one_vector = m - ip <= kVecLen;
-        if (count <= kHalfMR) {
-          micro_kernel_b_rows<kHalfMR>(kc, b_rows, a, c, m_pad, k0 > 0, one_vector);
-        } else {
-          micro_kernel_b_rows<kMR>(kc, b_rows, a, c, m_pad, k0 > 0, one_vector);
+        for (int64_t p = 0; p < kc; p += kKC) {
+          const float* rows[kMR];
+          for (int c = 0; c < kMR; ++c) rows[c] = b_rows[c] + p;
+          const int64_t depth = std::min(kKC, kc - p);
+          const bool accumulate = k0 + p > 0;
+          if (count <= kHalfMR) {
+            micro_kernel_b_rows<kHalfMR>(depth, rows, a + p * kNR, c, m_pad, accumulate,
+                                         one_vector);
+          } else {
+            micro_kernel_b_rows<kMR>(depth, rows, a + p * kNR, c, m_pad, accumulate, one_vector);
+          }
         }
       }
     }

@@ -137,6 +137,15 @@ Buffer random_buffer(lora_dtype_t d, size_t n) {
   return b;
 }
 
+// Values with full mantissas, whose sums round: what shows a change of summation order, which
+// random_buffer's exact sums hide.
+Buffer random_rounding_buffer(lora_dtype_t d, size_t n) {
+  Buffer b(d, n);
+  std::uniform_real_distribution<double> value(-1.5, 1.5);
+  for (size_t i = 0; i < n; ++i) b.set(i, value(g_rng));
+  return b;
+}
+
 std::vector<float> random_floats(size_t n) {
   std::vector<float> v(n);
   for (auto& x : v) x = static_cast<float>(random_value());
@@ -643,8 +652,8 @@ void check_thread_count_invariance(lora_dtype_t d, int64_t M, int64_t N, int64_t
 #ifdef _OPENMP
   const std::string what = std::string(dtype_name(d)) + " M=" + std::to_string(M);
   const lora_dropout_t drop = make_dropout(0.2, 5u);
-  const Buffer x = random_buffer(d, M * K), w = random_buffer(d, N * K);
-  const Buffer a = random_buffer(d, r * K), b = random_buffer(d, N * r);
+  const Buffer x = random_rounding_buffer(d, M * K), w = random_rounding_buffer(d, N * K);
+  const Buffer a = random_rounding_buffer(d, r * K), b = random_rounding_buffer(d, N * r);
   Buffer s1(d, M * r), y1(d, M * N);
   Buffer s2(d, M * r), y2(d, M * N);
   const int threads = omp_get_max_threads();
@@ -674,6 +683,11 @@ void test_thread_count_invariance() {
   check_thread_count_invariance(LORA_DTYPE_BF16, 300, 270, 520, 24);
   check_thread_count_invariance(LORA_DTYPE_F32, 13, 1000, 1111, 16);
   check_thread_count_invariance(LORA_DTYPE_F16, 13, 1000, 1111, 16);
+  // fp32 x W^T at 200 rows: one tile of 200 on one thread (packed B), tiles of 72 on two
+  // (W read in place, gemm_tile_b_rows): the two paths must round alike. And 64 rows, W in
+  // place on any thread count, depth past one of its blocks.
+  check_thread_count_invariance(LORA_DTYPE_F32, 200, 100, 600, 8);
+  check_thread_count_invariance(LORA_DTYPE_F32, 64, 300, 2100, 8);
 }
 
 // PhasedWork: every item runs once, an item of a phase only after every item of the phase
