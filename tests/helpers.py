@@ -7,6 +7,9 @@ from lora_ops._backend import BACKENDS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The backends with hand-written kernels (the reference being the oracle they are held to).
+KERNEL_BACKENDS = ("cuda", "triton", "cpu")
+
 # Error a kernel may add on top of PyTorch's own low-precision error, relative to max|ref|.
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -10,9 +10,8 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 import lora_ops
-from tests.helpers import backend_params
+from tests.helpers import KERNEL_BACKENDS, backend_params
 
-KERNEL_BACKENDS = ("cuda", "triton", "cpu")
 M, K, N, R, P, SEED = 5, 16, 12, 4, 0.3, 11
 
 

@@ -8,9 +8,7 @@ from torch import nn
 import lora_ops
 from lora_ops import _backend
 from lora_ops.lora_linear import bwd_op, fwd_op
-from tests.helpers import backend_params
-
-KERNEL_BACKENDS = ("cuda", "triton", "cpu")
+from tests.helpers import KERNEL_BACKENDS, backend_params
 
 
 def op_args(device, dtype=torch.float32, M=5, K=12, N=10, r=3):

@@ -13,9 +13,8 @@ from lora_ops import multi_lora
 from lora_ops.multi_lora import (lora_expand, lora_shrink, multi_lora_linear,
                                  segments_from_token_adapter)
 from lora_ops.reference import multi_lora as ref
-from tests.helpers import DTYPES, assert_close_scaled, backend_params
+from tests.helpers import DTYPES, KERNEL_BACKENDS, assert_close_scaled, backend_params
 
-KERNEL_BACKENDS = ("cuda", "triton", "cpu")
 # MAIN: the compiled and reference backends on CPU, every backend on a GPU. KERNELS_FULL: the
 # dtype x popularity matrix, kernels only (the reference is the oracle there). Triton on CPU
 # runs in its interpreter, so it gets the few small tests further down.
