@@ -8,14 +8,15 @@
 #include "torch_common.h"
 
 TORCH_LIBRARY(lora_ops, m) {
-  // The dropout seed is a SymInt: under torch.compile it is symbolic (drawn in the graph by
-  // torch.randint(...).item(), or a caller's seed that varies between calls), and an `int` would
-  // refuse it while tracing. The CPU and CUDA kernels still take int64_t: they only ever run
-  // with a concrete seed. Only the Autograd kernel sees symbolic ones.
+  // The dropout seed is a tensor, a one-element int64 CPU tensor that the kernels' launchers read
+  // on the host (None when dropout_p is 0). As a tensor it can be drawn inside a traced graph
+  // (torch.randint, no .item()), where torch.compile keeps it: under activation checkpointing
+  // the recompute then re-uses the forward's seed without a graph break, and a backward that
+  // autograd saved it for reads the very seed its forward used.
   m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-        "float scaling, float dropout_p, SymInt seed) -> (Tensor y, Tensor s)");
+        "float scaling, float dropout_p, Tensor? seed) -> (Tensor y, Tensor s)");
   m.def("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-        "Tensor s, float scaling, float dropout_p, SymInt seed, bool[3] output_mask) "
+        "Tensor s, float scaling, float dropout_p, Tensor? seed, bool[3] output_mask) "
         "-> (Tensor dx, Tensor d_lora_a, Tensor d_lora_b)");
 }
 

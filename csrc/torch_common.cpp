@@ -52,9 +52,30 @@ lora_dtype_t to_lora_dtype(const char* op, const char* arg, const at::Tensor& t)
   return LORA_DTYPE_F32;
 }
 
-lora_dropout_t make_dropout(const char* op, double p, int64_t seed) {
+namespace {
+
+int64_t read_seed(const char* op, double p, const std::optional<at::Tensor>& seed) {
+  if (!seed || !seed->defined()) {
+    TORCH_CHECK_VALUE(p == 0.0, op, ": dropout_p is ", p, " but seed is None; dropout needs a "
+                      "seed (a one-element int64 CPU tensor)");
+    return 0;
+  }
+  const at::Tensor& t = *seed;
+  // On the host: a device seed would cost a synchronisation here (and could not be read at all
+  // under CUDA graph capture).
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": seed must be a CPU tensor (its launcher reads "
+                    "it on the host), got one on ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong, op, ": seed must have dtype int64, got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == 1, op, ": seed must hold one value, got shape ", shape_str(t));
+  return *t.const_data_ptr<int64_t>();
+}
+
+}  // namespace
+
+lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
-  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint64_t s = static_cast<uint64_t>(read_seed(op, p, seed));
   lora_dropout_t d;
   d.seed32 = static_cast<uint32_t>(s ^ (s >> 32));
   // Round half to even, as Python's round() in the reference does.

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 
 #include "lora_ops/common.h"
@@ -26,8 +27,9 @@ void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t di
 // fp32/fp16/bf16 only; anything else is an error naming op and argument.
 lora_dtype_t to_lora_dtype(const char* op, const char* arg, const at::Tensor& t);
 
-// Dropout descriptor for probability p in [0, 1) and a 64-bit seed (see dropout_hash.h).
-lora_dropout_t make_dropout(const char* op, double p, int64_t seed);
+// Dropout descriptor for probability p in [0, 1) and the ops' seed argument (see dropout_hash.h):
+// a one-element int64 CPU tensor, read here on the host; None only where p is 0.
+lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed);
 
 // A 2-D view of x whose last dim has unit stride (copies only when it has not).
 at::Tensor rows_unit_stride(const at::Tensor& x);

@@ -57,7 +57,8 @@ struct FwdArgs {
 
 FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                    const at::Tensor& lora_b, double dropout_p, int64_t seed) {
+                    const at::Tensor& lora_b, double dropout_p,
+                    const std::optional<at::Tensor>& seed) {
   FwdArgs a;
   a.d = check_operands(kFwd, x, weight, lora_a, lora_b);
   check_bias(bias, x, a.d.N);
@@ -80,7 +81,8 @@ struct BwdArgs {
 
 BwdArgs prepare_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& s,
-                    double dropout_p, int64_t seed, std::array<bool, 3> mask) {
+                    double dropout_p, const std::optional<at::Tensor>& seed,
+                    std::array<bool, 3> mask) {
   BwdArgs a;
   a.d = check_operands(kBwd, x, weight, lora_a, lora_b);
   check_dim(kBwd, "dy", dy, 2);
@@ -110,7 +112,8 @@ void* ptr_or_null(const at::Tensor& t, bool wanted) { return wanted ? t.data_ptr
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias,
                                            const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                           double scaling, double dropout_p, int64_t seed) {
+                                           double scaling, double dropout_p,
+                                           const std::optional<at::Tensor>& seed) {
   FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
   check_status(kFwd, cpu::lora_linear_fwd(
       to_lora_dtype(kFwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.x.data_ptr(), a.x.stride(0),
@@ -122,8 +125,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p, int64_t seed,
-    std::array<bool, 3> mask) {
+    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, std::array<bool, 3> mask) {
   BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
   check_status(kBwd, cpu::lora_linear_bwd(
       to_lora_dtype(kBwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.dy.data_ptr(), a.x.data_ptr(),
@@ -137,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,
                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                            double scaling, double dropout_p, int64_t seed) {
+                                            double scaling, double dropout_p,
+                                            const std::optional<at::Tensor>& seed) {
   const c10::cuda::CUDAGuard guard(x.device());
   FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
   const lora_dtype_t dt = to_lora_dtype(kFwd, "x", x);
@@ -153,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p, int64_t seed,
-    std::array<bool, 3> mask) {
+    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, std::array<bool, 3> mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
   const lora_dtype_t dt = to_lora_dtype(kBwd, "x", x);

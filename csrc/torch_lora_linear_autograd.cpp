@@ -19,14 +19,15 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The seed is a c10::SymInt (see torch_bindings.cpp): while torch.compile traces the training
-// graph, this file's kernels run on fake tensors with a symbolic seed, which they only pass on.
+// The seed is a tensor (see torch_bindings.cpp): while torch.compile traces the training graph,
+// this file's kernels run on fake tensors, the seed among them, which they only pass on.
+using Seed = std::optional<at::Tensor>;
 using FwdSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, double, double, c10::SymInt);
+    const at::Tensor&, double, double, const Seed&);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, double, double, c10::SymInt, std::array<bool, 3>);
+    const at::Tensor&, double, double, const Seed&, std::array<bool, 3>);
 
 // Looked up once: the schema lookup is a hash-map search under a lock.
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
@@ -49,16 +50,18 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-                               double dropout_p, c10::SymInt seed) {
+                               double dropout_p, const Seed& seed) {
     // Below autograd, or the call would come back to this file's Autograd kernel.
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, s] = fwd_op().call(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
     // x is alive anyway (the caller holds it) and weight is a frozen parameter: the only
     // activation memory this op adds is S [M, r]; the dropout mask is re-drawn from the seed.
-    ctx->save_for_backward({x, weight, lora_a, lora_b, s});
+    // The seed is saved as a variable, not read here: it may be a fake tensor (torch.compile),
+    // and a caller that changed it in place before backward gets autograd's version error
+    // rather than gradients of a mask the forward did not use.
+    ctx->save_for_backward({x, weight, lora_a, lora_b, s, seed.value_or(at::Tensor())});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;
     // needs_input_grad counts tensor inputs only: an absent bias shifts lora_a and lora_b down.
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({s});
@@ -71,6 +74,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2], &lora_b = saved[3],
                      &s = saved[4];
+    const Seed seed = saved[5].defined() ? Seed(saved[5]) : std::nullopt;
     size_t edge = 0;
     const bool need_x = ctx->needs_input_grad(edge++);
     const bool need_w = ctx->needs_input_grad(edge++);
@@ -84,7 +88,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       // (below) refuses, rather than hand back gradients that silently lack second derivatives.
       std::tie(dx, da, db) = bwd_op().call(
           dy, x, weight, lora_a, lora_b, s, ctx->saved_data["scaling"].toDouble(),
-          ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toSymInt(),
+          ctx->saved_data["dropout_p"].toDouble(), seed,
           {need_x, need_a, need_b});
     }
     // The base weight is meant to be frozen; if it is trainable anyway its gradient is the plain
@@ -107,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x, const at::T
                                                 const std::optional<at::Tensor>& bias,
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                 double scaling, double dropout_p,
-                                                c10::SymInt seed) {
+                                                const Seed& seed) {
   const at::Tensor no_bias;
   if (!at::GradMode::is_enabled() ||
       !any_requires_grad({&x, &weight, bias ? &*bias : &no_bias, &lora_a, &lora_b})) {
@@ -125,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x, const at::T
 // no gradient, and a second backward would silently miss terms: refuse instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_autograd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p, c10::SymInt seed,
-    std::array<bool, 3> output_mask) {
+    const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p,
+    const Seed& seed, std::array<bool, 3> output_mask) {
   TORCH_CHECK(!at::GradMode::is_enabled() ||
                   !any_requires_grad({&dy, &x, &weight, &lora_a, &lora_b, &s}),
               "lora_linear_bwd: double backward is not supported (backward or autograd.grad "

@@ -18,6 +18,7 @@ from torch import Tensor
 from lora_ops import _backend
 from lora_ops import reference
 from lora_ops.autocast import autocast_dtype, autocast_operands, call_cast
+from lora_ops.dropout_seed import SeedLike, read_seed, seed_tensor
 from lora_ops.fake_impl import register_fake
 from lora_ops.reference.tokens import tokens_2d
 
@@ -86,17 +87,19 @@ def _bwd_fake(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output
 
 @torch.library.custom_op("lora_ops::triton_lora_linear_fwd", mutates_args=())
 def _triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+                scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_fwd
+    seed = read_seed("triton_lora_linear_fwd", dropout_p, seed)
     with torch.cuda.device_of(x):  # Triton launches on the current device
         return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
 @torch.library.custom_op("lora_ops::triton_lora_linear_bwd", mutates_args=())
 def _triton_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor,
-                scaling: float, dropout_p: float, seed: int,
+                scaling: float, dropout_p: float, seed: Optional[Tensor],
                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_bwd
+    seed = read_seed("triton_lora_linear_bwd", dropout_p, seed)
     with torch.cuda.device_of(x):
         return lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, tuple(output_mask))
 
@@ -105,20 +108,21 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
     _, s = output
     # x is alive anyway (the caller holds it) and weight is a frozen parameter: the only
-    # activation memory this op adds is S [M, r]; the dropout mask is re-drawn from the seed.
-    ctx.save_for_backward(x, weight, lora_a, lora_b, s)
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    # activation memory this op adds is S [M, r]; the dropout mask is re-drawn from the seed,
+    # saved as a variable for the reasons csrc/torch_lora_linear_autograd.cpp gives.
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
 def _make_backward(bwd_op):
     # The same formula as LoraLinearFunction::backward in csrc/torch_lora_linear_autograd.cpp.
     def backward(ctx, dy, _ds):
-        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dx = da = db = None
         if need_x or need_a or need_b:  # not for a trainable base alone
             dx, da, db = bwd_op(dy, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p,
-                                ctx.seed, [need_x, need_a, need_b])
+                                seed, [need_x, need_a, need_b])
         # The base weight is meant to be frozen; if it is trainable anyway its gradient is the
         # plain dY^T x (the adapter term does not depend on W).
         dw = (dy.t() @ x).to(weight.dtype) if need_w else None
@@ -129,8 +133,8 @@ def _make_backward(bwd_op):
 
 
 def _register(fwd_name: str, bwd_name: str, autograd: bool) -> None:
-    register_fake(f"lora_ops::{fwd_name}", _fwd_fake)
-    register_fake(f"lora_ops::{bwd_name}", _bwd_fake)
+    register_fake(f"lora_ops::{fwd_name}", _fwd_fake, host_args=("seed",))
+    register_fake(f"lora_ops::{bwd_name}", _bwd_fake, host_args=("seed",))
     if autograd:
         torch.library.register_autograd(f"lora_ops::{fwd_name}",
                                         _make_backward(getattr(torch.ops.lora_ops, bwd_name)),
@@ -143,38 +147,34 @@ if _backend.compiled():
     _register("lora_linear_fwd", "lora_linear_bwd", autograd=False)
 
 
-def draw_seed() -> int:
-    """A fresh dropout seed from torch's default CPU generator (no device sync)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-
-
 def _capturing_cuda_graph(x) -> bool:
     """Whether this eager call on x is being captured into a CUDA graph."""
     return (isinstance(x, Tensor) and x.is_cuda and not torch.compiler.is_compiling()
             and torch.cuda.is_current_stream_capturing())
 
 
-def _as_int64(seed: int) -> int:
-    """The seed's low 64 bits as a signed int64, the ops' seed type (masks depend on no more).
-
-    A traced seed (torch.compile) is left as it is: it may be symbolic, and a comparison would
-    guard on it.
-    """
-    seed = int(seed)
-    if torch.compiler.is_compiling() or -2**63 <= seed < 2**63:
-        return seed
-    return (seed + 2**63) % 2**64 - 2**63
+def _refuse_host_seed_in_capture(p: float, seed: SeedLike) -> None:
+    """A seed drawn per call, or a seed tensor, is read on the host once, as the graph is
+    captured: every replay would apply that one mask while the caller expects fresh ones (or
+    ones that follow the tensor). An int seed fixes the mask on purpose, and may be captured."""
+    what = "a seed drawn per call (seed=None)" if seed is None else "a seed tensor"
+    raise RuntimeError(
+        f"{OP}: dropout (p={p}) with {what} under CUDA graph capture: the seed is read on the "
+        f"host, once, as the graph is captured, so every replay would apply the same mask. Pass "
+        f"an int seed= to fix the mask on purpose, capture with dropout_p=0 (lora_dropout=0.0, "
+        f"or eval mode), or keep the layer's dropout outside the captured region")
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scaling: float, *, dropout_p: float = 0.0, training: bool = False,
-                seed: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+                seed: SeedLike = None, backend: Optional[str] = None) -> Tensor:
     """Fused LoRA linear layer: x W^T + b + scaling * (dropout(x) A^T) B^T.
 
     x [..., K]; weight [N, K]; bias [N] or None; lora_a [r, K]; lora_b [N, r]; all one dtype
     (float32, float16 or bfloat16) and device. Dropout on the adapter path applies only when
-    `training`; `seed` fixes its mask (the same on every backend), else one is drawn from torch's
-    generator. Gradients flow to x, lora_a, lora_b and bias (and weight, if it requires grad).
+    `training`; `seed` fixes its mask (the same on every backend): a Python int, or a one-element
+    int64 CPU tensor (which a graph may compute); else one is drawn from torch's CPU generator.
+    Gradients flow to x, lora_a, lora_b and bias (and weight, if it requires grad).
     `backend`: "cuda", "triton", "cpu" or "reference"; default by device (see available_backends).
     """
     if not 0.0 <= dropout_p < 1.0:
@@ -182,16 +182,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     if type(scaling) not in (float, int) or not isinstance(x, Tensor):
         _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)  # a bool passes
     p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        if _capturing_cuda_graph(x):
-            raise RuntimeError(
-                f"{OP}: dropout (p={p}) with a seed drawn per call (seed=None) under CUDA graph "
-                f"capture: the seed is a host value, baked into the graph, so every replay would "
-                f"apply the same mask. Pass seed= to fix the mask on purpose, capture with "
-                f"dropout_p=0 (lora_dropout=0.0, or eval mode), or keep the layer's dropout "
-                f"outside the captured region")
-        seed = draw_seed()
-    seed = 0 if seed is None else _as_int64(seed)
+    seed_arg = None
+    if p > 0.0:
+        if (seed is None or isinstance(seed, Tensor)) and _capturing_cuda_graph(x):
+            _refuse_host_seed_in_capture(p, seed)
+        seed_arg = seed_tensor(OP, seed)
     scaling = float(scaling)
     device = x.device
     chosen = _backend.compiled_backend(OP, backend, x)
@@ -203,15 +198,23 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         # this function's arguments (x before flattening, say) rather than the op's.
         try:
             return _on_tokens(_fwd_of(chosen), x, weight, bias, lora_a, lora_b, scaling, p,
-                              seed)
+                              seed_arg)
         except _backend.OP_REFUSALS:
             _check_args(*autocast_operands(x, weight, bias, lora_a, lora_b), scaling, dropout_p)
             raise
+    operands = (x, weight, bias, lora_a, lora_b)
     if autocast_dtype(device) is not None:  # cast as the compiled ops cast (csrc/torch_autocast.cpp)
-        return call_cast(lora_linear, (x, weight, bias, lora_a, lora_b), scaling,
-                         dropout_p=dropout_p, training=training, seed=seed, backend=backend)
+        return call_cast(_on_python_backend, operands, scaling, dropout_p, p, seed_arg, backend)
+    return _on_python_backend(*operands, scaling, dropout_p, p, seed_arg, backend)
+
+
+def _on_python_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                       lora_b: Tensor, scaling: float, dropout_p: float, p: float,
+                       seed: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """lora_linear on the reference or Triton backend (or a compiled one asked for where it
+    cannot run, for resolve_backend to refuse), whose checks are all here."""
     _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
-    fwd = _fwd_of(_backend.resolve_backend(OP, backend, device))
+    fwd = _fwd_of(_backend.resolve_backend(OP, backend, x.device))
     return _on_tokens(fwd, x, weight, bias, lora_a, lora_b, scaling, p, seed)
 
 
@@ -226,7 +229,7 @@ def _fwd_of(backend: str):
 
 
 def _on_tokens(fwd, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-               lora_b: Tensor, scaling: float, p: float, seed: int) -> Tensor:
+               lora_b: Tensor, scaling: float, p: float, seed: Optional[Tensor]) -> Tensor:
     """fwd on x flattened to tokens, y in x's leading shape."""
     flat = x.dim() == 2  # the common case: no views to make on the way in and out
     x2d = x if flat else tokens_2d(x)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_ops.adapter_args import check_alpha, check_dropout, check_rank
+from lora_ops.dropout_seed import SeedLike
 from lora_ops.lora_linear import lora_linear
 
 
@@ -74,7 +75,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seed: SeedLike = None) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         # Adapters kept in another dtype than the base (fp32 LoRA on a bf16 model) are cast on

@@ -84,9 +84,9 @@ def test_compiled_op_called_directly_casts_too():
         pytest.skip("the compiled library is not built")
     x, weight, bias, a, b = (t.detach() for t in fp32_leaves("cpu", (5, 24), (20, 24), (20,), (4, 24), (20, 4)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, s = torch.ops.lora_ops.lora_linear_fwd(x, weight, bias, a, b, 2.0, 0.0, 0)
+        y, s = torch.ops.lora_ops.lora_linear_fwd(x, weight, bias, a, b, 2.0, 0.0, None)
     y_ref, s_ref = torch.ops.lora_ops.lora_linear_fwd(
-        *cast_all(torch.bfloat16, [x, weight, bias, a, b]), 2.0, 0.0, 0)
+        *cast_all(torch.bfloat16, [x, weight, bias, a, b]), 2.0, 0.0, None)
     assert y.dtype == s.dtype == torch.bfloat16
     assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
 

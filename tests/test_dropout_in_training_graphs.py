@@ -10,6 +10,7 @@ if backward re-drew the forward's mask.
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -100,10 +101,30 @@ def test_activation_checkpointing_recomputes_the_same_mask(device, backend, use_
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_compiled_activation_checkpointing_recomputes_the_same_mask(device, backend, use_reentrant):
-    """Both together, as a compiled fine-tuning run with gradient checkpointing has them (not
-    fullgraph: the in-graph seed draw breaks the graph inside checkpoint's region)."""
+    """Both together, as a compiled fine-tuning run with gradient checkpointing has them, in one
+    graph: the seed drawn per call is a tensor (torch.randint, no .item()), which Dynamo traces
+    inside checkpoint's region."""
     torch._dynamo.reset()
     layer, (x, g) = make_layer(device, backend), inputs(device)
-    compiled = torch.compile(lambda x: checkpoint(layer, x, use_reentrant=use_reentrant))
+    compiled = torch.compile(lambda x: checkpoint(layer, x, use_reentrant=use_reentrant),
+                             fullgraph=True)
     masks = [assert_backward_used_forward_mask(layer, x, g, step(compiled, layer, x, g)) for _ in range(2)]
     assert not torch.equal(*masks), "two training steps drew the same dropout mask"
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_compiled_seed_tensor_computed_in_the_graph(device, backend):
+    """A seed the graph computes from a tensor the caller passes (a step counter, say), as a
+    framework that owns its RNG would: one graph for every step, each step's mask that of eager
+    with the same seed."""
+    torch._dynamo.reset()
+    layer, (x, g) = make_layer(device, backend), inputs(device)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(lambda x, step: layer(x, seed=step * 1000 + 17), backend=counter,
+                             fullgraph=True)
+    for i in range(3):
+        got = step(lambda x: compiled(x, torch.tensor(i)), layer, x, g)
+        want = step(layer, layer, x, g, seed=i * 1000 + 17)
+        for c, e in zip(got, want):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1

@@ -25,8 +25,9 @@ def operands(device, bias=True, M=6, K=20, N=12, r=4):
 
 
 def call(fwd, ops, dropout_p=0.0, seed=0):
+    """fwd called as the op is: the seed as its tensor, None without dropout."""
     return fwd(ops["x"], ops["weight"], ops["bias"], ops["lora_a"], ops["lora_b"], SCALING,
-               dropout_p, seed)
+               dropout_p, torch.tensor(seed) if dropout_p else None)
 
 
 def grads(fwd, ops, wanted, dy, dropout_p):
@@ -124,13 +125,13 @@ def test_bwd_op_refuses_inputs_that_require_grad_only_in_grad_mode(device):
     ops = operands(device)
     _, s = call(torch.ops.lora_ops.lora_linear_fwd, ops)
     dy = torch.randn(ops["x"].shape[0], ops["weight"].shape[0], device=device, requires_grad=True)
-    args = (dy, ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], s, SCALING, 0.0, 0,
+    args = (dy, ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], s, SCALING, 0.0, None,
             [True, True, True])
     with pytest.raises(RuntimeError, match="lora_linear_bwd: double backward is not supported"):
         torch.ops.lora_ops.lora_linear_bwd(*args)
     with torch.no_grad():
         dx, da, db = torch.ops.lora_ops.lora_linear_bwd(*args)
-    want = reference.lora_linear_bwd(*(a.detach() for a in args[:6]), SCALING, 0.0, 0)
+    want = reference.lora_linear_bwd(*(a.detach() for a in args[:6]), SCALING, 0.0, None)
     for g, w in zip((dx, da, db), want):
         assert g.grad_fn is None
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

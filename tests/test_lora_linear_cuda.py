@@ -43,8 +43,9 @@ def test_cuda_graph_capture_and_replay(device, backend, M):
 @pytest.mark.parametrize("device,backend", GPU_BACKENDS)
 def test_cuda_graph_capture_refuses_a_seed_drawn_per_call(device, backend):
     """seed=None draws a fresh mask per call on the host; captured, that one draw would be
-    replayed forever. Capture refuses it, naming the ways out; an explicit seed (a fixed mask,
-    above) and no dropout still capture."""
+    replayed forever (and a seed tensor's value read once, however it changes later). Capture
+    refuses both, naming the ways out; an int seed (a fixed mask, above) and no dropout still
+    capture."""
     x, w, b, a, bb = make_operands((8,), 256, 384, 16, torch.bfloat16, device)
     layer = lambda **kw: lora_ops.lora_linear(x, w, b, a, bb, 2.0, backend=backend, **kw)
     layer(dropout_p=0.1, training=True)  # warm up outside capture
@@ -52,6 +53,9 @@ def test_cuda_graph_capture_refuses_a_seed_drawn_per_call(device, backend):
     with pytest.raises(RuntimeError, match=r"^lora_linear: dropout .* seed=None\) under CUDA graph capture"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             layer(dropout_p=0.1, training=True)
+    with pytest.raises(RuntimeError, match=r"^lora_linear: dropout .* a seed tensor under CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            layer(dropout_p=0.1, training=True, seed=torch.tensor(3))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         layer(dropout_p=0.1, training=False)

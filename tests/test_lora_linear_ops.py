@@ -20,8 +20,9 @@ def op_args(device, dtype=torch.float32, M=5, K=12, N=10, r=3):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_opcheck_forward(device, backend, dropout_p):
     x, w, b, a, bb = op_args(device)
-    for args in ((x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), 0.5, dropout_p, 17),
-                 (x.detach(), w, None, a.detach(), bb.detach(), 2.0, dropout_p, 3)):
+    for args in ((x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), 0.5, dropout_p,
+                  torch.tensor(17)),
+                 (x.detach(), w, None, a.detach(), bb.detach(), 2.0, dropout_p, torch.tensor(3))):
         torch.library.opcheck(fwd_op(backend), args)
 
 
@@ -29,9 +30,9 @@ def test_opcheck_forward(device, backend, dropout_p):
 @pytest.mark.parametrize("mask", [[True, True, True], [False, True, False]], ids=str)
 def test_opcheck_backward(device, backend, mask):
     x, w, _, a, bb = op_args(device)
-    _, s = fwd_op(backend)(x, w, None, a, bb, 0.5, 0.2, 5)
+    _, s = fwd_op(backend)(x, w, None, a, bb, 0.5, 0.2, torch.tensor(5))
     dy = torch.randn(x.shape[0], w.shape[0], device=device)
-    torch.library.opcheck(bwd_op(backend), (dy, x, w, a, bb, s, 0.5, 0.2, 5, mask))
+    torch.library.opcheck(bwd_op(backend), (dy, x, w, a, bb, s, 0.5, 0.2, torch.tensor(5), mask))
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -139,16 +140,16 @@ def test_compiled_op_checks_its_own_input():
     """Callers of torch.ops.lora_ops.* from other frameworks get the same clear errors."""
     x, w, b, a, bb = op_args("cpu")
     with pytest.raises(ValueError, match="lora_linear_fwd: lora_b has size 9 in dim 0"):
-        torch.ops.lora_ops.lora_linear_fwd(x, w, b, a, torch.randn(9, 3), 1.0, 0.0, 0)
+        torch.ops.lora_ops.lora_linear_fwd(x, w, b, a, torch.randn(9, 3), 1.0, 0.0, None)
     with pytest.raises(ValueError, match="lora_linear_fwd: dropout_p must be in"):
-        torch.ops.lora_ops.lora_linear_fwd(x, w, b, a, bb, 1.0, 1.5, 0)
+        torch.ops.lora_ops.lora_linear_fwd(x, w, b, a, bb, 1.0, 1.5, None)
     with pytest.raises(ValueError, match="lora_linear_bwd: dy has size 4 in dim 0"):
         torch.ops.lora_ops.lora_linear_bwd(torch.randn(4, 10), x, w, a, bb, torch.randn(5, 3), 1.0,
-                                           0.0, 0, [True, True, True])
+                                           0.0, None, [True, True, True])
     # One meta operand sends the call to the fake kernel, which refuses mixed devices instead of
     # returning its uninitialised output.
     with pytest.raises(ValueError, match="lora_linear_fwd: operands are on several devices"):
-        torch.ops.lora_ops.lora_linear_fwd(x, w, b.to("meta"), a, bb, 1.0, 0.0, 0)
+        torch.ops.lora_ops.lora_linear_fwd(x, w, b.to("meta"), a, bb, 1.0, 0.0, None)
     with pytest.raises(ValueError, match="lora_linear_bwd: operands are on several devices"):
         torch.ops.lora_ops.lora_linear_bwd(torch.randn(5, 10), x, w.to("meta"), a, bb,
-                                           torch.randn(5, 3), 1.0, 0.0, 0, [True, True, True])
+                                           torch.randn(5, 3), 1.0, 0.0, None, [True, True, True])

@@ -30,23 +30,28 @@ def dropout_threshold(p: float) -> int:
     return min(_THRESHOLD_ONE, int(round(p * _THRESHOLD_ONE)))
 
 
-def _seed32_of(seed: int, device) -> "int | torch.Tensor":
-    """seed32(seed); while torch.compile traces, as a 0-d tensor computed in the graph.
+def _seed32_of(seed: "int | torch.Tensor", device) -> "int | torch.Tensor":
+    """seed32(seed); for a seed tensor (the ops' argument), or while torch.compile traces, as a
+    0-d int64 tensor computed with tensor ops.
 
-    A traced seed may be symbolic (drawn in the graph, or a caller's seed that varies), and
-    seed32's 64-bit mask cannot be applied to it (Inductor refuses 2**64 - 1 as an int64
-    constant; Dynamo cannot tell a SymInt from an int, so the tensor form serves every traced
-    seed). As an int64 the seed's two's-complement bits are its low 64 bits, and the arithmetic
-    shift differs from the logical one only in the top 32 bits, which the final mask clears:
-    the same 32 bits as seed32.
+    A seed tensor stays where it is (on the CPU, as the ops take it): a 0-d CPU tensor combines
+    with tensors on any device, and no copy to the device is made (none could be, under CUDA
+    graph capture). A traced int seed may be symbolic, and seed32's 64-bit mask cannot be
+    applied to it (Inductor refuses 2**64 - 1 as an int64 constant; Dynamo cannot tell a SymInt
+    from an int, so the tensor form serves every traced seed). As an int64 the seed's
+    two's-complement bits are its low 64 bits, and the arithmetic shift differs from the logical
+    one only in the top 32 bits, which the final mask clears: the same 32 bits as seed32.
     """
-    if not torch.compiler.is_compiling():
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(()).to(torch.int64)
+    elif torch.compiler.is_compiling():
+        s = torch.full((), seed, dtype=torch.int64, device=device)
+    else:
         return seed32(seed)
-    s = torch.full((), seed, dtype=torch.int64, device=device)
     return (s ^ (s >> 32)) & _MASK32
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+def dropout_keep_mask(seed: "int | torch.Tensor", rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Bool [rows, cols]: True where element (row, col) of the flattened x is kept."""
     r = torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1)
     c = torch.arange(cols, dtype=torch.int64, device=device).unsqueeze(0)
@@ -54,7 +59,7 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
     return (h >> 8) >= dropout_threshold(p)
 
 
-def apply_dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def apply_dropout(x2d: torch.Tensor, seed: "int | torch.Tensor", p: float) -> torch.Tensor:
     """drop(x) = mask * x / (1 - p), computed in x's dtype like the kernels' operand."""
     if p == 0.0:
         return x2d

@@ -4,12 +4,15 @@ Low-precision inputs are computed in fp32 and the adapter activation S is rounde
 dtype before it is used, as the kernels do (they save S in the input dtype); fp64 inputs stay
 fp64, which is how the tests build their oracle.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from lora_ops.reference.dropout import apply_dropout, dropout_keep_mask
 from lora_ops.reference.tokens import tokens_2d
+
+# An int, or the ops' seed tensor (lora_ops/dropout_seed.py); None where dropout_p is 0.
+Seed = Union[int, torch.Tensor, None]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -18,7 +21,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+                dropout_p: float = 0.0, seed: Seed = 0) -> torch.Tensor:
     """y = x W^T + b + scaling * (drop(x) A^T) B^T for x [..., K]; differentiable by autograd."""
     y2d, _ = lora_linear_fwd(tokens_2d(x), weight, bias, lora_a, lora_b,
                              scaling, dropout_p, seed)
@@ -27,7 +30,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                    dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    dropout_p: float, seed: Seed) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, S) for 2-D x, with the semantics of the `lora_ops::lora_linear_fwd` op."""
     dtype = x.dtype
     cdt = _compute_dtype(dtype)
@@ -41,7 +44,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     lora_a: torch.Tensor, lora_b: torch.Tensor, s: torch.Tensor,
-                    scaling: float, dropout_p: float, seed: int,
+                    scaling: float, dropout_p: float, seed: Seed,
                     output_mask=(True, True, True)):
     """(dx, d_lora_a, d_lora_b) by the closed-form backward of DESIGN.md, for 2-D dy and x."""
     dtype = x.dtype
