@@ -52,8 +52,8 @@ def make_timers(dims: dict, dtype: torch.dtype, device: str, sync) -> dict:
     x, w, b, a, bb = t(M, K), t(N, K), t(N), t(r, K), t(N, r)
     op = torch.ops.lora_ops.lora_linear_fwd
     grad_args = (x.clone().requires_grad_(), w, b, a.clone().requires_grad_(),
-                 bb.clone().requires_grad_(), 0.5, 0.0, 0)
-    plain_args = (x, w, b, a, bb, 0.5, 0.0, 0)
+                 bb.clone().requires_grad_(), 0.5, 0.0, None)
+    plain_args = (x, w, b, a, bb, 0.5, 0.0, None)
 
     def timed(args) -> float:
         start = time.perf_counter_ns()

@@ -286,6 +286,44 @@ struct StoreScaled {
   }
 };
 
+// out[j * ld + i] = alpha * C(i, j), rounded to T: C written transposed, for a product computed
+// as the transpose of the one wanted so that its narrow side (an adapter's rank) is the GEMM's
+// rows, where a rank of 16 does not leave half of the micro-kernel's kNR columns idle. By 8 x 8
+// blocks through registers (element by element, transposed stores made the multi-adapter dB take
+// twice dA's time).
+template <class T>
+void store_tile_transposed(T* out, int64_t ld, float alpha, int64_t i0, int64_t m, int64_t j0,
+                           int64_t n, const float* __restrict c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (alpha == 1.0f) {
+      transpose_block(out + j0 * ld + i0, ld, c, ldc, m, n);
+      return;
+    }
+  }
+  alignas(64) float block[8 * kMaxTileM];  // eight columns of C at a time, then a row of out each
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t cols = std::min<int64_t>(8, n - j);
+    transpose_block(block, m, c + j, ldc, m, cols);
+    for (int64_t q = 0; q < cols; ++q) {
+      T* __restrict o = out + (j0 + j + q) * ld + i0;
+      const float* __restrict src = block + q * m;
+      for (int64_t i = 0; i < m; ++i) o[i] = from_float<T>(alpha * src[i]);
+    }
+  }
+}
+
+template <class T>
+struct StoreTransposedScaled {
+  T* out;
+  int64_t ld;
+  float alpha;
+
+  void store_tile(int64_t i0, int64_t m, int64_t j0, int64_t n, const float* c,
+                  int64_t ldc) const {
+    store_tile_transposed(out, ld, alpha, i0, m, j0, n, c, ldc);
+  }
+};
+
 // c[i * ldc + j] = C(i, j) + beta * c[i * ldc + j], rounded to T: a plain GEMM's epilogue.
 template <class T>
 struct StoreGemm {

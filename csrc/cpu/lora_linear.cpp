@@ -3,9 +3,9 @@
 // Forward: one pass over x computes S = drop(x) A^T (dropout applied while packing x); one pass
 // writes y = b + scaling * S B^T; the base GEMM then accumulates x W^T into y (beta = 1), so y
 // is written once and read once by the GEMM, with no intermediate [M, N] tensor.
-// Backward: dS = scaling * dY B (fp32 scratch), dB = scaling * dY^T S, dA = dS^T drop(x) (mask
-// applied while packing x), dX = keep_scale * mask * (dS A) written first, then dY W added by
-// the base GEMM.
+// Backward: dS = scaling * dY B (fp32 scratch, kept transposed), dB = scaling * dY^T S, dA =
+// dS^T drop(x) (mask applied while packing x), dX = keep_scale * mask * (dS A) written first,
+// then dY W added by the base GEMM.
 #include <memory>
 #include <new>
 
@@ -97,15 +97,20 @@ lora_status_t bwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* dy, const
     ds_buffer.reset(new (std::nothrow) float[M * r]);
     if (!ds_buffer) return LORA_ERR_UNSUPPORTED;
   }
-  float* ds = ds_buffer.get();
+  float* ds_t = ds_buffer.get();  // dS^T [r, M]
+  // dB and dS are computed transposed, dB^T = S^T dY and dS^T = B^T dY^T, so that the rank is
+  // the GEMMs' row count: as their column count it left half of the micro-kernel's 32 columns
+  // idle at r = 16, and dS's B operand (lora_b) could not be streamed. dS^T is kept as it is
+  // (both its readers take it transposed); dB^T is stored transposed.
   // A product not asked for is planned with no rows: no work items.
-  const auto d_b = plan_gemm(OperandA<T>{dy, 1, N}, OperandB<T>{s_saved, r, 1},
-                             StoreScaled<T>{d_lora_b, r, scaling}, d_lora_b ? N : 0, r, M);
-  const auto d_s = plan_gemm(OperandA<T>{dy, N, 1}, OperandB<T>{lora_b, r, 1},
-                             StoreScaled<float>{ds, r, scaling}, want_ds ? M : 0, r, N);
-  const auto d_a = plan_gemm(OperandA<float>{ds, 1, r}, OperandB<T>{x, ldx, 1, dropout},
+  const auto d_b = plan_gemm(OperandA<T>{s_saved, 1, r}, OperandB<T>{dy, N, 1},
+                             StoreTransposedScaled<T>{d_lora_b, r, scaling}, d_lora_b ? r : 0, N,
+                             M);
+  const auto d_s = plan_gemm(OperandA<T>{lora_b, 1, r}, OperandB<T>{dy, 1, N},
+                             StoreScaled<float>{ds_t, M, scaling}, want_ds ? r : 0, M, N);
+  const auto d_a = plan_gemm(OperandA<float>{ds_t, M, 1}, OperandB<T>{x, ldx, 1, dropout},
                              StoreScaled<T>{d_lora_a, K, 1.0f}, d_lora_a ? r : 0, K, M);
-  const auto dx_adapter = plan_gemm(OperandA<float>{ds, r, 1}, OperandB<T>{lora_a, K, 1},
+  const auto dx_adapter = plan_gemm(OperandA<float>{ds_t, 1, M}, OperandB<T>{lora_a, K, 1},
                                     StoreMaskedDx<T>{dx, K, dropout}, dx ? M : 0, K, r);
   PhasedWork work;
   bool threaded = add_phase(work, d_b);

@@ -18,7 +18,6 @@
 #include "cpu/dtype.h"
 #include "cpu/gemm_operands.h"
 #include "cpu/packed_gemm.h"
-#include "cpu/panel_transpose.h"
 #include "lora_ops/kernels.h"
 
 namespace lora_ops::cpu {
@@ -85,22 +84,14 @@ void store_row(TO* __restrict out, const float* __restrict src, int64_t n) {
 }
 
 // out[a] (storage type TO) as the GEMMs write it: C(i, j) at out[i * ld + j], or with
-// `transposed` (the rank is out's last dimension) at out[j * ld + i], by blocks through
-// registers (element by element, the transposed stores made dB take twice dA's time).
+// `transposed` (the rank is out's last dimension) at out[j * ld + i].
 template <class TO>
 void store_grad_tile(TO* out, int64_t ld, bool transposed, int64_t i0, int64_t m, int64_t j0,
                      int64_t n, const float* __restrict c, int64_t ldc) {
   if (!transposed) {
     for (int64_t i = 0; i < m; ++i) store_row(out + (i0 + i) * ld + j0, c + i * ldc, n);
-  } else if constexpr (std::is_same_v<TO, float>) {
-    transpose_block(out + j0 * ld + i0, ld, c, ldc, m, n);
-  } else {  // eight columns of C at a time through an fp32 block, then rounded a row at a time
-    float block[8 * kMaxTileM];
-    for (int64_t j = 0; j < n; j += 8) {
-      const int64_t cols = std::min<int64_t>(8, n - j);
-      transpose_block(block, m, c + j, ldc, m, cols);
-      for (int64_t q = 0; q < cols; ++q) store_row(out + (j0 + j + q) * ld + i0, block + q * m, m);
-    }
+  } else {
+    store_tile_transposed(out, ld, 1.0f, i0, m, j0, n, c, ldc);
   }
 }
 
