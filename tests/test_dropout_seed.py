@@ -65,11 +65,16 @@ def test_seed_changed_in_place_before_backward_is_never_silently_used(device, ba
     (torch.tensor(3.0), ValueError, "lora_linear: seed must have dtype int64, got torch.float32"),
     (torch.tensor([3, 4]), ValueError, r"lora_linear: seed must hold one value, got shape \[2\]"),
     (torch.tensor(3, device="meta"), ValueError, "lora_linear: seed must be a CPU tensor"),
+    ("device", ValueError, "lora_linear: seed must be a CPU tensor"),
     (3.5, TypeError, "lora_linear: seed must be an int, a one-element int64 CPU tensor or None, "
                      "got float"),
-], ids=["float", "two-values", "meta", "python-float"])
+], ids=["float", "two-values", "meta", "device", "python-float"])
 def test_bad_seed_is_refused_by_lora_linear(device, backend, seed, error, match):
     x, w, bias, a, b = operands(device)
+    if isinstance(seed, str):  # "device": a tensor on the operands' device
+        seed = torch.tensor(3, device=device)
+        if device == "cpu":
+            pytest.skip("on the CPU the device is the host")
     with pytest.raises(error, match=match):
         lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=P, training=True, seed=seed,
                              backend=backend)
@@ -92,6 +97,9 @@ def test_bad_seed_is_refused_by_the_ops(device, backend):
         fwd(torch.tensor([3, 4]))
     with pytest.raises(ValueError, match=f"{name}: seed must be a CPU tensor"):
         fwd(torch.tensor(3, device="meta"))
+    if device == "cuda":  # a device seed would cost a sync to read, and none can be read in capture
+        with pytest.raises(ValueError, match=f"{name}: seed must be a CPU tensor"):
+            fwd(torch.tensor(3, device=device))
     fwd(None, p=0.0)  # no dropout, no seed needed
     _, s = fwd(torch.tensor(5))
     bwd_name = bwd_op(backend).__name__.split(".")[0]
