@@ -9,6 +9,7 @@ prints each build's median and the median over rounds of the paired ratio new / 
 
     python benchmarks/ab_cpu.py                                  # HEAD vs working tree
     python benchmarks/ab_cpu.py --base HEAD~2 --op bwd --shape M=64,K=2048,N=2048,r=16,dtype=bf16
+    python benchmarks/ab_cpu.py --op bwd --outputs da,db     # the adapter's gradients alone
     python benchmarks/ab_cpu.py --op multi_fwd --shape T=64,U=16,K=2048,N=2048,r=16,dist=identical
 
 Both builds use the built-in GEMM (the C ABI's default), not ATen's BLAS.
@@ -48,6 +49,7 @@ class Dropout(ctypes.Structure):
 
 
 NO_DROPOUT = Dropout(0, 0, 1.0)
+BWD_OUTPUTS = ("dx", "da", "db")  # the backward's outputs, in the C ABI's order
 
 
 class AdapterStack(ctypes.Structure):
@@ -105,10 +107,12 @@ class KernelCall:
     """One kernel call of a case through the C ABI of a library, on the buffers given (kept on
     self: the C call holds only their addresses), the next weight copy on each call."""
 
-    def __init__(self, lib: ctypes.CDLL, op: str, case: LinearCase, buffers: dict):
+    def __init__(self, lib: ctypes.CDLL, op: str, case: LinearCase, buffers: dict,
+                 outputs: Sequence[str] = BWD_OUTPUTS):
         code = DTYPES[case.dtype][1]
         M, K, N, r = case.M, case.K, case.N, case.r
-        self.label = f"{op} {case.label()}"
+        part = "" if op == "fwd" or tuple(outputs) == BWD_OUTPUTS else f" [{','.join(outputs)}]"
+        self.label = f"{op}{part} {case.label()}"
         self.buffers = buffers
         p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in buffers.items()
              if name != "weights"}
@@ -123,7 +127,8 @@ class KernelCall:
                                NO_DROPOUT, p["s"], p["y"], None)
             else:
                 args = dims + (p["dy"], p["x"], i64(K), w_ptr, p["a"], p["bb"], p["s"],
-                               f32(2.0), NO_DROPOUT, p["dx"], p["da"], p["db"], None)
+                               f32(2.0), NO_DROPOUT, *(p[o] if o in outputs else None
+                                                        for o in BWD_OUTPUTS), None)
             self.variants.append(args)
         self.calls = 0
         self.fn.restype = ctypes.c_int
@@ -216,6 +221,15 @@ def parse_case(spec: str, dtype: str, op: str) -> LinearCase | MultiCase:
     return case
 
 
+def parse_outputs(spec: str) -> tuple[str, ...]:
+    """--outputs: a comma list of the backward's gradients, in the C ABI's order."""
+    wanted = [o for o in spec.split(",") if o]
+    unknown = [o for o in wanted if o not in BWD_OUTPUTS]
+    if unknown or not wanted:
+        raise ValueError(f"ab_cpu: --outputs '{spec}': choose among {','.join(BWD_OUTPUTS)}")
+    return tuple(o for o in BWD_OUTPUTS if o in wanted)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the baseline build")
@@ -226,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", action="append",
                         help="M=..,K=..,N=..,r=..[,dtype=..] as for lora-ops bench (repeatable)")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--outputs", default=",".join(BWD_OUTPUTS),
+                        help="bwd: the gradients computed, of dx,da,db (the others not asked "
+                             "for), to time the adapter's products without the base GEMM")
     parser.add_argument("--copies", type=int, default=1,
                         help="fwd/bwd: weight copies rotated call by call (enough to exceed the "
                              "last-level cache times the weight read from memory)")
@@ -233,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         defaults = DEFAULT_MULTI_SHAPES if args.op == "multi_fwd" else DEFAULT_SHAPES
         cases = [parse_case(s, args.dtype, args.op) for s in args.shape or defaults]
+        outputs = parse_outputs(args.outputs)
     except ValueError as err:
         parser.error(str(err))
 
@@ -258,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          for name in ("base", "new")]
             else:
                 buffers = linear_buffers(case, args.copies)
-                calls = [KernelCall(libs[name], args.op, case, buffers)
+                calls = [KernelCall(libs[name], args.op, case, buffers, outputs)
                          for name in ("base", "new")]
             base_t, new_t = time_interleaved(calls, args.rounds)
             ratio, faster = paired_ratio(base_t, new_t)

@@ -64,3 +64,10 @@ def test_both_builds_share_the_buffers_and_rotate_the_weight_copies():
             call()
     addresses = [w.data_ptr() for w in buffers["weights"]]
     assert seen["a"] == seen["b"] == addresses + addresses[:1]
+
+
+def test_outputs_are_parsed_in_the_c_abi_order_and_checked():
+    assert ab_cpu.parse_outputs("db,dx") == ("dx", "db")
+    for bad in ("dw", "", "dx,dq"):
+        with pytest.raises(ValueError, match="--outputs"):
+            ab_cpu.parse_outputs(bad)
