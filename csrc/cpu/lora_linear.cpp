@@ -102,7 +102,7 @@ lora_status_t bwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* dy, const
   // column count it left half of the micro-kernel's 32 columns idle at r = 16. dS likewise
   // above kSmallM rows, dS^T = B^T dY^T, kept as it is (element (m, i) at ds[i * M + m]; its
   // readers take either layout); up to kSmallM rows dS = dY B, which reads lora_b in place
-  // once, where dS^T first gathers lora_b^T's rows for each tile. C ABI, dA alone (dS and dA^T
+  // once, where dS^T first gathers lora_b^T's rows for each tile. C ABI, dA alone (the dS and dA
   // products), K = N = 4096, r = 16: dS^T took 1.51 / 1.24 / 1.05x dS's time at M = 1 / 4 / 16;
   // dS 1.65 / 1.50x dS^T's at M = 17 / 32, 1.15x at M = 256 (N = 1024), 1.03x there at r = 64.
   const bool ds_transposed = M > kSmallM;
