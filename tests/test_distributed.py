@@ -57,6 +57,7 @@ def full_state(model):
 
 
 def worker(rank, wrapper, backend, init_file, out):
+    torch.set_num_threads(1)  # as the one-process run below: ATen's CPU matmuls round by thread count
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
@@ -83,10 +84,15 @@ def test_data_parallel_training_matches_one_process(wrapper, device, backend):
         out = os.path.join(tmp, "state.pt")
         mp.spawn(worker, args=(wrapper, backend, os.path.join(tmp, "init"), out), nprocs=WORLD)
         got = torch.load(out)
-    model = build(backend)
-    start = full_state(model)
-    train(model, lambda m: sum(half_loss(m, rank) for rank in range(WORLD)) / WORLD)
-    want = full_state(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build(backend)
+        start = full_state(model)
+        train(model, lambda m: sum(half_loss(m, rank) for rank in range(WORLD)) / WORLD)
+        want = full_state(model)
+    finally:
+        torch.set_num_threads(threads)
     assert got.keys() == want.keys()
     adapters = [k for k in want if ".lora_A." in k or ".lora_B." in k]
     assert len(adapters) == 2 * len(TARGETS) * 2  # A and B of each target in both layers
