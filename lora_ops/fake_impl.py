@@ -2,8 +2,12 @@
 import functools
 import inspect
 
+from typing import Callable, Mapping, Optional
+
 import torch
 from torch import Tensor
+
+HostCheck = Callable[[str, Tensor], None]  # check(op, tensor): raises for a bad host argument
 
 
 def _tensors(values):
@@ -14,28 +18,27 @@ def _tensors(values):
             yield from _tensors(v)
 
 
-def register_fake(qualname: str, fake, host_args=()) -> None:
+def register_fake(qualname: str, fake,
+                  host_args: Optional[Mapping[str, HostCheck]] = None) -> None:
     """torch.library.register_fake(qualname)(fake), the fake first requiring every tensor
-    argument on one device, and those named in `host_args` (a dropout seed, read on the host)
-    on the CPU.
+    argument on one device, but those named in `host_args` (a dropout seed, read on the host),
+    which their own check(op, tensor) vets instead.
 
     The dispatcher picks a call's kernel from all its operands' devices, and a meta operand
     outranks the others: a call with real CPU tensors and one meta tensor runs the fake, whose
     output (new_empty of a real operand) would be returned as the answer, uninitialised. Under
-    torch.compile the check runs once, at trace time, on the fake tensors' devices.
+    torch.compile the checks run once, at trace time, on the fake tensors.
     """
     op = qualname.split("::")[-1]
     signature = inspect.signature(fake)
+    host_args = dict(host_args or {})
 
     @functools.wraps(fake)
     def one_device(*args, **kwargs):
         named = signature.bind(*args, **kwargs).arguments
-        for name in host_args:
-            t = named.get(name)
-            torch._check_value(
-                not isinstance(t, Tensor) or t.device.type == "cpu",
-                lambda: f"{op}: {name} must be a CPU tensor (its launcher reads it on the host), "
-                        f"got one on {t.device}")
+        for name, check in host_args.items():
+            if isinstance(named.get(name), Tensor):
+                check(op, named[name])
         tensors = list(_tensors(v for k, v in named.items() if k not in host_args))
         for t in tensors[1:]:
             torch._check_value(

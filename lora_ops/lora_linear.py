@@ -18,7 +18,7 @@ from torch import Tensor
 from lora_ops import _backend
 from lora_ops import reference
 from lora_ops.autocast import autocast_dtype, autocast_operands, call_cast
-from lora_ops.dropout_seed import SeedLike, read_seed, seed_tensor
+from lora_ops.dropout_seed import SeedLike, check_seed_tensor, read_seed, seed_tensor
 from lora_ops.fake_impl import register_fake
 from lora_ops.reference.tokens import tokens_2d
 
@@ -133,8 +133,9 @@ def _make_backward(bwd_op):
 
 
 def _register(fwd_name: str, bwd_name: str, autograd: bool) -> None:
-    register_fake(f"lora_ops::{fwd_name}", _fwd_fake, host_args=("seed",))
-    register_fake(f"lora_ops::{bwd_name}", _bwd_fake, host_args=("seed",))
+    seed_rule = {"seed": check_seed_tensor}  # dropout_seed's rule, also at trace time
+    register_fake(f"lora_ops::{fwd_name}", _fwd_fake, host_args=seed_rule)
+    register_fake(f"lora_ops::{bwd_name}", _bwd_fake, host_args=seed_rule)
     if autograd:
         torch.library.register_autograd(f"lora_ops::{fwd_name}",
                                         _make_backward(getattr(torch.ops.lora_ops, bwd_name)),
