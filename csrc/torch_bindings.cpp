@@ -8,11 +8,12 @@
 #include "torch_common.h"
 
 TORCH_LIBRARY(lora_ops, m) {
-  // The dropout seed is a tensor, a one-element int64 CPU tensor that the kernels' launchers read
-  // on the host (None when dropout_p is 0). As a tensor it can be drawn inside a traced graph
-  // (torch.randint, no .item()), where torch.compile keeps it: under activation checkpointing
-  // the recompute then re-uses the forward's seed without a graph break, and a backward that
-  // autograd saved it for reads the very seed its forward used.
+  // The dropout seed is a tensor, a one-element int64 tensor (None when dropout_p is 0): on the
+  // CPU the launchers read it on the host; on x's device the kernels read it as they run, so a
+  // captured CUDA graph follows its value on every replay. As a tensor it can be drawn inside a
+  // traced graph (torch.randint, no .item()), where torch.compile keeps it: under activation
+  // checkpointing the recompute then re-uses the forward's seed without a graph break, and a
+  // backward that autograd saved it for reads the very seed its forward used.
   m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
         "float scaling, float dropout_p, Tensor? seed) -> (Tensor y, Tensor s)");
   m.def("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <sstream>
 
+#include "lora_ops/dropout_hash.h"
+
 #ifdef LORA_OPS_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #endif
@@ -54,30 +56,38 @@ lora_dtype_t to_lora_dtype(const char* op, const char* arg, const at::Tensor& t)
 
 namespace {
 
-int64_t read_seed(const char* op, double p, const std::optional<at::Tensor>& seed) {
+// Fills d's seed from the ops' seed argument (lora_ops/dropout_seed.py has the same rule): a CPU
+// tensor is read here, on the host; one on x's device is left for the kernels to read as they
+// run (seed_ptr), which costs no synchronisation and follows the value under CUDA graph replay.
+void set_seed(const char* op, double p, const std::optional<at::Tensor>& seed,
+              const at::Tensor& x, lora_dropout_t& d) {
+  d.seed32 = 0;
+  d.seed_ptr = nullptr;
   if (!seed || !seed->defined()) {
     TORCH_CHECK_VALUE(p == 0.0, op, ": dropout_p is ", p, " but seed is None; dropout needs a "
-                      "seed (a one-element int64 CPU tensor)");
-    return 0;
+                      "seed (a one-element int64 tensor)");
+    return;
   }
   const at::Tensor& t = *seed;
-  // On the host: a device seed would cost a synchronisation here (and could not be read at all
-  // under CUDA graph capture).
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": seed must be a CPU tensor (its launcher reads "
-                    "it on the host), got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == x.device(), op, ": seed must be a CPU "
+                    "tensor or on x's device (", x.device(), "), got one on ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == at::kLong, op, ": seed must have dtype int64, got ",
                     t.scalar_type());
   TORCH_CHECK_VALUE(t.numel() == 1, op, ": seed must hold one value, got shape ", shape_str(t));
-  return *t.const_data_ptr<int64_t>();
+  if (t.device().is_cpu()) {
+    d.seed32 = lora_seed32(static_cast<uint64_t>(*t.const_data_ptr<int64_t>()));
+  } else {
+    d.seed_ptr = t.const_data_ptr<int64_t>();
+  }
 }
 
 }  // namespace
 
-lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed) {
+lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed,
+                            const at::Tensor& x) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
-  const uint64_t s = static_cast<uint64_t>(read_seed(op, p, seed));
   lora_dropout_t d;
-  d.seed32 = static_cast<uint32_t>(s ^ (s >> 32));
+  set_seed(op, p, seed, x, d);
   // Round half to even, as Python's round() in the reference does.
   d.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
   d.keep_scale = static_cast<float>(1.0 / (1.0 - p));

@@ -28,8 +28,10 @@ void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t di
 lora_dtype_t to_lora_dtype(const char* op, const char* arg, const at::Tensor& t);
 
 // Dropout descriptor for probability p in [0, 1) and the ops' seed argument (see dropout_hash.h):
-// a one-element int64 CPU tensor, read here on the host; None only where p is 0.
-lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed);
+// a one-element int64 tensor, on the CPU (read here, on the host) or on x's device (read by the
+// kernels as they run); None only where p is 0.
+lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed,
+                            const at::Tensor& x);
 
 // A 2-D view of x whose last dim has unit stride (copies only when it has not).
 at::Tensor rows_unit_stride(const at::Tensor& x);

@@ -62,7 +62,7 @@ FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
   FwdArgs a;
   a.d = check_operands(kFwd, x, weight, lora_a, lora_b);
   check_bias(bias, x, a.d.N);
-  a.dropout = make_dropout(kFwd, dropout_p, seed);
+  a.dropout = make_dropout(kFwd, dropout_p, seed, x);
   a.x = rows_unit_stride(x);
   a.weight = weight.contiguous();
   a.bias = bias ? bias->contiguous() : at::Tensor();
@@ -94,7 +94,7 @@ BwdArgs prepare_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   for (auto [name, t] : {std::pair{"dy", &dy}, {"s", &s}}) {
     check_matches(kBwd, name, *t, x);
   }
-  a.dropout = make_dropout(kBwd, dropout_p, seed);
+  a.dropout = make_dropout(kBwd, dropout_p, seed, x);
   a.dy = dy.contiguous();
   a.x = rows_unit_stride(x);
   a.weight = weight.contiguous();
@@ -137,11 +137,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
 }
 
 #ifdef LORA_OPS_WITH_CUDA
+// Any operand on a GPU sends a call to the CUDA kernels. Where x is not on one, the kernels'
+// argument checks, run first, name the operand that is (a seed on the GPU, say); this is for a
+// call that passes them, and comes before the CUDA guard, which would fail on x's device.
+void require_x_on_gpu(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x is on ", x.device(),
+                    "; the CUDA kernels take it on a GPU");
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,
                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
                                             double scaling, double dropout_p,
                                             const std::optional<at::Tensor>& seed) {
+  if (!x.is_cuda()) prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
+  require_x_on_gpu(kFwd, x);
   const c10::cuda::CUDAGuard guard(x.device());
   FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
   const lora_dtype_t dt = to_lora_dtype(kFwd, "x", x);
@@ -159,6 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> mask) {
+  if (!x.is_cuda()) prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
+  require_x_on_gpu(kBwd, x);
   const c10::cuda::CUDAGuard guard(x.device());
   BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
   const lora_dtype_t dt = to_lora_dtype(kBwd, "x", x);

@@ -7,7 +7,7 @@ from lora_ops.modules import LoRALinear, lora_scaling
 from lora_ops.multi_lora import lora_expand, lora_shrink, multi_lora_linear, segments_from_token_adapter
 from lora_ops.multi_lora_module import MultiLoRALinear, mixed_batch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "available_backends", "build_info", "cuda_paths", "__version__",

@@ -7,7 +7,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-HostCheck = Callable[[str, Tensor], None]  # check(op, tensor): raises for a bad host argument
+# check(op, tensor, operands' device): raises for a bad argument that may live on the host
+HostCheck = Callable[[str, Tensor, torch.device], None]
 
 
 def _tensors(values):
@@ -21,8 +22,8 @@ def _tensors(values):
 def register_fake(qualname: str, fake,
                   host_args: Optional[Mapping[str, HostCheck]] = None) -> None:
     """torch.library.register_fake(qualname)(fake), the fake first requiring every tensor
-    argument on one device, but those named in `host_args` (a dropout seed, read on the host),
-    which their own check(op, tensor) vets instead.
+    argument on one device, but those named in `host_args` (a dropout seed, which may also be on
+    the host), which their own check(op, tensor, device of the others) vets instead.
 
     The dispatcher picks a call's kernel from all its operands' devices, and a meta operand
     outranks the others: a call with real CPU tensors and one meta tensor runs the fake, whose
@@ -36,15 +37,15 @@ def register_fake(qualname: str, fake,
     @functools.wraps(fake)
     def one_device(*args, **kwargs):
         named = signature.bind(*args, **kwargs).arguments
-        for name, check in host_args.items():
-            if isinstance(named.get(name), Tensor):
-                check(op, named[name])
         tensors = list(_tensors(v for k, v in named.items() if k not in host_args))
         for t in tensors[1:]:
             torch._check_value(
                 t.device == tensors[0].device,
                 lambda: f"{op}: operands are on several devices ({tensors[0].device} and "
                         f"{t.device}); all must be on one")
+        for name, check in host_args.items():
+            if isinstance(named.get(name), Tensor):
+                check(op, named[name], tensors[0].device)
         return fake(*args, **kwargs)
 
     torch.library.register_fake(qualname)(one_device)

@@ -18,7 +18,7 @@ from torch import Tensor
 from lora_ops import _backend
 from lora_ops import reference
 from lora_ops.autocast import autocast_dtype, autocast_operands, call_cast
-from lora_ops.dropout_seed import SeedLike, check_seed_tensor, read_seed, seed_tensor
+from lora_ops.dropout_seed import SeedLike, check_seed_tensor, launch_seed, seed_tensor
 from lora_ops.fake_impl import register_fake
 from lora_ops.reference.tokens import tokens_2d
 
@@ -89,7 +89,7 @@ def _bwd_fake(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output
 def _triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_fwd
-    seed = read_seed("triton_lora_linear_fwd", dropout_p, seed)
+    seed = launch_seed("triton_lora_linear_fwd", dropout_p, seed, x.device)
     with torch.cuda.device_of(x):  # Triton launches on the current device
         return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
@@ -99,7 +99,7 @@ def _triton_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: T
                 scaling: float, dropout_p: float, seed: Optional[Tensor],
                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_bwd
-    seed = read_seed("triton_lora_linear_bwd", dropout_p, seed)
+    seed = launch_seed("triton_lora_linear_bwd", dropout_p, seed, x.device)
     with torch.cuda.device_of(x):
         return lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, tuple(output_mask))
 
@@ -154,16 +154,16 @@ def _capturing_cuda_graph(x) -> bool:
             and torch.cuda.is_current_stream_capturing())
 
 
-def _refuse_host_seed_in_capture(p: float, seed: SeedLike) -> None:
-    """A seed drawn per call, or a seed tensor, is read on the host once, as the graph is
-    captured: every replay would apply that one mask while the caller expects fresh ones (or
-    ones that follow the tensor). An int seed fixes the mask on purpose, and may be captured."""
-    what = "a seed drawn per call (seed=None)" if seed is None else "a seed tensor"
+def _refuse_cpu_seed_in_capture(p: float) -> None:
+    """A seed tensor on the CPU is read on the host once, as the graph is captured: every
+    replay would apply that one mask while the caller expects masks that follow the tensor. A
+    seed on the GPU (seed=None draws one there) is read by the kernels on every replay, and an
+    int seed fixes the mask on purpose: both may be captured."""
     raise RuntimeError(
-        f"{OP}: dropout (p={p}) with {what} under CUDA graph capture: the seed is read on the "
-        f"host, once, as the graph is captured, so every replay would apply the same mask. Pass "
-        f"an int seed= to fix the mask on purpose, capture with dropout_p=0 (lora_dropout=0.0, "
-        f"or eval mode), or keep the layer's dropout outside the captured region")
+        f"{OP}: dropout (p={p}) with a CPU seed tensor under CUDA graph capture: it is read on "
+        f"the host, once, as the graph is captured, so every replay would apply the same mask. "
+        f"Put the seed tensor on x's device (the kernels then read it on every replay), pass "
+        f"seed=None for a fresh mask per replay, or an int seed= to fix the mask on purpose")
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -174,7 +174,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     x [..., K]; weight [N, K]; bias [N] or None; lora_a [r, K]; lora_b [N, r]; all one dtype
     (float32, float16 or bfloat16) and device. Dropout on the adapter path applies only when
     `training`; `seed` fixes its mask (the same on every backend): a Python int, or a one-element
-    int64 CPU tensor (which a graph may compute); else one is drawn from torch's CPU generator.
+    int64 tensor on the CPU or on x's device (which a graph may compute; on the device the
+    kernels read it as they run, also on every replay of a captured CUDA graph); else a fresh
+    one is drawn on x's device from torch's generator there (CUDA-graph safe: a fresh mask on
+    every replay).
     Gradients flow to x, lora_a, lora_b and bias (and weight, if it requires grad).
     `backend`: "cuda", "triton", "cpu" or "reference"; default by device (see available_backends).
     """
@@ -185,9 +188,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     p = float(dropout_p) if training else 0.0
     seed_arg = None
     if p > 0.0:
-        if (seed is None or isinstance(seed, Tensor)) and _capturing_cuda_graph(x):
-            _refuse_host_seed_in_capture(p, seed)
-        seed_arg = seed_tensor(OP, seed)
+        if isinstance(seed, Tensor) and seed.device.type == "cpu" and _capturing_cuda_graph(x):
+            _refuse_cpu_seed_in_capture(p)
+        seed_arg = seed_tensor(OP, seed, x.device)
     scaling = float(scaling)
     device = x.device
     chosen = _backend.compiled_backend(OP, backend, x)

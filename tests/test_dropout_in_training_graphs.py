@@ -112,19 +112,72 @@ def test_compiled_activation_checkpointing_recomputes_the_same_mask(device, back
     assert not torch.equal(*masks), "two training steps drew the same dropout mask"
 
 
+@pytest.mark.parametrize("counter_on", ["cpu", "operands"])
 @pytest.mark.parametrize("device,backend", backend_params())
-def test_compiled_seed_tensor_computed_in_the_graph(device, backend):
-    """A seed the graph computes from a tensor the caller passes (a step counter, say), as a
-    framework that owns its RNG would: one graph for every step, each step's mask that of eager
-    with the same seed."""
+def test_compiled_seed_tensor_computed_in_the_graph(device, backend, counter_on):
+    """A seed the graph computes from a tensor the caller passes (a step counter, say, on the
+    CPU or on the operands' device, where the kernels read it), as a framework that owns its RNG
+    would: one graph for every step, each step's mask that of eager with the same seed."""
     torch._dynamo.reset()
     layer, (x, g) = make_layer(device, backend), inputs(device)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(lambda x, step: layer(x, seed=step * 1000 + 17), backend=counter,
                              fullgraph=True)
+    step_device = "cpu" if counter_on == "cpu" else device
     for i in range(3):
-        got = step(lambda x: compiled(x, torch.tensor(i)), layer, x, g)
+        got = step(lambda x: compiled(x, torch.tensor(i, device=step_device)), layer, x, g)
         want = step(layer, layer, x, g, seed=i * 1000 + 17)
         for c, e in zip(got, want):
             torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cuda",)))
+def test_captured_training_step_draws_a_fresh_mask_per_replay(device, backend):
+    """A whole training step, forward and backward, captured in one CUDA graph with seed=None:
+    the seed is drawn in the graph by torch's generator and read by the kernels, so each replay
+    applies a new mask, and its backward that very mask."""
+    layer, (x, g) = make_layer(device, backend), inputs(device)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+
+    def train_step():
+        y = layer(x)
+        (y * g).sum().backward()
+        return y
+
+    side = torch.cuda.Stream()  # warm-up on a side stream, as capturing a backward requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.grad = a.grad = b.grad = None
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = a.grad = b.grad = None  # the graph allocates them, and rewrites them per replay
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = train_step()
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        result = static_y.detach().clone(), x.grad.clone(), a.grad.clone(), b.grad.clone()
+        masks.append(assert_backward_used_forward_mask(layer, x, g, result))
+    assert not torch.equal(*masks), "two replays applied the same dropout mask"
+
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cuda",)))
+def test_compile_reduce_overhead_trains_with_dropout_in_cuda_graphs(device, backend):
+    """torch.compile(mode="reduce-overhead") with dropout and seed=None: the graph draws the seed
+    on the GPU, so no CPU tensor keeps Inductor from running it as CUDA graphs, and every step
+    still gets a fresh mask that its backward follows."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    layer, (x, g) = make_layer(device, backend), inputs(device)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    masks = []
+    for _ in range(4):  # the first runs record; the later ones replay
+        torch.compiler.cudagraph_mark_step_begin()
+        masks.append(assert_backward_used_forward_mask(layer, x, g, step(compiled, layer, x, g)))
+    assert not torch.equal(masks[-2], masks[-1]), "two replayed steps drew the same dropout mask"
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])

@@ -40,27 +40,55 @@ def test_cuda_graph_capture_and_replay(device, backend, M):
         torch.testing.assert_close(static_y, run(fresh))
 
 
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS + backend_params(("reference",), devices=("cuda",)))
+@pytest.mark.parametrize("M", [1, 64])
+def test_cuda_graph_replays_follow_a_seed_on_the_device(device, backend, M):
+    """A seed tensor on the GPU is read by the kernels as they run: a captured graph applies on
+    each replay the mask of the value the tensor holds then, the mask eager gives that value."""
+    x, w, b, a, bb = make_operands((M,), 256, 384, 16, torch.bfloat16, device)
+    seed = torch.tensor(0, device=device)
+    run = lambda: lora_ops.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.5, training=True,
+                                       seed=seed, backend=backend)
+    run()  # warm up: compile, cuBLAS handles, autotuning
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run()
+    replays = []
+    for value in (11, -12, 11):
+        seed.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append(static_y.clone())
+        want = lora_ops.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.5, training=True, seed=value,
+                                    backend=backend)
+        assert torch.equal(replays[-1], want), f"replay with seed {value}"
+    assert not torch.equal(replays[0], replays[1]) and torch.equal(replays[0], replays[2])
+
+
 @pytest.mark.parametrize("device,backend", GPU_BACKENDS)
-def test_cuda_graph_capture_refuses_a_seed_drawn_per_call(device, backend):
-    """seed=None draws a fresh mask per call on the host; captured, that one draw would be
-    replayed forever (and a seed tensor's value read once, however it changes later). Capture
-    refuses both, naming the ways out; an int seed (a fixed mask, above) and no dropout still
-    capture."""
+def test_cuda_graph_capture_refuses_a_cpu_seed_tensor(device, backend):
+    """A seed tensor on the CPU is read on the host once, at capture, however it changes later:
+    capture refuses it, naming the ways out. seed=None (drawn on the GPU, in the graph), an int
+    seed (a fixed mask, above) and no dropout capture."""
     x, w, b, a, bb = make_operands((8,), 256, 384, 16, torch.bfloat16, device)
     layer = lambda **kw: lora_ops.lora_linear(x, w, b, a, bb, 2.0, backend=backend, **kw)
     layer(dropout_p=0.1, training=True)  # warm up outside capture
     torch.cuda.synchronize()
-    with pytest.raises(RuntimeError, match=r"^lora_linear: dropout .* seed=None\) under CUDA graph capture"):
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            layer(dropout_p=0.1, training=True)
-    with pytest.raises(RuntimeError, match=r"^lora_linear: dropout .* a seed tensor under CUDA graph capture"):
+    with pytest.raises(RuntimeError, match=r"^lora_linear: dropout .* a CPU seed tensor under CUDA graph capture"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             layer(dropout_p=0.1, training=True, seed=torch.tensor(3))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        fresh = layer(dropout_p=0.5, training=True)
         layer(dropout_p=0.1, training=False)
         layer(dropout_p=0.0, training=True)
-    graph.replay()
+    outputs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outputs.append(fresh.clone())
+    assert not torch.equal(*outputs), "seed=None: two replays applied the same mask"
 
 
 @pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))

@@ -97,17 +97,16 @@ def test_any_python_int_seed_picks_the_mask_by_its_low_64_bits(device, backend):
         torch.testing.assert_close(run(seed).double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_seed_drawn_per_call_is_refused_under_cuda_graph_capture(monkeypatch):
+def test_cpu_seed_tensor_is_refused_under_cuda_graph_capture(monkeypatch):
     """The refusal's wiring, with capture simulated (tests/test_lora_linear_cuda.py captures for
-    real on a GPU): seed=None or a seed tensor with dropout under capture raises; an int seed,
-    eval mode or p = 0 do not."""
+    real on a GPU): a CPU seed tensor with dropout under capture raises, since it is read on the
+    host as the graph is captured, not as it is replayed; seed=None (drawn on the operands'
+    device, in the graph), an int seed, eval mode or p = 0 do not."""
     module = importlib.import_module("lora_ops.lora_linear")  # the package's name is the function
     x, w, bias, a, b = operands("cpu")
     monkeypatch.setattr(module, "_capturing_cuda_graph", lambda x: True)
-    with pytest.raises(RuntimeError, match=r"^lora_linear: dropout \(p=0.5\) with a seed drawn per call"):
-        lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=0.5, training=True)
-    # A seed tensor too: it is read on the host as the graph is captured, not as it is replayed.
-    with pytest.raises(RuntimeError, match=r"^lora_linear: dropout \(p=0.5\) with a seed tensor under"):
+    with pytest.raises(RuntimeError, match=r"^lora_linear: dropout \(p=0.5\) with a CPU seed tensor under"):
         lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=0.5, training=True, seed=torch.tensor(3))
-    for kwargs in (dict(seed=3, training=True), dict(training=False), dict(dropout_p=0.0, training=True)):
+    for kwargs in (dict(seed=None, training=True), dict(seed=3, training=True), dict(training=False),
+                   dict(dropout_p=0.0, training=True)):
         lora_ops.lora_linear(x, w, bias, a, b, 1.0, **{"dropout_p": 0.5, **kwargs})

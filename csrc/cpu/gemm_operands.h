@@ -20,7 +20,7 @@
 
 namespace lora_ops::cpu {
 
-inline constexpr lora_dropout_t kNoDropout = {0u, 0u, 1.0f};
+inline constexpr lora_dropout_t kNoDropout = {0u, 0u, 1.0f, nullptr};
 
 // keep ? v : +0.0f, vectorisable (see select_bits).
 inline float keep_or_zero(bool keep, float v) {

@@ -134,6 +134,16 @@ lora_status_t bwd(int64_t M, int64_t N, int64_t K, int64_t r, const T* dy, const
                             weight, K, dx, K);
 }
 
+// The descriptor with its seed in seed32: a seed the caller left in memory (seed_ptr, host
+// memory here) is read once, before any kernel hashes with it; without dropout it is not read.
+lora_dropout_t with_seed_read(lora_dropout_t d) {
+  if (d.threshold != 0 && d.seed_ptr != nullptr) {
+    d.seed32 = lora_seed32(static_cast<uint64_t>(*d.seed_ptr));
+  }
+  d.seed_ptr = nullptr;
+  return d;
+}
+
 }  // namespace
 
 lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
@@ -146,6 +156,7 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     return LORA_ERR_INVALID_ARGUMENT;
   }
   if (gemm.fn == nullptr && M * N * K > 0) return LORA_ERR_INVALID_ARGUMENT;
+  dropout = with_seed_read(dropout);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return fwd<T>(M, N, K, r, static_cast<const T*>(x), ldx, weight, static_cast<const T*>(bias),
@@ -170,6 +181,7 @@ lora_status_t lora_linear_bwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
     return LORA_ERR_INVALID_ARGUMENT;
   }
   if (want_dx && gemm.fn == nullptr && M * N * K > 0) return LORA_ERR_INVALID_ARGUMENT;
+  dropout = with_seed_read(dropout);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return bwd<T>(M, N, K, r, static_cast<const T*>(dy), static_cast<const T*>(x), ldx, weight,

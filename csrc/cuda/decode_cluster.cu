@@ -50,6 +50,7 @@ __device__ __forceinline__ void shrink_chunk(const FwdArgs& p, unsigned block_ra
   const int64_t k_hi = min(p.K, k_lo + p.split_len);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const T* x = static_cast<const T*>(p.x);
+  const lora_dropout_t drop = seeded(p.dropout);
 
   for (int64_t j0 = static_cast<int64_t>(warp) * G; j0 < p.r; j0 += kWarps * G) {
     const int ranks = static_cast<int>(min(static_cast<int64_t>(G), p.r - j0));
@@ -71,7 +72,7 @@ __device__ __forceinline__ void shrink_chunk(const FwdArgs& p, unsigned block_ra
             load_vec(x + m * p.ldx, k0, k_hi, xv);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-              const float xe = dropout_apply(p.dropout, m, k0 + e, xv[e]);
+              const float xe = dropout_apply(drop, m, k0 + e, xv[e]);
 #pragma unroll
               for (int g = 0; g < G; ++g) acc[g][m] = fmaf(xe, av[g][e], acc[g][m]);
             }
@@ -86,7 +87,7 @@ __device__ __forceinline__ void shrink_chunk(const FwdArgs& p, unsigned block_ra
 #pragma unroll
         for (int m = 0; m < R; ++m) {
           if (m < nrows) {
-            const float xe = dropout_apply(p.dropout, m, k, to_float(x[m * p.ldx + k]));
+            const float xe = dropout_apply(drop, m, k, to_float(x[m * p.ldx + k]));
 #pragma unroll
             for (int g = 0; g < G; ++g) acc[g][m] = fmaf(xe, av[g], acc[g][m]);
           }
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cluster_kernel(const FwdAr
   const int nrows = static_cast<int>(p.M);
   const T* w = static_cast<const T*>(p.w);
   const T* lora_b = static_cast<const T*>(p.b);
-  const lora_dropout_t no_dropout{0, 0, 1.0f};
+  const lora_dropout_t no_dropout{0, 0, 1.0f, nullptr};
   const int64_t groups = ceil_div(p.N, C);
   bool have_s = false;
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {

@@ -93,11 +93,25 @@ __device__ __forceinline__ void load_vec(const T* p, int64_t k0, int64_t end,
   }
 }
 
+// The descriptor with its seed in seed32. A seed in device memory (seed_ptr) is read here, as
+// the kernel runs, so that each replay of a captured CUDA graph uses the value the seed holds
+// then. Kernels call this once, before their loops; without dropout nothing is read.
+__device__ __forceinline__ lora_dropout_t seeded(lora_dropout_t d) {
+  if (d.threshold != 0 && d.seed_ptr != nullptr) {
+    d.seed32 = lora_seed32(static_cast<uint64_t>(__ldg(d.seed_ptr)));
+  }
+  d.seed_ptr = nullptr;
+  return d;
+}
+
 // Dropout of element (row, col) of x applied to v (see dropout_hash.h); no-op without dropout.
+// d should be seeded(); one that is not still gets its seed right, at a load per element.
 __device__ __forceinline__ float dropout_apply(const lora_dropout_t& d, int64_t row, int64_t col,
                                                float v) {
   if (d.threshold == 0) return v;
-  return lora_dropout_keep(d.seed32, d.threshold, static_cast<uint32_t>(row),
+  const uint32_t seed32 =
+      d.seed_ptr != nullptr ? lora_seed32(static_cast<uint64_t>(__ldg(d.seed_ptr))) : d.seed32;
+  return lora_dropout_keep(seed32, d.threshold, static_cast<uint32_t>(row),
                            static_cast<uint32_t>(col))
              ? v * d.keep_scale
              : 0.0f;

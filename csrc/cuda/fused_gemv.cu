@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
 #pragma unroll
   for (int c = 0; c < C; ++c) w_rows[c] = w + (n0 + (c < ncols ? c : 0)) * p.K;
   float acc[R * C] = {};
-  const lora_dropout_t no_dropout{0, 0, 1.0f};
+  const lora_dropout_t no_dropout{0, 0, 1.0f, nullptr};
   block_dot_accumulate<T, R, C>(static_cast<const T*>(p.x), p.ldx, 0, nrows, w_rows, 1, ncols,
                                 p.K, p.vec_ok, no_dropout, acc);
 

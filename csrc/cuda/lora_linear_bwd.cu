@@ -184,6 +184,7 @@ __device__ __forceinline__ void dx_init_tile(const BwdArgs& p, typename Wide::Sm
       sm, 0, p.r, SplitSum<false>{p.ds_part, p.M, p.r, m0, p.ds_split.count},
       ColsOf<T>{static_cast<const T*>(p.a), p.K, k0, p.K}, acc);
   T* dx = static_cast<T*>(p.dx);
+  const lora_dropout_t drop = seeded(p.dropout);
 #pragma unroll
   for (int i = 0; i < Wide::TM; ++i) {
     const int64_t m = m0 + Wide::row_of(i);
@@ -191,7 +192,7 @@ __device__ __forceinline__ void dx_init_tile(const BwdArgs& p, typename Wide::Sm
     for (int j = 0; j < Wide::TN; ++j) {
       const int64_t k = k0 + Wide::col_of(j);
       if (m < p.M && k < p.K) {
-        dx[m * p.K + k] = from_float<T>(dropout_apply(p.dropout, m, k, acc[i * Wide::TN + j]));
+        dx[m * p.K + k] = from_float<T>(dropout_apply(drop, m, k, acc[i * Wide::TN + j]));
       }
     }
   }
@@ -223,7 +224,8 @@ __device__ __forceinline__ void da_tile(const BwdArgs& p, typename Tl::Smem& sm,
   const int64_t m_begin = split * p.da_split.len, m_end = min(p.M, m_begin + p.da_split.len);
   float acc[Tl::TM * Tl::TN] = {};
   tile_gemm<Tl, Contig::kRow, Contig::kRow>(
-      sm, m_begin, m_end, DroppedX<T, true>{static_cast<const T*>(p.x), p.ldx, k0, p.K, p.dropout},
+      sm, m_begin, m_end, DroppedX<T, true>{static_cast<const T*>(p.x), p.ldx, k0, p.K,
+                                              seeded(p.dropout)},
       SplitSum<true>{p.ds_part, p.M, p.r, j0, p.ds_split.count}, acc);
   store_partial<Tl>(p.da_part + split * p.K * p.r, p.r, k0, p.K, j0, p.r, 1.0f, acc);
 

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 2) shrink_split_kernel(const FwdArgs
   float acc[Tl::TM * Tl::TN] = {};
   tile_gemm<Tl, Contig::kKd, Contig::kKd>(
       sm, k_begin, k_end,
-      DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, p.dropout},
+      DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, seeded(p.dropout)},
       RowsOf<T>{static_cast<const T*>(p.a), p.K, j0, p.r}, acc);
   float* part = p.s_part + split * p.M * p.r;
 #pragma unroll
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_adapter_kernel(const FwdArg
     float acc[Tl::TM * Tl::TN] = {};
     tile_gemm<Tl, Contig::kKd, Contig::kKd>(
         sm.shrink, 0, p.K,
-        DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, p.dropout},
+        DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, seeded(p.dropout)},
         RowsOf<T>{static_cast<const T*>(p.a), p.K, j0, p.r}, acc);
 #pragma unroll
     for (int i = 0; i < Tl::TM; ++i) {
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_adapter_kernel(const FwdA
     float acc[Tl::TM * Tl::TN] = {};
     tile_gemm<Tl, Contig::kKd, Contig::kKd>(
         sm.shrink, k_lo, k_hi,
-        DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, p.dropout},
+        DroppedX<T, false>{static_cast<const T*>(p.x), p.ldx, m0, p.M, seeded(p.dropout)},
         RowsOf<T>{static_cast<const T*>(p.a), p.K, j0, r}, acc);
 #pragma unroll
     for (int i = 0; i < Tl::TM; ++i) {

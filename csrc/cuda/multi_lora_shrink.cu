@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 2) shrink_kernel(const ShrinkParams 
         for (int c = 0; c < C; ++c) w[c] = base + (j0 + (c < ncols ? c : 0)) * stack.stride_row;
         float acc[R * C] = {};
         block_dot_accumulate<T, R, C>(x, p.ldx, sub, nrows, w, stack.stride_col, ncols, p.K,
-                                      vec_ok, p.dropout, acc);
+                                      vec_ok, seeded(p.dropout), acc);
         block_sum(acc, red, total);
       }
       for (int i = threadIdx.x; i < nrows * C; i += kThreads) {
@@ -128,7 +128,7 @@ lora_status_t make_shrink_params(int64_t M, int64_t K, int64_t L, int64_t r_max,
   p.x = x;
   p.ldx = ldx;
   p.rank = RankInfo{ranks, scalings, 0, r_max};
-  p.dropout = lora_dropout_t{0, 0, 1.0f};
+  p.dropout = lora_dropout_t{0, 0, 1.0f, nullptr};
   p.t = t;
   *out = p;
   return LORA_OK;

@@ -8,7 +8,7 @@ import math
 from typing import Callable, List, Optional
 
 DECODE_MAX_TOKENS = 64
-SAVED_SLACK_BYTES = 64  # allocator rounding of a tiny tensor, and the 8-byte dropout seed (a CPU tensor)
+SAVED_SLACK_BYTES = 64  # allocator rounding of a tiny tensor, and the 8-byte dropout seed
 C2_SHAPE = {"T": 64, "U": 16, "K": 2048, "N": 2048, "ranks": [16]}
 
 TARGETS = {

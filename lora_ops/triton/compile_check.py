@@ -27,6 +27,7 @@ check fail with that error, not pass.
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import multiprocessing
@@ -208,15 +209,15 @@ def _single_cases(quick: bool) -> Iterator[Tuple[str, bool, Callable[[], None]]]
         if quick and K == 33 and r != 16:
             continue
 
-        def run(M=M, r=r, K=K, N=N, p=p, dtype=dtype):
+        def run(M=M, r=r, K=K, N=N, p=p, dtype=dtype, seed=1234):
             x, w, b = torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
             a, bb = torch.empty(r, K, dtype=dtype), torch.empty(N, r, dtype=dtype)
-            _, s = single.lora_linear_fwd(x, w, b, a, bb, 0.5, p, 1234)
+            _, s = single.lora_linear_fwd(x, w, b, a, bb, 0.5, p, seed)
             dy = torch.empty(M, N, dtype=dtype)
-            single.lora_linear_bwd(dy, x, w, a, bb, s, 0.5, p, 1234, (True, True, True))
+            single.lora_linear_bwd(dy, x, w, a, bb, s, 0.5, p, seed, (True, True, True))
             if M == 1:  # the output masks that change what the backward's kernels compute
-                single.lora_linear_bwd(dy, x, w, a, bb, s, 0.5, p, 1234, (True, False, False))
-                single.lora_linear_bwd(dy, x, w, a, bb, s, 0.5, p, 1234, (False, False, True))
+                single.lora_linear_bwd(dy, x, w, a, bb, s, 0.5, p, seed, (True, False, False))
+                single.lora_linear_bwd(dy, x, w, a, bb, s, 0.5, p, seed, (False, False, True))
 
         # --quick compiles every autotune configuration for bf16 (what the GPU targets are set
         # in) and fp32 without dropout (the most shared memory; ieee dots only, see run_check), at
@@ -225,6 +226,12 @@ def _single_cases(quick: bool) -> Iterator[Tuple[str, bool, Callable[[], None]]]
         every_config = not quick or (r == max(ranks) and K == 256 and M != 64 and
                                      (dname == "bf16" or (dname == "fp32" and p == 0.0)))
         yield f"lora_linear {dname} M={M} r={r} K={K} N={N} p={p}", every_config, run
+        if p > 0 and (not quick or (K == 256 and r == min(ranks) and M != 64)):
+            # The kernels that read a seed on the device (a pointer; SEED_ON_DEVICE), in their
+            # default configurations: the load adds nothing a configuration, a tile or a rank
+            # block could fail on (--quick: each dtype, at the decode and the tiled row blocks).
+            yield (f"lora_linear {dname} M={M} r={r} K={K} N={N} p={p} seed on device", False,
+                   functools.partial(run, seed=torch.tensor(1234)))
 
 
 def _multi_cases(quick: bool) -> Iterator[Tuple[str, bool, Callable[[], None]]]:

@@ -10,7 +10,7 @@ Backward: (1) dS = scaling dY B and dB = scaling dY^T S from one pass over dY (d
 Every tile is converted to the operand dtype right after tl.load; accumulation is fp32.
 """
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -19,7 +19,7 @@ import triton.language as tl
 from lora_ops.triton._launch import (
     INTERPRETED, TUNING_BENCH, dot_precision, launch_tuned, m_bucket, operand_dtype, rank_block,
     row_block, split_reduction)
-from lora_ops.triton.dropout import dropout_args, dropout_keep
+from lora_ops.triton.dropout import dropout_args, dropout_keep, kernel_seed
 
 # ---------------------------------------------------------------------------------------------
 # Configurations
@@ -112,7 +112,8 @@ def _grouped_tile(pid, M, COLS, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr, 
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, M, K, R, k_per_split,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_op,
                    seed, threshold, keep_scale,
-                   HAS_DROPOUT: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, SEED_ON_DEVICE: tl.constexpr,
+                   OPERAND: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split] = drop(x) A^T over this split's share of K."""
     pid_m = tl.program_id(0)
@@ -126,6 +127,8 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, M, K, R, k_per_split,
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed32 = kernel_seed(seed, SEED_ON_DEVICE)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
@@ -133,7 +136,7 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, M, K, R, k_per_split,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(OPERAND)
         if HAS_DROPOUT:
             # keep_scale is applied once to the accumulator: masking alone is exact in any dtype.
-            x = tl.where(dropout_keep(seed, threshold, offs_m, offs_k), x, 0.0)
+            x = tl.where(dropout_keep(seed32, threshold, offs_m, offs_k), x, 0.0)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=r_mask[None, :] & k_mask[:, None], other=0.0).to(OPERAND)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -249,7 +252,7 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R, n_per_split,
 @triton.jit
 def _da_kernel(ds_ptr, x_ptr, da_ptr, db32_ptr, db_ptr, M, K, R, db_numel,
                stride_dsm, stride_xm, stride_xk, stride_dar, seed, threshold, keep_scale, M_BUCKET,
-               COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_ON_DEVICE: tl.constexpr,
                OPERAND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
                CAST_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """dA = dS^T drop(x). Programs past the dA tiles round the finished fp32 dB to its dtype,
@@ -267,6 +270,8 @@ def _da_kernel(ds_ptr, x_ptr, da_ptr, db32_ptr, db_ptr, M, K, R, db_numel,
     r_mask = offs_r < R
     k_mask = offs_k < K
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed32 = kernel_seed(seed, SEED_ON_DEVICE)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
@@ -276,7 +281,7 @@ def _da_kernel(ds_ptr, x_ptr, da_ptr, db32_ptr, db_ptr, M, K, R, db_numel,
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(OPERAND)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, threshold, offs_m, offs_k), x, 0.0)
+            x = tl.where(dropout_keep(seed32, threshold, offs_m, offs_k), x, 0.0)
         acc = tl.dot(ds_t, x, acc, input_precision=PRECISION)
     if HAS_DROPOUT:
         acc *= keep_scale
@@ -290,7 +295,8 @@ def _da_kernel(ds_ptr, x_ptr, da_ptr, db32_ptr, db_ptr, M, K, R, db_numel,
 def _dx_gemm_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, M, N, K, R,
                     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_ar, stride_ak,
                     stride_dxm, seed, threshold, keep_scale, M_BUCKET,
-                    HAS_DROPOUT: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, SEED_ON_DEVICE: tl.constexpr,
+                    OPERAND: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
                     BLOCK_RED: tl.constexpr, GROUP_M: tl.constexpr):
     """dX = dY W + keep_scale mask (dS A): the N loop, then an r loop, mask in the epilogue."""
@@ -325,7 +331,8 @@ def _dx_gemm_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, M, N, K, R,
         else:
             acc = tl.dot(ds, a, acc, input_precision=PRECISION)
     if HAS_DROPOUT:
-        acc += tl.where(dropout_keep(seed, threshold, offs_m, offs_k), adapter * keep_scale, 0.0)
+        keep = dropout_keep(kernel_seed(seed, SEED_ON_DEVICE), threshold, offs_m, offs_k)
+        acc += tl.where(keep, adapter * keep_scale, 0.0)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_mask[:, None] & k_mask[None, :])
 
@@ -377,7 +384,8 @@ def _shrink_block_k(m: int, block_m: int, block_r: int, element_size: int) -> in
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                    dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    dropout_p: float, seed: Union[int, torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], S [M, r]) in x's dtype: y = x W^T + b + scaling S B^T, S = drop(x) A^T."""
     _check("lora_linear_fwd", x, weight, lora_a, lora_b, dropout_p, bias)
     M, K = x.shape
@@ -386,7 +394,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     s = x.new_empty(M, R)
     if M == 0:
         return y, s
-    seed_arg, threshold, keep_scale = dropout_args(seed, dropout_p)
+    seed_arg, threshold, keep_scale, seed_on_device = dropout_args(seed, dropout_p)
     operand, precision = operand_dtype(x.dtype), dot_precision(x.dtype)
 
     block_m, block_r = row_block(M), rank_block(R, 128)
@@ -401,8 +409,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             x, lora_a, s_parts, M, K, R, k_per_split,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), R, M * R,
             seed_arg, threshold, keep_scale,
-            HAS_DROPOUT=threshold > 0, OPERAND=operand, PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+            HAS_DROPOUT=threshold > 0, SEED_ON_DEVICE=seed_on_device, OPERAND=operand,
+            PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     if N > 0:
         launch_tuned(
             _fwd_gemm_kernel, _gemm_grid(M, N), _default_gemm_config(m_bucket(M), x.element_size()),
@@ -417,7 +425,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     lora_a: torch.Tensor, lora_b: torch.Tensor, s: torch.Tensor,
-                    scaling: float, dropout_p: float, seed: int,
+                    scaling: float, dropout_p: float, seed: Union[int, torch.Tensor],
                     output_mask: Sequence[bool] = (True, True, True)
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_lora_a, d_lora_b); an output not asked for in output_mask is x.new_empty(0)."""
@@ -434,7 +442,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if M == 0:
         return (dx, lora_a.new_zeros(R, K) if want_da else x.new_empty(0),
                 lora_b.new_zeros(N, R) if want_db else x.new_empty(0))
-    seed_arg, threshold, keep_scale = dropout_args(seed, dropout_p)
+    seed_arg, threshold, keep_scale, seed_on_device = dropout_args(seed, dropout_p)
     operand, precision = operand_dtype(x.dtype), dot_precision(x.dtype)
     need_ds = (want_dx or want_da) and R > 0
 
@@ -472,7 +480,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             _da_kernel, da_grid, _DA_DEFAULT,
             ds, x, da if compute_da else ds, db32, db if cast_db else db32, M, K, R, db32.numel(),
             R, x.stride(0), x.stride(1), K, seed_arg, threshold, keep_scale, m_bucket(M),
-            COMPUTE_DA=compute_da, HAS_DROPOUT=threshold > 0, OPERAND=operand, PRECISION=precision,
+            COMPUTE_DA=compute_da, HAS_DROPOUT=threshold > 0, SEED_ON_DEVICE=seed_on_device,
+            OPERAND=operand, PRECISION=precision,
             BLOCK_R=da_block_r, CAST_BLOCK=_CAST_BLOCK)
 
     if want_dx and K > 0:
@@ -481,6 +490,6 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             dy, weight, ds, lora_a, dx, M, N, K, R,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), R,
             lora_a.stride(0), lora_a.stride(1), K, seed_arg, threshold, keep_scale, m_bucket(M),
-            HAS_DROPOUT=threshold > 0, OPERAND=operand, PRECISION=precision,
-            BLOCK_R=rank_block(R, 64))
+            HAS_DROPOUT=threshold > 0, SEED_ON_DEVICE=seed_on_device, OPERAND=operand,
+            PRECISION=precision, BLOCK_R=rank_block(R, 64))
     return dx, da, db

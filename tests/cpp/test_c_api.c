@@ -66,7 +66,7 @@ static void add_dy_w(const float* dy, const float* w, int i, int k, int n_out, i
     *va += fabs((double)dy[i * n_out + n] * w[n * k_in + k]);
   }
 }
-static const lora_dropout_t kNoDropout = {0u, 0u, 1.0f};
+static const lora_dropout_t kNoDropout = {0u, 0u, 1.0f, NULL};
 
 /* A caller-supplied GEMM: naive loops, counting its calls. */
 static int user_gemm_calls = 0;
@@ -233,6 +233,7 @@ static void test_linear(const lora_cpu_gemm_t* gemm, const char* name) {
     all_dropped.seed32 = 7u;
     all_dropped.threshold = 1u << 24;
     all_dropped.keep_scale = INFINITY; /* 1/(1-p): never applied, nothing is kept */
+    all_dropped.seed_ptr = NULL;
     for (i = 0; i < M; ++i) {
       for (n = 0; n < N; ++n) {
         double v = bias[n];
@@ -556,6 +557,57 @@ static void test_multi(void) {
   free(bias);
 }
 
+/* Every output of one forward and backward with dropout p = 1/2 and this descriptor. */
+enum { SEED_M = 5, SEED_N = 6, SEED_K = 9, SEED_R = 3, SEED_OUTPUTS = 5 };
+typedef struct seeded_outputs {
+  float s[SEED_M * SEED_R], y[SEED_M * SEED_N];
+  float dx[SEED_M * SEED_K], da[SEED_R * SEED_K], db[SEED_N * SEED_R];
+} seeded_outputs_t;
+
+static void run_seeded(lora_dropout_t dropout, seeded_outputs_t* out) {
+  static float x[SEED_M * SEED_K], w[SEED_N * SEED_K], a[SEED_R * SEED_K], b[SEED_N * SEED_R];
+  static float dy[SEED_M * SEED_N];
+  static int drawn = 0;
+  int i;
+  if (!drawn) {
+    for (i = 0; i < SEED_M * SEED_K; ++i) x[i] = random_value();
+    for (i = 0; i < SEED_N * SEED_K; ++i) w[i] = random_value();
+    for (i = 0; i < SEED_R * SEED_K; ++i) a[i] = random_value();
+    for (i = 0; i < SEED_N * SEED_R; ++i) b[i] = random_value();
+    for (i = 0; i < SEED_M * SEED_N; ++i) dy[i] = random_value();
+    drawn = 1;
+  }
+  expect_status(lora_ops_cpu_lora_linear_fwd(LORA_DTYPE_F32, SEED_M, SEED_N, SEED_K, SEED_R, x,
+                                             SEED_K, w, NULL, a, b, 0.5f, dropout, out->s, out->y,
+                                             NULL),
+                LORA_OK, "cpu_lora_linear_fwd with dropout");
+  expect_status(lora_ops_cpu_lora_linear_bwd(LORA_DTYPE_F32, SEED_M, SEED_N, SEED_K, SEED_R, dy, x,
+                                             SEED_K, w, a, b, out->s, 0.5f, dropout, out->dx,
+                                             out->da, out->db, NULL),
+                LORA_OK, "cpu_lora_linear_bwd with dropout");
+}
+
+/* A seed left in memory (seed_ptr) is read by the kernels and folded as common.h says: the
+ * same outputs, bit for bit, as that seed32 passed by value (the seed32 field is then ignored);
+ * another value in memory, another mask. */
+static void test_seed_in_memory(void) {
+  const int64_t seed = (int64_t)0x9e3779b97f4a7c15ull; /* negative as int64: all 64 bits count */
+  const int64_t other = seed + 1;
+  const uint64_t bits = (uint64_t)seed;
+  const lora_dropout_t by_value = {(uint32_t)(bits ^ (bits >> 32)), 1u << 23, 2.0f, NULL};
+  lora_dropout_t in_memory = by_value;
+  seeded_outputs_t want, got;
+  in_memory.seed32 = ~by_value.seed32; /* ignored when seed_ptr is set */
+  in_memory.seed_ptr = &seed;
+  run_seeded(by_value, &want);
+  run_seeded(in_memory, &got);
+  expect(memcmp(&want, &got, sizeof want) == 0,
+         "a seed in memory gives the outputs of its seed32 by value");
+  in_memory.seed_ptr = &other;
+  run_seeded(in_memory, &got);
+  expect(memcmp(want.s, got.s, sizeof want.s) != 0, "another seed in memory, another mask");
+}
+
 static void test_invalid(void) {
   float buf[64];
   const lora_cpu_gemm_t no_fn = {NULL, NULL};
@@ -590,6 +642,7 @@ int main(void) {
   expect(user_gemm_calls == 3, "the user GEMM runs the base GEMMs (fwd, bwd, fwd p=1)");
   test_linear_bf16();
   test_multi();
+  test_seed_in_memory();
   test_invalid();
   printf("test_c_api: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;

@@ -180,14 +180,14 @@ bool keep(const lora_dropout_t& d, int64_t row, int64_t col) {
 }
 
 lora_dropout_t make_dropout(double p, uint32_t seed32) {
-  lora_dropout_t d;
+  lora_dropout_t d{};
   d.seed32 = seed32;
   d.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
   d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
   return d;
 }
 
-const lora_dropout_t kOff = {0u, 0u, 1.0f};
+const lora_dropout_t kOff = {0u, 0u, 1.0f, nullptr};
 
 // ---- dtype conversions against an independent rounding oracle ---------------------------------
 

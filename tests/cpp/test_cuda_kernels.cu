@@ -519,7 +519,21 @@ StoredX store_x(Backend& be, const std::vector<double>& x, int64_t M, int64_t K,
 
 struct Dropout {
   lora_dropout_t params;
+  // Whether a call passes the seed in memory (seed_ptr: device memory for the CUDA kernels), an
+  // int64 whose fold is params.seed32, with a wrong seed32 beside it that the kernels must ignore.
+  bool seed_in_memory = false;
   bool on() const { return params.threshold != 0; }
+  // The descriptor a call passes; *holder keeps the seed's memory alive until the call is done.
+  lora_dropout_t for_call(Backend& be, std::unique_ptr<Buf>* holder) const {
+    if (!seed_in_memory) return params;
+    const uint64_t high = 0x9e3779b9u;  // any high half: the fold xors it out again
+    const int64_t seed = static_cast<int64_t>((high << 32) | (params.seed32 ^ high));
+    *holder = raw(be, std::vector<int64_t>{seed});
+    lora_dropout_t d = params;
+    d.seed32 = ~params.seed32;
+    d.seed_ptr = (*holder)->as<const int64_t>();
+    return d;
+  }
   // drop(x)[m, k] / x[m, k], as the kernels apply it (keep_scale in fp32).
   double factor(int64_t m, int64_t k) const {
     if (!on()) return 1.0;
@@ -530,10 +544,15 @@ struct Dropout {
   }
 };
 
+Dropout with_seed_in_memory(Dropout d) {
+  d.seed_in_memory = true;
+  return d;
+}
+
 Dropout make_dropout(double p, uint32_t seed) {
-  if (p == 0) return Dropout{lora_dropout_t{seed, 0, 1.0f}};
+  if (p == 0) return Dropout{lora_dropout_t{seed, 0, 1.0f, nullptr}};
   return Dropout{lora_dropout_t{seed, static_cast<uint32_t>(std::lround(p * 16777216.0)),
-                                static_cast<float>(1.0 / (1.0 - p))}};
+                                static_cast<float>(1.0 / (1.0 - p)), nullptr}};
 }
 
 struct LinearShape {
@@ -543,10 +562,10 @@ struct LinearShape {
 std::string linear_name(const char* op, lora_dtype_t d, const LinearShape& s, const Dropout& drop,
                         XLayout layout, const char* extra) {
   char buf[200];
-  std::snprintf(buf, sizeof buf, "%s %s M=%lld N=%lld K=%lld r=%lld dropout=%d x=%s%s", op,
+  std::snprintf(buf, sizeof buf, "%s %s M=%lld N=%lld K=%lld r=%lld dropout=%d%s x=%s%s", op,
                 dtype_name(d), static_cast<long long>(s.M), static_cast<long long>(s.N),
                 static_cast<long long>(s.K), static_cast<long long>(s.r), drop.on() ? 1 : 0,
-                layout_name(layout), extra);
+                drop.seed_in_memory ? " (seed in memory)" : "", layout_name(layout), extra);
   return buf;
 }
 
@@ -579,13 +598,15 @@ void test_fwd(Backend& be, lora_dtype_t d, const LinearShape& s, const Dropout& 
     }
   }
 
+  std::unique_ptr<Buf> seed_holder;
+  const lora_dropout_t dropout = drop.for_call(be, &seed_holder);
   std::vector<unsigned char> first_s, first_y;
   for (int run = 0; run < (be.deterministic() ? 2 : 1); ++run) {
     s_buf.poison();
     y_buf.poison();
     check.status(be.fwd(d, M, N, K, r, xs.ptr, xs.ldx, w_buf->ptr(),
                         with_bias ? bias_buf->ptr() : nullptr, a_buf->ptr(), b_buf->ptr(),
-                        scaling, drop.params, s_buf.ptr(), y_buf.ptr()),
+                        scaling, dropout, s_buf.ptr(), y_buf.ptr()),
                  "lora_linear_fwd");
     if (run == 0) {
       first_s = s_buf.bytes_back();
@@ -655,13 +676,15 @@ void test_bwd(Backend& be, lora_dtype_t d, const LinearShape& s, const Dropout& 
   Buf dx_buf(be, M * K * dtype_size(d)), da_buf(be, r * K * dtype_size(d)),
       db_buf(be, N * r * dtype_size(d));
 
+  std::unique_ptr<Buf> seed_holder;
+  const lora_dropout_t dropout = drop.for_call(be, &seed_holder);
   std::vector<unsigned char> first[3];
   for (int run = 0; run < (be.deterministic() ? 2 : 1); ++run) {
     dx_buf.poison();
     da_buf.poison();
     db_buf.poison();
     check.status(be.bwd(d, M, N, K, r, dy_buf->ptr(), xs.ptr, xs.ldx, w_buf->ptr(), a_buf->ptr(),
-                        b_buf->ptr(), s_buf->ptr(), scaling, drop.params,
+                        b_buf->ptr(), s_buf->ptr(), scaling, dropout,
                         mask.dx ? dx_buf.ptr() : nullptr, mask.da ? da_buf.ptr() : nullptr,
                         mask.db ? db_buf.ptr() : nullptr),
                  "lora_linear_bwd");
@@ -1087,7 +1110,9 @@ void run_suite(Backend& be, bool quick) {
     for (int64_t M : ms) {
       for (const auto& shape : nk) {
         for (int64_t r : ranks) {
-          for (const Dropout& drop : drops) {
+          for (const Dropout& listed : drops) {
+            // A third of the dropout cases pass their seed in memory.
+            const Dropout drop = listed.on() && variant % 3 == 1 ? with_seed_in_memory(listed) : listed;
             const LinearShape s{M, shape[0], shape[1], r};
             const XLayout layout = layouts[variant % 3];
             const BwdMask masks[] = {{true, true, true}, {true, false, false},
@@ -1201,6 +1226,10 @@ void run_smoke(Backend& be, bool hopper_gemm) {
   test_fwd(be, LORA_DTYPE_F32, LinearShape{133, 100, 72, 8}, none, XLayout::kDense, true, rng);
   test_bwd(be, bf16, LinearShape{133, 264, 520, 64}, drop, XLayout::kPadded,
            BwdMask{true, true, true}, rng);
+  test_fwd(be, bf16, LinearShape{1, 1000, 520, 16}, with_seed_in_memory(drop), XLayout::kDense, true,
+           rng);
+  test_bwd(be, bf16, LinearShape{133, 264, 520, 64}, with_seed_in_memory(drop), XLayout::kDense,
+           BwdMask{true, true, true}, rng);
   test_bwd(be, LORA_DTYPE_F32, LinearShape{9, 100, 72, 8}, none, XLayout::kDense,
            BwdMask{true, true, true}, rng);
   for (int64_t M : {7, 133}) {
@@ -1217,17 +1246,22 @@ void run_smoke(Backend& be, bool hopper_gemm) {
 }
 
 // One case of each op recorded into a CUDA graph and replayed: the entry points must neither
-// synchronise nor allocate.
+// synchronise nor allocate. The single-adapter ops also with their seed in device memory, read
+// by the replayed kernels.
 void run_graph_cases(CudaBackend& be) {
   Rng rng(7);
   be.set_capture(true);
   const Dropout drop = make_dropout(0.25, 99);
   for (int64_t M : {3, 133}) {  // decode and GEMM plans
     test_fwd(be, LORA_DTYPE_BF16, LinearShape{M, 256, 256, 16}, drop, XLayout::kDense, true, rng);
+    test_fwd(be, LORA_DTYPE_BF16, LinearShape{M, 256, 256, 16}, with_seed_in_memory(drop),
+             XLayout::kDense, true, rng);
     test_linear(be, LORA_DTYPE_BF16, M, 100, 256, 8, 3, IndexForm::kToken, true, rng);
   }
   test_bwd(be, LORA_DTYPE_BF16, LinearShape{133, 256, 256, 16}, drop, XLayout::kDense,
            BwdMask{true, true, true}, rng);
+  test_bwd(be, LORA_DTYPE_BF16, LinearShape{133, 256, 256, 16}, with_seed_in_memory(drop),
+           XLayout::kDense, BwdMask{true, true, true}, rng);
   test_shrink(be, LORA_DTYPE_F16, 7, 256, 8, 2, IndexForm::kSegment, false, rng);
   test_expand(be, LORA_DTYPE_F16, 7, 256, 8, 2, IndexForm::kSegment, false, rng);
   be.set_capture(false);

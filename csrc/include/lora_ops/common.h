@@ -34,10 +34,18 @@ typedef enum lora_status {
 // Dropout on the adapter path. `threshold` == 0 means no dropout. An element (row, col) of x is
 // kept when (lora_dropout_bits(seed32, row, col) >> 8) >= threshold; kept elements are
 // multiplied by keep_scale = 1/(1-p). threshold = round(p * 2^24). See dropout_hash.h.
+//
+// seed_ptr, when not NULL, replaces seed32: the kernel reads the int64 seed s there as it runs,
+// in its own memory space (device memory for the CUDA kernels, host memory for the CPU ones),
+// and hashes with the low 32 bits of (u ^ (u >> 32)), u = (uint64_t)s. A CUDA graph that
+// captured the kernel then applies on every replay the mask of the value the seed holds at that
+// replay (one a captured RNG op drew, say), where seed32 would fix the mask at capture. NULL
+// (as a 3-element initializer leaves it): seed32. Not read without dropout (threshold 0).
 typedef struct lora_dropout {
   uint32_t seed32;
   uint32_t threshold;
   float keep_scale;
+  const int64_t* seed_ptr;
 } lora_dropout_t;
 
 // Adapter index of every token for the multi-adapter kernels; exactly one form is set.

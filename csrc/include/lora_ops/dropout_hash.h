@@ -2,6 +2,7 @@
 // the PyTorch reference in lora_ops/reference/dropout.py), so a seed names one mask everywhere
 // and the backward pass regenerates it instead of storing it.
 //
+//   seed32 = low 32 bits of (seed ^ (seed >> 32))     (seed: 64 bits, unsigned)
 //   h    = mix32(mix32(row ^ seed32) + col)          (uint32 arithmetic, wrapping)
 //   keep = (h >> 8) >= threshold                      threshold = round(p * 2^24)
 //
@@ -20,6 +21,9 @@
 
 #define LORA_MIX32_MUL1 0x7feb352dU
 #define LORA_MIX32_MUL2 0x2c1b3c6dU
+
+// The 32 bits of a 64-bit seed the mask depends on.
+LORA_HD uint32_t lora_seed32(uint64_t seed) { return (uint32_t)(seed ^ (seed >> 32)); }
 
 LORA_HD uint32_t lora_mix32(uint32_t h) {
   h ^= h >> 16;

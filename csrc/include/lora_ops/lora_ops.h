@@ -25,7 +25,7 @@
 #endif
 
 #define LORA_OPS_VERSION_MAJOR 0
-#define LORA_OPS_VERSION_MINOR 1
+#define LORA_OPS_VERSION_MINOR 2
 #define LORA_OPS_VERSION_PATCH 0
 
 #ifdef __cplusplus
