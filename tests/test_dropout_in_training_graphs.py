@@ -133,7 +133,7 @@ def test_compiled_seed_tensor_computed_in_the_graph(device, backend, counter_on)
 
 
 @pytest.mark.parametrize("device,backend", backend_params(devices=("cuda",)))
-def test_captured_training_step_draws_a_fresh_mask_per_replay(device, backend):
+def test_cuda_graph_of_a_training_step_draws_a_fresh_mask_per_replay(device, backend):
     """A whole training step, forward and backward, captured in one CUDA graph with seed=None:
     the seed is drawn in the graph by torch's generator and read by the kernels, so each replay
     applies a new mask, and its backward that very mask."""

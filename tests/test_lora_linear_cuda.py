@@ -73,7 +73,9 @@ def test_cuda_graph_capture_refuses_a_cpu_seed_tensor(device, backend):
     seed (a fixed mask, above) and no dropout capture."""
     x, w, b, a, bb = make_operands((8,), 256, 384, 16, torch.bfloat16, device)
     layer = lambda **kw: lora_ops.lora_linear(x, w, b, a, bb, 2.0, backend=backend, **kw)
-    layer(dropout_p=0.1, training=True)  # warm up outside capture
+    for training in (True, False):  # warm up outside capture every variant captured below
+        layer(dropout_p=0.1, training=training)
+    layer(dropout_p=0.0, training=True)
     torch.cuda.synchronize()
     with pytest.raises(RuntimeError, match=r"^lora_linear: dropout .* a CPU seed tensor under CUDA graph capture"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
