@@ -15,7 +15,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PYTHON312=${PYTHON312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)}
+# The first Python 3.12 that runs (a pyenv shim is found on PATH but fails outside its versions).
+if [[ -z "${PYTHON312:-}" ]]; then
+  for candidate in $(command -v python3.12) /root/.pyenv/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c "" 2>/dev/null; then PYTHON312=$candidate; break; fi
+  done
+fi
+PYTHON312=${PYTHON312:-}
 VENV=${VENV:-/tmp/lora_ops_gpu_image_venv}
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
 TRITON_VERSION=${TRITON_VERSION:-3.6.0}
