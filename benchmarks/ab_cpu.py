@@ -44,11 +44,23 @@ DEFAULT_MULTI_SHAPES = ["T=64,U=16,K=2048,N=2048,r=16,dist=identical",
 
 
 class Dropout(ctypes.Structure):
+    """lora_dropout_t (csrc/include/lora_ops/common.h) from C ABI 0.2."""
+    _fields_ = [("seed32", ctypes.c_uint32), ("threshold", ctypes.c_uint32),
+                ("keep_scale", ctypes.c_float), ("seed_ptr", ctypes.c_void_p)]
+
+
+class DropoutBefore02(ctypes.Structure):
+    """lora_dropout_t of C ABI 0.1, before seed_ptr: a base tree may be that old."""
     _fields_ = [("seed32", ctypes.c_uint32), ("threshold", ctypes.c_uint32),
                 ("keep_scale", ctypes.c_float)]
 
 
-NO_DROPOUT = Dropout(0, 0, 1.0)
+def no_dropout(lib) -> ctypes.Structure:
+    """lora_dropout_t without dropout in the layout of the library's C ABI. Passed by value, a
+    struct of the other size would shift every argument after it."""
+    lib.lora_ops_version.restype = ctypes.c_char_p
+    major, minor = (int(v) for v in lib.lora_ops_version().decode().split(".")[:2])
+    return Dropout(0, 0, 1.0, None) if (major, minor) >= (0, 2) else DropoutBefore02(0, 0, 1.0)
 BWD_OUTPUTS = ("dx", "da", "db")  # the backward's outputs, in the C ABI's order
 
 
@@ -118,16 +130,17 @@ class KernelCall:
              if name != "weights"}
         i64, f32 = ctypes.c_int64, ctypes.c_float
         dims = (code, i64(M), i64(N), i64(K), i64(r))
+        off = no_dropout(lib)
         self.fn = lib.lora_ops_cpu_lora_linear_fwd if op == "fwd" else lib.lora_ops_cpu_lora_linear_bwd
         self.variants = []
         for w in buffers["weights"]:
             w_ptr = ctypes.c_void_p(w.data_ptr())
             if op == "fwd":
                 args = dims + (p["x"], i64(K), w_ptr, p["b"], p["a"], p["bb"], f32(2.0),
-                               NO_DROPOUT, p["s"], p["y"], None)
+                               off, p["s"], p["y"], None)
             else:
                 args = dims + (p["dy"], p["x"], i64(K), w_ptr, p["a"], p["bb"], p["s"],
-                               f32(2.0), NO_DROPOUT, *(p[o] if o in outputs else None
+                               f32(2.0), off, *(p[o] if o in outputs else None
                                                         for o in BWD_OUTPUTS), None)
             self.variants.append(args)
         self.calls = 0

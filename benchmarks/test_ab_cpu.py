@@ -1,4 +1,5 @@
 """Tests of the A/B timing tool's own logic (benchmarks/ab_cpu.py); nothing asserts on time."""
+import ctypes
 import importlib.util
 import os
 import sys
@@ -46,6 +47,15 @@ def test_parse_case_takes_the_shapes_of_its_op_in_the_bench_syntax():
         ab_cpu.parse_case("M=64,K=2048,N=1024,r=16", "fp32", "multi_fwd")
 
 
+def library(version: bytes, **functions):
+    """A stand-in for a ctypes.CDLL of the C ABI at `version` with these functions."""
+    lib = type("Library", (), {})()
+    lib.lora_ops_version = lambda: version
+    for name, fn in functions.items():
+        setattr(lib, name, fn)
+    return lib
+
+
 def test_both_builds_share_the_buffers_and_rotate_the_weight_copies():
     case = ab_cpu.parse_case("M=2,K=8,N=4,r=1", "fp32", "fwd")
     buffers = ab_cpu.linear_buffers(case, copies=3)
@@ -56,7 +66,7 @@ def test_both_builds_share_the_buffers_and_rotate_the_weight_copies():
         def fwd(*args):
             seen[name].append(args[7].value)  # the weight's address
             return 0
-        return type("Lib", (), {"lora_ops_cpu_lora_linear_fwd": staticmethod(fwd)})()
+        return library(b"0.2.0", lora_ops_cpu_lora_linear_fwd=fwd)
 
     calls = [ab_cpu.KernelCall(fake_lib(name), "fwd", case, buffers) for name in ("a", "b")]
     for _ in range(4):
@@ -71,3 +81,12 @@ def test_outputs_are_parsed_in_the_c_abi_order_and_checked():
     for bad in ("dw", "", "dx,dq"):
         with pytest.raises(ValueError, match="--outputs"):
             ab_cpu.parse_outputs(bad)
+
+
+def test_no_dropout_takes_the_layout_of_the_library_it_is_passed_to():
+    """lora_dropout_t grew seed_ptr in C ABI 0.2; a base tree built before that takes the old
+    3-field struct, and one of the wrong size, passed by value, would shift the arguments."""
+    new, old = ab_cpu.no_dropout(library(b"0.2.0")), ab_cpu.no_dropout(library(b"0.1.0"))
+    assert [name for name, _ in type(new)._fields_][-1] == "seed_ptr" and new.seed_ptr is None
+    assert ctypes.sizeof(old) == 12 and ctypes.sizeof(new) == 16 + ctypes.sizeof(ctypes.c_void_p)
+    assert (new.threshold, old.threshold, new.keep_scale, old.keep_scale) == (0, 0, 1.0, 1.0)
