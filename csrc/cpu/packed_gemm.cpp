@@ -20,7 +20,7 @@ struct ThreadScratch {
 };
 
 constexpr int64_t kAPackFloats = kMC * kKC;
-constexpr int64_t kBPackFloats = std::max(kKC * kMaxTileN, kBRowsKC * kBRowsMaxM);
+constexpr int64_t kBPackFloats = std::max(kKC * kMaxTileN, kBRowsPackFloats);
 constexpr int64_t kCTileFloats = kMaxTileM * kMaxTileN;
 
 }  // namespace

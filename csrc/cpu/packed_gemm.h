@@ -200,10 +200,14 @@ bool streams_b(int64_t m, int64_t n, int64_t k, const PackA& pack_a, const PackB
   return false;
 }
 
-// Most rows of a product that gemm_tile_b_rows takes. Fused fwd, C ABI, fp32, against packing B
-// (depth blocks of 256 then): 0.90 / 0.87 / 0.96 / 1.05 at M = 24 (K = N = 4096) / 64 / 128
-// (K = N = 2048) / 256 (K = 4096, N = 1024).
-inline constexpr int64_t kBRowsMaxM = 128;
+// Most rows of a tile that gemm_tile_b_rows takes. Fused fwd, C ABI, fp32, against packing B
+// (depth blocks of 256 then, Xeon): 0.90 / 0.87 / 0.96 / 1.05 at M = 24 (K = N = 4096) / 64 /
+// 128 (K = N = 2048) / 256 (K = 4096, N = 1024). With long runs (kBRowsKC, b_rows_depth), from
+// 128 to 256 rows: C ABI A/B on a 2-core AMD EPYC (AVX-512), 2026-12-06, fused fwd time at 256
+// / at 128: 0.86 / 0.88 at M = 256 / 192 (K = 4096, N = 1024), 0.90 at M = 256 (K = N = 2048),
+// 0.89 at M = 160 (K = N = 4096); 1.00 at M = 96, 384, 512 and 1024 (tiles unchanged). Not
+// measured on a Xeon, where the torch ops take MKL above 128 rows (kMklIntelMaxRows).
+inline constexpr int64_t kBRowsMaxM = 256;
 // Depth of gemm_tile_b_rows' blocks: each row of B (W's rows, read in place) is read in runs of
 // this many elements before the next group of rows; runs of 256 (kKC) left the hardware
 // prefetcher short streams to ramp up on. C ABI A/B, fused fwd, fp32, weights rotated through
@@ -215,6 +219,16 @@ inline constexpr int64_t kBRowsMaxM = 128;
 // path, can depend on the thread count, and the results must not. A's panels of a block,
 // kBRowsKC x up to kBRowsMaxM, fill b_pack (1 MiB).
 inline constexpr int64_t kBRowsKC = 2048;
+// The scratch for a block's A panels (b_pack's share): kBRowsKC deep at up to 128 rows.
+inline constexpr int64_t kBRowsPackFloats = kBRowsKC * 128;
+
+// Depth of a tile's blocks: kBRowsKC, halved while its A panels (m_pad rows) would overflow
+// the scratch, so 1024 at 129-256 rows.
+inline int64_t b_rows_depth(int64_t m_pad) {
+  int64_t kc = kBRowsKC;
+  while (kc > kKC && kc * m_pad > kBRowsPackFloats) kc /= 2;
+  return kc;
+}
 
 // Whether a packed product reads B's columns in place as the micro-kernel's broadcast operand
 // (gemm_tile_b_rows) instead of transposing them into panels: AVX-512, fp32 B stored along k
@@ -422,8 +436,9 @@ void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
   const int64_t n_pad = round_up(n, kMR);
   float* __restrict ct = ws.c_tile;  // C^T: n_pad x m_pad
   if (k == 0) std::fill(ct, ct + n_pad * m_pad, 0.0f);
-  for (int64_t k0 = 0; k0 < k; k0 += kBRowsKC) {
-    const int64_t kc = std::min(kBRowsKC, k - k0);
+  const int64_t depth = b_rows_depth(m_pad);
+  for (int64_t k0 = 0; k0 < k; k0 += depth) {
+    const int64_t kc = std::min(depth, k - k0);
     for (int64_t ip = 0; ip < m; ip += kNR) {
       pack_a.pack(ws.b_pack + ip * kc, i0 + ip, std::min(kNR, m - ip), k0, kc, kNR);
     }

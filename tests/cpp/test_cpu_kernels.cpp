@@ -381,6 +381,9 @@ void test_builtin_gemm() {
 #endif
       test_builtin_gemm_case(dt, nk, 64, 70, 2049, 0.5f);
       test_builtin_gemm_case(dt, nk, 96, 65, 2100, 0.0f);
+      // 129-256 rows in place: blocks of 1024 (b_rows_depth), two and a ragged third.
+      test_builtin_gemm_case(dt, nk, 200, 70, 2100, 0.5f);
+      test_builtin_gemm_case(dt, nk, 256, 33, 1030, 0.0f);
 #ifdef _OPENMP
       omp_set_num_threads(threads);
 #endif
@@ -683,10 +686,10 @@ void test_thread_count_invariance() {
   check_thread_count_invariance(LORA_DTYPE_BF16, 300, 270, 520, 24);
   check_thread_count_invariance(LORA_DTYPE_F32, 13, 1000, 1111, 16);
   check_thread_count_invariance(LORA_DTYPE_F16, 13, 1000, 1111, 16);
-  // fp32 x W^T at 200 rows: one tile of 200 on one thread (packed B), tiles of 72 on two
-  // (W read in place, gemm_tile_b_rows): the two paths must round alike. And 64 rows, W in
+  // fp32 x W^T at 300 rows: one tile of 300 on one thread (packed B), tiles of 108 on
+  // two (W read in place, gemm_tile_b_rows): the two paths must round alike. And 64 rows, W in
   // place on any thread count, depth past one of its blocks.
-  check_thread_count_invariance(LORA_DTYPE_F32, 200, 100, 600, 8);
+  check_thread_count_invariance(LORA_DTYPE_F32, 300, 100, 1300, 8);
   check_thread_count_invariance(LORA_DTYPE_F32, 64, 300, 2100, 8);
 }
 
