@@ -71,8 +71,9 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   64 / 80 / 96 / 112 / 128; at M = 64 with N = 1024 / 14336, 1.00 / 1.09 and 0.90 / 1.03; at
 //   M = 96 with K = 14336, 0.98 / 1.01; at M = 256, 1.07 / 1.04. Hence 128 rows. (Later that
 //   day gemm_tile_b_rows' depth blocks went from 256 to 2048: the fused op then took 0.74-0.97x
-//   its former time at M = 24-128, 0.78x F.linear's at M = 64 in the bench; above 128 rows its
-//   A panels would not fit the scratch at that depth.)
+//   its former time at M = 24-128, 0.78x F.linear's at M = 64 in the bench. Tiles of 129-256
+//   rows took that path later still, in runs of 1024 (b_rows_depth), measured on AMD only: see
+//   kBRowsMaxM. Against MKL there the 128-row crossover is not measured again.)
 // - bf16 (oneDNN on AMX): fwd 0.73 / 0.98 / 1.07 / 1.21 / 2.2 / 2.4 at M = 4 / 5 / 6 / 8 / 12 /
 //   16 (5.1 at M = 64, in cache); bwd 0.53 / 0.61 / 0.65 / 0.71 / 0.89 / 1.04 at M = 4 / 5 / 6 /
 //   8 / 12 / 16.
