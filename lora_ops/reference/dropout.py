@@ -36,9 +36,10 @@ def _seed32_of(seed: "int | torch.Tensor", device) -> "int | torch.Tensor":
 
     A seed tensor stays where it is (on the CPU or on the operands' device, as the ops take it):
     a 0-d CPU tensor combines with tensors on any device, so no copy to the device is made, and
-    one on the device is read by the mask's own kernels (on every replay of a CUDA graph). A traced int seed may be symbolic, and seed32's 64-bit mask cannot be
-    applied to it (Inductor refuses 2**64 - 1 as an int64 constant; Dynamo cannot tell a SymInt
-    from an int, so the tensor form serves every traced seed). As an int64 the seed's
+    one on the device is read by the mask's own kernels (on every replay of a CUDA graph). A
+    traced int seed may be symbolic, and seed32's 64-bit mask cannot be applied to it (Inductor
+    refuses 2**64 - 1 as an int64 constant; Dynamo cannot tell a SymInt from an int, so the
+    tensor form serves every traced seed). As an int64 the seed's
     two's-complement bits are its low 64 bits, and the arithmetic shift differs from the logical
     one only in the top 32 bits, which the final mask clears: the same 32 bits as seed32.
     """
