@@ -34,6 +34,16 @@ inline bool slices_valid(const int64_t* offset, const int64_t* width, int64_t nu
   return true;
 }
 
+// The expand's slices of y: they must tile the fused layer's N when n_exact >= 0, else fit in a
+// row of y, whose rows are ldy apart (a single row: any width). A negative ldy for several
+// rows would have the slices write before y.
+inline bool expand_slices_valid(const int64_t* offset, const int64_t* width, int64_t num_slices,
+                                int64_t M, int64_t ldy, int64_t n_exact) {
+  if (n_exact >= 0) return slices_valid(offset, width, num_slices, n_exact);
+  if (M <= 1) return slices_valid(offset, width, num_slices, -1);
+  return ldy >= 0 && slices_valid(offset, width, num_slices, ldy);
+}
+
 }  // namespace lora_ops::args
 
 #endif  // LORA_OPS_COMMON_ARG_CHECKS_H_

@@ -23,7 +23,7 @@ namespace lora_ops::cpu {
 using args::non_negative;
 using args::present;
 using args::row_stride_ok;
-using args::slices_valid;
+using args::expand_slices_valid;
 
 namespace {
 
@@ -279,13 +279,7 @@ lora_status_t check_expand_args(int64_t M, int64_t L, int64_t r_max, int64_t num
   if (!non_negative(M, L, r_max)) return LORA_ERR_INVALID_ARGUMENT;
   const lora_status_t slices = check_slice_count(num_slices);
   if (slices != LORA_OK) return slices;
-  int64_t limit = -1;
-  if (n_exact >= 0) {
-    limit = n_exact;
-  } else if (M > 1) {
-    limit = ldy;
-  }
-  if (!slices_valid(slice_offset, slice_width, num_slices, limit)) {
+  if (!expand_slices_valid(slice_offset, slice_width, num_slices, M, ldy, n_exact)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   int64_t total_width = 0;

@@ -47,7 +47,7 @@ inline bool rows_vec_ok(lora_dtype_t dtype, const void* p, int64_t ld) {
 using args::non_negative;
 using args::present;
 using args::row_stride_ok;
-using args::slices_valid;
+using args::expand_slices_valid;
 
 // Status of the launch just made.
 inline lora_status_t launch_status() {

@@ -147,8 +147,7 @@ lora_status_t make_expand_params(int64_t M, int64_t L, int64_t r_max, int64_t nu
   if (M < 0 || L < 0 || r_max < 0) return LORA_ERR_INVALID_ARGUMENT;
   if (num_slices < 1 || lora_b == nullptr) return LORA_ERR_INVALID_ARGUMENT;
   if (num_slices > LORA_MAX_SLICES || r_max > kMaxRank) return LORA_ERR_UNSUPPORTED;
-  const int64_t limit = n_exact >= 0 ? n_exact : (M > 1 ? ldy : -1);
-  if (!slices_valid(slice_offset, slice_width, num_slices, limit)) {
+  if (!expand_slices_valid(slice_offset, slice_width, num_slices, M, ldy, n_exact)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
   int64_t total_width = 0;

@@ -1133,6 +1133,7 @@ void test_multi_invalid() {
   expect_status(expand(2, off.data(), wid.data(), 8), LORA_OK, "expand valid");
   expect_status(expand(2, overlap.data(), wid.data(), 8), bad, "expand overlapping slices");
   expect_status(expand(2, off.data(), wid.data(), 7), bad, "expand slice past ldy");
+  expect_status(expand(2, off.data(), wid.data(), -8), bad, "expand negative ldy (rows before y)");
   expect_status(expand(2, nullptr, wid.data(), 8), bad, "expand slice_offset NULL");
   expect_status(expand(0, off.data(), wid.data(), 8), bad, "expand 0 slices");
 
