@@ -211,6 +211,11 @@ cuda::Context cuda_context(const at::Tensor& like, size_t bytes, at::Tensor& wor
   ctx.workspace_bytes = bytes;
   return ctx;
 }
+
+void require_on_gpu(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", arg, " is on ", t.device(),
+                    "; the CUDA kernels take it on a GPU");
+}
 #endif
 
 }  // namespace lora_ops::binding

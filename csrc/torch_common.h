@@ -55,5 +55,11 @@ namespace lora_ops::binding {
 // Current stream and cuBLAS handle of the tensor's device, plus a workspace of `bytes` from the
 // caching allocator; keep the returned tensor alive until the kernels are enqueued.
 cuda::Context cuda_context(const at::Tensor& like, size_t bytes, at::Tensor& workspace_holder);
+
+// Any operand on a GPU sends a call to the CUDA kernels. Where `t` (x, or y for an op writing
+// into it) is not on one, the op's argument checks, run first, name the operand that is (a seed
+// on the GPU, say); this is for a call that passes them, and comes before the CUDA guard, which
+// would fail on t's device with an internal error.
+void require_on_gpu(const char* op, const char* arg, const at::Tensor& t);
 }  // namespace lora_ops::binding
 #endif

@@ -137,21 +137,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
 }
 
 #ifdef LORA_OPS_WITH_CUDA
-// Any operand on a GPU sends a call to the CUDA kernels. Where x is not on one, the kernels'
-// argument checks, run first, name the operand that is (a seed on the GPU, say); this is for a
-// call that passes them, and comes before the CUDA guard, which would fail on x's device.
-void require_x_on_gpu(const char* op, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x is on ", x.device(),
-                    "; the CUDA kernels take it on a GPU");
-}
-
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,
                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
                                             double scaling, double dropout_p,
                                             const std::optional<at::Tensor>& seed) {
   if (!x.is_cuda()) prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
-  require_x_on_gpu(kFwd, x);
+  require_on_gpu(kFwd, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
   const lora_dtype_t dt = to_lora_dtype(kFwd, "x", x);
@@ -170,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> mask) {
   if (!x.is_cuda()) prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
-  require_x_on_gpu(kBwd, x);
+  require_on_gpu(kBwd, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
   const lora_dtype_t dt = to_lora_dtype(kBwd, "x", x);

@@ -5,6 +5,7 @@
 // The kernels treat an adapter index outside [-1, L) as -1 and clamp a rank into [0, r_max];
 // lora_ops/multi_lora.py rejects bad values on the host where they are free to read (CPU).
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -64,7 +65,15 @@ at::Tensor checked_vector(const char* op, const char* arg, const at::Tensor& t, 
   if (integer) {
     TORCH_CHECK_VALUE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ",
                       arg, " must be int32 or int64, got ", t.scalar_type());
-    return t.to(at::kInt).contiguous();
+    // int64 values beyond int32 saturate rather than wrap: every rule applied to them (an
+    // adapter index outside [0, L) is no adapter, a rank above r_max or a segment bound past M
+    // is refused) compares them with numbers within int32, which saturation preserves.
+    if (t.scalar_type() == at::kLong) {
+      return t.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max())
+          .to(at::kInt)
+          .contiguous();
+    }
+    return t.contiguous();
   }
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), op, ": ", arg,
                     " must be a floating-point tensor, got ", t.scalar_type());
@@ -448,6 +457,10 @@ at::Tensor adapter_grad_cpu(const at::Tensor& u, const at::Tensor& v, const at::
 at::Tensor shrink_cuda(const at::Tensor& x, at::TensorList lora_a, const at::Tensor& scalings,
                        const at::Tensor& ranks, const OptTensor& token_adapter,
                        const OptTensor& seg_indptr, const OptTensor& seg_adapter) {
+  if (!x.is_cuda()) {
+    prepare_shrink(x, lora_a, scalings, ranks, token_adapter, seg_indptr, seg_adapter);
+  }
+  require_on_gpu(kShrink, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   ShrinkArgs a = prepare_shrink(x, lora_a, scalings, ranks, token_adapter, seg_indptr,
                                 seg_adapter);
@@ -465,6 +478,10 @@ void expand_cuda(const at::Tensor& y, const at::Tensor& t, at::TensorList lora_b
                  at::IntArrayRef slice_offsets, const at::Tensor& ranks,
                  const OptTensor& token_adapter, const OptTensor& seg_indptr,
                  const OptTensor& seg_adapter) {
+  if (!y.is_cuda()) {
+    prepare_expand(y, t, lora_b, slice_offsets, ranks, token_adapter, seg_indptr, seg_adapter);
+  }
+  require_on_gpu(kExpand, "y", y);
   const c10::cuda::CUDAGuard guard(y.device());
   ExpandArgs a = prepare_expand(y, t, lora_b, slice_offsets, ranks, token_adapter, seg_indptr,
                                 seg_adapter);
@@ -482,6 +499,11 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(
     at::TensorList lora_b, at::IntArrayRef slice_offsets, const at::Tensor& scalings,
     const at::Tensor& ranks, const OptTensor& token_adapter, const OptTensor& seg_indptr,
     const OptTensor& seg_adapter) {
+  if (!x.is_cuda()) {
+    prepare_linear(x, weight, bias, lora_a, lora_b, slice_offsets, scalings, ranks,
+                   token_adapter, seg_indptr, seg_adapter);
+  }
+  require_on_gpu(kLinear, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   LinearArgs a = prepare_linear(x, weight, bias, lora_a, lora_b, slice_offsets, scalings, ranks,
                                 token_adapter, seg_indptr, seg_adapter);

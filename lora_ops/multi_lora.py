@@ -139,7 +139,7 @@ def _check_index(op: str, num_tokens: int, num_adapters: int, token_adapter: Opt
         _check_vector(op, "token_adapter", token_adapter, num_tokens, device, integer=True)
         if _values_readable(device):
             _check_adapter_values(op, "token_adapter", token_adapter, num_adapters)
-        return token_adapter.to(torch.int32), None, None
+        return _as_int32(token_adapter), None, None
     if seg_indptr is None or seg_adapter is None:
         _fail(op, "the segment form needs both seg_indptr and seg_adapter")
     if not isinstance(seg_adapter, Tensor) or seg_adapter.dim() != 1:
@@ -150,7 +150,7 @@ def _check_index(op: str, num_tokens: int, num_adapters: int, token_adapter: Opt
     if _values_readable(device):
         _check_adapter_values(op, "seg_adapter", seg_adapter, num_adapters)
         _check_segment_bounds(op, seg_indptr, num_tokens)
-    return None, seg_indptr.to(torch.int32), seg_adapter.to(torch.int32)
+    return None, _as_int32(seg_indptr), _as_int32(seg_adapter)
 
 
 def _check_segment_bounds(op: str, seg_indptr: Tensor, num_tokens: int) -> None:
@@ -229,8 +229,8 @@ def _kernel_args(scalings, ranks, token_adapter, seg_indptr, seg_adapter):
     """(scalings, ranks, index kwargs) in the dtypes the kernels read: float32 and int32. The
     ops take int64 and any float too, as the C++ ones do."""
     index = {"token_adapter": token_adapter, "seg_indptr": seg_indptr, "seg_adapter": seg_adapter}
-    index = {k: v if v is None else v.to(torch.int32) for k, v in index.items()}
-    return (None if scalings is None else scalings.to(torch.float32)), ranks.to(torch.int32), index
+    index = {k: _as_int32(v) for k, v in index.items()}
+    return (None if scalings is None else scalings.to(torch.float32)), _as_int32(ranks), index
 
 
 @torch.library.custom_op("lora_ops::triton_multi_lora_shrink", mutates_args=())
@@ -794,10 +794,18 @@ def _compiled_linear(fwd_op, x, weight, bias, lora_a, lora_b, scalings, ranks, i
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
 
 
+_INT32_RANGE = (torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max)
+
+
 def _as_int32(t: Optional[Tensor]) -> Optional[Tensor]:
     """An int64 index or rank tensor as the kernels' int32; anything else as it is, for the op
-    to accept or refuse."""
-    return t.to(torch.int32) if t is not None and t.dtype == torch.int64 else t
+    to accept or refuse. Values beyond int32 saturate rather than wrap: every rule applied to
+    them (an adapter index outside [0, L) is no adapter, a rank above r_max or a segment bound
+    past M is refused) compares them with numbers within int32, which saturation preserves and
+    wrapping does not (2**32 + 1 would become adapter 1)."""
+    if t is None or t.dtype != torch.int64:
+        return t
+    return t.clamp(*_INT32_RANGE).to(torch.int32)
 
 
 def _as_float32(t: Tensor) -> Tensor:

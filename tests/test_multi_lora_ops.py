@@ -395,6 +395,57 @@ def test_out_of_range_indices_mean_base_only_on_the_device(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNELS)
+def test_int64_indices_beyond_int32_saturate_rather_than_wrap(device, backend):
+    """The kernels read int32 indices; an int64 one past that range is no adapter (it is outside
+    [0, L)), not the adapter its low 32 bits name (2**32 + 1 would be adapter 1), also where the
+    op narrows it and no value is checked (a GPU). A rank past int32 is refused on the CPU, not
+    read as its low bits (2**32 + 2 would be rank 2)."""
+    p = op_problem(device)
+    wrapping = [2**32 + 1, 0, -(2**32) + 2, 1, 2**40, 2**33 + 2]
+    wild = torch.tensor(wrapping, dtype=torch.int64, device=device)
+    none = torch.tensor([-1, 0, -1, 1, -1, -1], dtype=torch.int64, device=device)
+    fwd = multi_lora.linear_fwd_op(backend)
+    args = (p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings, p.ranks)
+    y, t = fwd(*args, wild)
+    y_none, t_none = fwd(*args, none)
+    assert torch.equal(y, y_none) and torch.equal(t, t_none)
+    shrunk = multi_lora.shrink_op(backend)(p.x, p.lora_a, p.scalings, p.ranks, wild)
+    assert torch.equal(shrunk, multi_lora.shrink_op(backend)(p.x, p.lora_a, p.scalings, p.ranks, none))
+    out, out_none = (torch.zeros(6, p.weight.shape[0], device=device) for _ in range(2))
+    multi_lora.expand_op(backend)(out, t, p.lora_b, p.offsets, p.ranks, wild)
+    multi_lora.expand_op(backend)(out_none, t, p.lora_b, p.offsets, p.ranks, none)
+    assert torch.equal(out, out_none)
+    if backend == "cpu":
+        ranks = torch.tensor([2**32 + 2, 1, 4], dtype=torch.int64)
+        with pytest.raises(ValueError, match=r"ranks must lie in \[0, r_max=4\]"):
+            fwd(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings, ranks, none)
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_int64_indices_beyond_int32_through_the_python_api(device, backend):
+    """multi_lora_linear narrows int64 indices itself before the ops: saturating, as they do,
+    where it reads no values (a GPU); on the CPU it reads them first and refuses them as given."""
+    p = op_problem(device)
+    wild = torch.tensor([2**32 + 1, 0, -(2**32) + 2, 1, 2**40, 2**33 + 2], device=device)
+    none = torch.tensor([-1, 0, -1, 1, -1, -1], device=device)
+    args = (p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scalings, p.ranks)
+    kw = {"slice_offsets": p.offsets, "backend": backend}
+    if device == "cpu":
+        message = r"token_adapter values must lie in \[-1, 3\).*from -4294967294 to 1099511627776"
+        with pytest.raises(ValueError, match=message):
+            multi_lora_linear(*args, token_adapter=wild, **kw)
+        return
+    y = multi_lora_linear(*args, token_adapter=wild, **kw)
+    assert torch.equal(y, multi_lora_linear(*args, token_adapter=none, **kw))
+    seg_indptr = torch.tensor([0, 3, 6], device=device)
+    y = multi_lora_linear(*args, seg_indptr=seg_indptr,
+                          seg_adapter=torch.tensor([2**32 + 1, 2], device=device), **kw)
+    want = multi_lora_linear(*args, seg_indptr=seg_indptr,
+                             seg_adapter=torch.tensor([-1, 2], device=device), **kw)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("device,backend", KERNELS)
 def test_ranks_outside_0_r_max(device, backend):
     """The CPU op rejects them (it reads ranks on the host anyway); on a GPU they are clamped
     into [0, r_max], never read past."""
@@ -697,6 +748,23 @@ def test_compiled_ops_check_their_input(device, backend):
                                           p.scalings, p.ranks, p.token_adapter)
     with pytest.raises(ValueError, match="multi_lora_expand: operands are on several devices"):
         multi_lora.expand_op(backend)(y, t, p.lora_b, [0, 4], p.ranks.to("meta"), p.token_adapter)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(("cuda",), devices=("cuda",)))
+def test_compiled_ops_name_the_operand_on_another_device(device, backend):
+    """An operand on the GPU sends a call to the CUDA kernels even with x (or y) on the CPU: they
+    refuse it naming that operand, before a CUDA guard on x's device could fail internally."""
+    p = op_problem("cpu")
+    gpu_ranks = p.ranks.to(device)
+    with pytest.raises(ValueError, match="multi_lora_shrink: ranks is on cuda:0 but x is on cpu"):
+        multi_lora.shrink_op(backend)(p.x, p.lora_a, p.scalings, gpu_ranks, p.token_adapter)
+    with pytest.raises(ValueError, match="multi_lora_linear_fwd: ranks is on cuda:0 but x is on cpu"):
+        multi_lora.linear_fwd_op(backend)(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets,
+                                          p.scalings, gpu_ranks, p.token_adapter)
+    t = multi_lora.shrink_op("cpu")(p.x, p.lora_a, p.scalings, p.ranks, p.token_adapter)
+    y = torch.zeros(6, p.weight.shape[0])
+    with pytest.raises(ValueError, match="multi_lora_expand: ranks is on cuda:0 but y is on cpu"):
+        multi_lora.expand_op(backend)(y, t, p.lora_b, p.offsets, gpu_ranks, p.token_adapter)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,10 @@ bool clusters_run_here() {
 bool clusters_enabled() {
   if (switched_off_by_env()) return false;
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error for the next launch check
+    return false;
+  }
   int supported = 0;
   if (cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, device) != cudaSuccess) {
     cudaGetLastError();  // leave no sticky error for the next launch check
@@ -76,7 +79,10 @@ bool clusters_enabled() {
 
 int max_active_clusters(const void* kernel, size_t smem_bytes) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
   static std::mutex mutex;
   static std::map<std::tuple<int, const void*, size_t>, int> cache;  // -> clusters
   const std::tuple<int, const void*, size_t> key{device, kernel, smem_bytes};
