@@ -172,8 +172,27 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device) -> 
     return chosen
 
 
+# $LORA_OPS_BACKEND is read on every call that names no backend: a process may set it between
+# calls. os.environ.get costs ~2 µs where it is unset (Mapping.get raises and catches KeyError), a
+# tenth of a decode-sized call on the machines here, so the mapping's own store is read instead
+# where CPython keeps one (os.environ._data: every write to os.environ updates it; keys and
+# values encoded as os.environ encodes them), the same answer for ~0.1 µs.
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_STORE is not None else None
+
+
+def env_backend() -> Optional[str]:
+    """$LORA_OPS_BACKEND, or None where it is unset or empty."""
+    if _ENV_STORE is None or torch.compiler.is_compiling():  # Dynamo traces os.environ itself
+        return os.environ.get(ENV_VAR) or None
+    raw = _ENV_STORE.get(_ENV_KEY)
+    if raw is None:
+        return None
+    return os.environ.decodevalue(raw) or None
+
+
 def _resolve(op: str, requested: Optional[str], device: torch.device) -> str:
-    explicit = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
+    explicit = requested if requested is not None else env_backend()
     if explicit is None:
         default = _default_on(device.type)
         if default is not None:

@@ -9,6 +9,7 @@ from torch import nn
 from lora_ops.adapter_args import check_alpha, check_dropout, check_rank
 from lora_ops.dropout_seed import SeedLike
 from lora_ops.lora_linear import lora_linear
+from lora_ops.module_tensors import module_tensor
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -80,11 +81,12 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         # Adapters kept in another dtype than the base (fp32 LoRA on a bf16 model) are cast on
         # the way in; autograd brings their gradients back in their own dtype.
-        weight = self.weight
-        a, b = self.lora_A.weight, self.lora_B.weight
+        weight = module_tensor(self, "weight")
+        a = module_tensor(self._modules["lora_A"], "weight")
+        b = module_tensor(self._modules["lora_B"], "weight")
         if a.dtype != weight.dtype or b.dtype != weight.dtype:
             a, b = a.to(weight.dtype), b.to(weight.dtype)
-        return lora_linear(x, weight, self.bias, a, b, self.scaling,
+        return lora_linear(x, weight, module_tensor(self, "bias"), a, b, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training, seed=seed,
                            backend=self.backend)
 

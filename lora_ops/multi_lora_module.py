@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_ops.module_tensors import module_tensor
 from lora_ops.multi_lora import multi_lora_linear
 
 # The adapter name PEFT uses for "no adapter" in mixed batches; None means the same here.
@@ -132,7 +133,8 @@ class MultiLoRALinear(nn.Module):
         `mixed_batch(model, names)`, the names given there."""
         if adapter_names is None:
             if self._mixed_batch_index is None:
-                return F.linear(x, self.base_layer.weight, self.base_layer.bias)
+                base = self._modules["base_layer"]
+                return F.linear(x, module_tensor(base, "weight"), module_tensor(base, "bias"))
             index = self._mixed_batch_index
         elif isinstance(adapter_names, Tensor):
             index = adapter_names
@@ -149,12 +151,15 @@ class MultiLoRALinear(nn.Module):
         if x.dim() == 2:
             routing = {"token_adapter": index}
         else:
-            seq = x.shape[1]
-            routing = {"seg_indptr": torch.arange(x.shape[0] + 1, device=x.device, dtype=torch.int32) * seq,
+            seq = x.shape[1]  # sequence i is segment i: tokens [i * seq, (i + 1) * seq)
+            routing = {"seg_indptr": torch.arange(0, (x.shape[0] + 1) * seq, seq, device=x.device,
+                                                  dtype=torch.int32),
                        "seg_adapter": index}
-        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A,
-                                 self.lora_B, self.scalings, self.ranks, backend=self.backend,
-                                 **routing)
+        base = self._modules["base_layer"]
+        return multi_lora_linear(x, module_tensor(base, "weight"), module_tensor(base, "bias"),
+                                 module_tensor(self, "lora_A"), module_tensor(self, "lora_B"),
+                                 module_tensor(self, "scalings"), module_tensor(self, "ranks"),
+                                 backend=self.backend, **routing)
 
     def get_extra_state(self) -> Dict[str, int]:
         """The adapter name of every slot travels with state_dict() (the stacks, ranks and

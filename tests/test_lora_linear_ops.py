@@ -119,11 +119,20 @@ def test_interpreted_triton_needs_an_interpreter_that_runs_the_kernels(monkeypat
 
 
 def test_env_var_picks_backend(monkeypatch):
+    """Read on every call, from however the process last set it (unset and empty: the default)."""
+    cpu = torch.device("cpu")
+    default = lora_ops.available_backends()["cpu"][0]
     monkeypatch.setenv("LORA_OPS_BACKEND", "reference")
-    assert _backend.resolve_backend("lora_linear", None, torch.device("cpu")) == "reference"
+    assert _backend.resolve_backend("lora_linear", None, cpu) == "reference"
+    assert _backend.resolve_backend("lora_linear", default, cpu) == default  # backend= wins
+    monkeypatch.setenv("LORA_OPS_BACKEND", "")
+    assert _backend.resolve_backend("lora_linear", None, cpu) == default
     monkeypatch.setenv("LORA_OPS_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"\$LORA_OPS_BACKEND='bogus'"):
-        _backend.resolve_backend("lora_linear", None, torch.device("cpu"))
+        _backend.resolve_backend("lora_linear", None, cpu)
+    monkeypatch.delenv("LORA_OPS_BACKEND")
+    assert _backend.env_backend() is None
+    assert _backend.resolve_backend("lora_linear", None, cpu) == default
 
 
 @pytest.mark.skipif("cpu" not in lora_ops.available_backends()["cpu"], reason="no CPU kernels")

@@ -96,3 +96,27 @@ def test_low_precision_base_with_fp32_adapter():
 def test_bad_hyper_parameters_name_the_module_and_argument(kwargs, message):
     with pytest.raises(ValueError, match=f"LoRALinear: {message}"):
         lora_ops.LoRALinear.from_linear(nn.Linear(8, 4), **kwargs)
+
+
+def test_parametrized_or_replaced_weights_are_the_ones_used():
+    """forward reads parameters from the modules' parameter dicts for speed; a parametrization
+    (which moves one out of the dict) or a tensor put in a parameter's place must still be what
+    the layer computes with."""
+    torch.manual_seed(0)
+    layer = lora_ops.LoRALinear(16, 12, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 16)
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    nn.utils.parametrize.register_parametrization(layer.lora_A, "weight", Doubled())
+    a = 2 * layer.lora_A.parametrizations.weight.original
+    want = x @ layer.weight.t() + layer.bias + layer.scaling * (x @ a.t()) @ layer.lora_B.weight.t()
+    torch.testing.assert_close(layer(x), want)
+    frozen_b = torch.randn(12, 4)
+    del layer.lora_B.weight
+    layer.lora_B.weight = frozen_b  # a plain tensor, no longer a parameter
+    want = x @ layer.weight.t() + layer.bias + layer.scaling * (x @ a.t()) @ frozen_b.t()
+    torch.testing.assert_close(layer(x), want)
