@@ -12,7 +12,8 @@ the time is mostly dispatch. Three ways of calling the one op, timed call by cal
 `overhead µs` = median - the floor's median. A second table times, under no_grad and in blocks of
 calls of one kind, what a model calls: F.linear and nn.Linear alone (the cost of the base layer),
 `lora_ops.lora_linear`, `LoRALinear` and PEFT's LoRA layer (when peft is installed) around the
-same tensors. Nothing is asserted; this prints two small tables.
+same tensors, and MultiLoRALinear holding the same adapter as its one slot (x as rows, then as
+sequences). Nothing is asserted; this prints two small tables.
 
     python benchmarks/bench_op_overhead.py
     python benchmarks/bench_op_overhead.py --shape M=16,K=4096,N=4096,r=16 --calls 200
@@ -85,6 +86,12 @@ def make_layer_timers(dims: dict, dtype: torch.dtype, device: str, sync) -> dict
         "lora_linear()": lambda: lora_ops.lora_linear(x, w, b, a, bb, ours.scaling),
         "LoRALinear": lambda: ours(x),
     }
+    pool = lora_ops.MultiLoRALinear.from_linear(base, max_adapters=4, max_rank=r)
+    pool.add_adapter("one", a, bb, scaling=2.0)
+    slot = torch.full((M,), pool.adapter_slot("one"), dtype=torch.int32, device=device)
+    x3 = x.reshape(M, 1, K)  # M sequences of one token: the segment form
+    calls["MultiLoRALinear"] = lambda: pool(x, slot)
+    calls["MultiLoRALinear 3-D"] = lambda: pool(x3, slot)
     if importlib.util.find_spec("peft") is not None:
         from lora_ops.bench.linear_providers import peft_lora_linear
         peft_layer = peft_lora_linear(w, b, [("default", a, bb, 2 * r)], 0.0)
@@ -154,10 +161,10 @@ def main(argv=None) -> int:
     layers = time_in_blocks(make_layer_timers(dims, dtype, args.device, sync), args.calls,
                             args.warmup)
     print("\nlayer calls under no_grad, same shape; x F.linear = median / F.linear's")
-    print(f"| {'call':<17} | {'median µs':>9} | {'x F.linear':>10} |")
-    print(f"| {'-' * 17} | {'-' * 8}: | {'-' * 9}: |")
+    print(f"| {'call':<19} | {'median µs':>9} | {'x F.linear':>10} |")
+    print(f"| {'-' * 19} | {'-' * 8}: | {'-' * 9}: |")
     for name, median in layers.items():
-        print(f"| {name:<17} | {median:9.1f} | {median / layers['F.linear']:10.2f} |")
+        print(f"| {name:<19} | {median:9.1f} | {median / layers['F.linear']:10.2f} |")
     return 0
 
 
