@@ -66,8 +66,9 @@ at::Tensor checked_vector(const char* op, const char* arg, const at::Tensor& t, 
     TORCH_CHECK_VALUE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ",
                       arg, " must be int32 or int64, got ", t.scalar_type());
     // int64 values beyond int32 saturate rather than wrap: every rule applied to them (an
-    // adapter index outside [0, L) is no adapter, a rank above r_max or a segment bound past M
-    // is refused) compares them with numbers within int32, which saturation preserves.
+    // adapter index outside [0, L) is no adapter; a rank above r_max is refused on the CPU and
+    // clamped on a GPU; a segment bound past M is refused) compares them with numbers within
+    // int32, which saturation preserves.
     if (t.scalar_type() == at::kLong) {
       return t.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max())
           .to(at::kInt)

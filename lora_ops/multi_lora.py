@@ -801,9 +801,10 @@ _INT32_RANGE = (torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max)
 def _as_int32(t: Optional[Tensor]) -> Optional[Tensor]:
     """An int64 index or rank tensor as the kernels' int32; anything else as it is, for the op
     to accept or refuse. Values beyond int32 saturate rather than wrap: every rule applied to
-    them (an adapter index outside [0, L) is no adapter, a rank above r_max or a segment bound
-    past M is refused) compares them with numbers within int32, which saturation preserves and
-    wrapping does not (2**32 + 1 would become adapter 1)."""
+    them (an adapter index outside [0, L) is no adapter; a rank above r_max is refused on the
+    CPU and clamped on a GPU; a segment bound past M is refused) compares them with numbers
+    within int32, which saturation preserves and wrapping does not (2**32 + 1 would become
+    adapter 1)."""
     if t is None or t.dtype != torch.int64:
         return t
     return t.clamp(*_INT32_RANGE).to(torch.int32)
