@@ -168,7 +168,10 @@ std::vector<int64_t> checked_slices(const char* op, at::TensorList lora_b,
   bool ok = true;
   int64_t end = 0;  // where the previous slice ends
   for (const auto& [offset, width] : spans) {
-    ok = ok && offset >= end && (!cover || offset == end);
+    // offset <= N - width before offset + width is formed: an offset near 2**63 wrapped the end
+    // negative and passed, and the kernels wrote outside y (widths and N are sizes, >= 0).
+    ok = ok && offset >= end && offset <= N - width && (!cover || offset == end);
+    if (!ok) break;
     end = offset + width;
   }
   ok = ok && end <= N && (!cover || end == N);

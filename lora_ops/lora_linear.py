@@ -51,6 +51,8 @@ def _check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         fail(f"lora_a has {lora_a.shape[1]} columns but x has {k} features (lora_a shape {tuple(lora_a.shape)})")
     if tuple(lora_b.shape) != (n, r):
         fail(f"lora_b must have shape ({n}, {r}) = (weight rows, lora_a rows), got {tuple(lora_b.shape)}")
+    if bias is not None and not isinstance(bias, Tensor):
+        fail(f"bias must be a Tensor or None, got {type(bias).__name__}")
     if bias is not None and tuple(bias.shape) != (n,):
         fail(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if x.dtype not in _FLOAT_DTYPES:

@@ -58,7 +58,8 @@ def _fail(op: str, msg: str):
 
 
 def _as_stacks(op: str, arg: str, stacks: Stacks) -> List[Tensor]:
-    items = [stacks] if isinstance(stacks, Tensor) else list(stacks)
+    is_list = isinstance(stacks, (list, tuple))
+    items = [stacks] if isinstance(stacks, Tensor) else list(stacks) if is_list else []
     if not items or not all(isinstance(s, Tensor) for s in items):
         _fail(op, f"{arg} must be a Tensor or a non-empty list of Tensors, got {stacks!r:.200}")
     if len(items) > MAX_SLICES:
@@ -585,13 +586,15 @@ def _kernel_index(index: Index) -> Index:
     return tuple(_as_int32(t) for t in index)
 
 
-def _tokens_2d(op: str, arg: str, t: Tensor, features: Optional[int] = None) -> Tensor:
+def _tokens_2d(op: str, arg: str, t: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """t [..., features] as rows, with as many features as weight [N, K] has columns if given."""
     if not isinstance(t, Tensor):
         _fail(op, f"{arg} must be a Tensor, got {type(t).__name__}")
     if t.dim() < 1:
         _fail(op, f"{arg} must have at least 1 dimension (features last), got a 0-D tensor")
-    if features is not None and t.shape[-1] != features:
-        _fail(op, f"{arg} has {t.shape[-1]} features but {features} were expected")
+    if weight is not None and t.shape[-1] != weight.shape[1]:
+        _fail(op, f"{arg} has {t.shape[-1]} features but weight has {weight.shape[1]} columns "
+                  f"(weight shape {tuple(weight.shape)})")
     return tokens_2d(t)
 
 
@@ -761,11 +764,12 @@ def _checked_linear_args(x, weight, bias, lora_a, lora_b, scalings, ranks, index
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         _fail(op, f"weight must be a 2-D Tensor [N, K], got {weight!r:.200}")
     N, K = weight.shape
-    x2d = _tokens_2d(op, "x", x, K)
+    x2d = _tokens_2d(op, "x", x, weight)
     _check_like(op, "weight", weight, x2d)
     if bias is not None:
         if not isinstance(bias, Tensor) or tuple(bias.shape) != (N,):
-            _fail(op, f"bias must have shape ({N},), got {tuple(getattr(bias, 'shape', ()))}")
+            _fail(op, f"bias must be a Tensor of shape ({N},) (weight has {N} rows), got "
+                      f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
         _check_like(op, "bias", bias, x2d)
     a_stacks = _as_stacks(op, "lora_a", lora_a)
     b_stacks = _as_stacks(op, "lora_b", lora_b)

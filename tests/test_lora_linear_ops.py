@@ -70,6 +70,7 @@ def test_errors_name_op_argument_and_what_was_seen():
         (dict(lora_b=torch.randn(10, 4)), "lora_b must have shape (10, 3)"),
         (dict(lora_a=torch.randn(0, 12), lora_b=torch.randn(10, 0)), "rank 0"),
         (dict(bias=torch.randn(9)), "bias must have shape (10,)"),
+        (dict(bias=1.0), "bias must be a Tensor or None, got float"),
         (dict(weight=torch.randn(10, 12, 1)), "weight must be 2-D"),
         (dict(lora_a=torch.randn(3, 12, dtype=torch.float64)), "lora_a has dtype torch.float64"),
         (dict(x=torch.randint(0, 3, (5, 12))), "x has dtype torch.int64"),

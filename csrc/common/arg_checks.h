@@ -19,13 +19,16 @@ inline bool non_negative(int64_t a, int64_t b = 0, int64_t c = 0, int64_t d = 0)
   return a >= 0 && b >= 0 && c >= 0 && d >= 0;
 }
 
-// Slices lie in [0, limit) (limit < 0: no upper bound) and do not overlap.
+// Slices lie in [0, limit) (limit < 0: no upper bound but int64's) and do not overlap.
 inline bool slices_valid(const int64_t* offset, const int64_t* width, int64_t num_slices,
                          int64_t limit) {
   if (offset == nullptr || width == nullptr) return false;
+  const int64_t bound = limit >= 0 ? limit : INT64_MAX;
   for (int64_t s = 0; s < num_slices; ++s) {
     if (offset[s] < 0 || width[s] < 0) return false;
-    if (limit >= 0 && offset[s] + width[s] > limit) return false;
+    // offset + width <= bound, without computing a sum that could overflow (an offset near
+    // 2**63 wrapped the end negative and passed); every end below is then exact.
+    if (offset[s] > bound - width[s]) return false;
     for (int64_t u = 0; u < s; ++u) {
       const bool disjoint = offset[s] + width[s] <= offset[u] || offset[u] + width[u] <= offset[s];
       if (!disjoint && width[s] > 0 && width[u] > 0) return false;

@@ -11,7 +11,11 @@ It is also the definition of what an adapter index means (see kernels.h and comm
 Every adapter is computed at once through one GEMM against all L stacked adapters and a gather
 of each token's block: fixed shapes, no host sync, and differentiable by autograd, so its
 gradients are an oracle independent of the kernels' backward. It costs L times the adapter
-FLOPs of the kernels (fine for an oracle and a fallback). Low-precision inputs are computed
+FLOPs of the kernels (fine for an oracle and a fallback). Tokens are placed in their adapter's
+block with torch.where, never multiplied by a 0/1 mask, so a token's NaN or inf stays out of
+the other adapters' outputs and lora_b gradients; it does reach the other adapters' lora_a
+gradients (0 * inf in the one GEMM's backward), where the kernels keep it to the token's own
+adapter: keeping it out here would take a copy of x per adapter. Low-precision inputs are computed
 in fp32 (t stays fp32, as the kernels keep it); fp64 inputs stay fp64, which is how the tests
 build their oracle.
 """
@@ -54,7 +58,7 @@ def _token_blocks(t: Tensor, adapter: Tensor, num_adapters: int) -> Tensor:
     """t [M, r_max] placed in its token's adapter block of an [M, L * r_max] matrix (zeros elsewhere)."""
     M, r_max = t.shape
     onehot = adapter[:, None] == torch.arange(num_adapters, device=t.device)[None, :]
-    return (onehot[:, :, None] * t[:, None, :]).reshape(M, num_adapters * r_max)
+    return torch.where(onehot[:, :, None], t[:, None, :], 0).reshape(M, num_adapters * r_max)
 
 
 def _shrink(x: Tensor, lora_a: Sequence[Tensor], scalings: Tensor, keep: Tensor,

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -1134,6 +1135,12 @@ void test_multi_invalid() {
   expect_status(expand(2, overlap.data(), wid.data(), 8), bad, "expand overlapping slices");
   expect_status(expand(2, off.data(), wid.data(), 7), bad, "expand slice past ldy");
   expect_status(expand(2, off.data(), wid.data(), -8), bad, "expand negative ldy (rows before y)");
+  // An end past int64 (offset + width wrapped negative and passed before).
+  std::vector<int64_t> huge = {0, std::numeric_limits<int64_t>::max() - 1};
+  expect_status(expand(2, huge.data(), wid.data(), 8), bad, "expand offset + width past int64");
+  expect_status(cpu::multi_lora_expand(LORA_DTYPE_F32, 1, L, r_max, 2, t.data(), bs.data(),
+                                       huge.data(), wid.data(), ranks.data(), by_token, y.ptr(), 8),
+                bad, "expand offset + width past int64, one row");
   expect_status(expand(2, nullptr, wid.data(), 8), bad, "expand slice_offset NULL");
   expect_status(expand(0, off.data(), wid.data(), 8), bad, "expand 0 slices");
 
