@@ -11,12 +11,13 @@ from torch import Tensor
 HostCheck = Callable[[str, Tensor, torch.device], None]
 
 
-def _tensors(values):
-    for v in values:
+def _tensors(named):
+    """(name, tensor) of every tensor among named arguments, list elements as name[i]."""
+    for name, v in named:
         if isinstance(v, Tensor):
-            yield v
+            yield name, v
         elif isinstance(v, (list, tuple)):
-            yield from _tensors(v)
+            yield from _tensors((f"{name}[{i}]", item) for i, item in enumerate(v))
 
 
 def register_fake(qualname: str, fake,
@@ -37,15 +38,16 @@ def register_fake(qualname: str, fake,
     @functools.wraps(fake)
     def one_device(*args, **kwargs):
         named = signature.bind(*args, **kwargs).arguments
-        tensors = list(_tensors(v for k, v in named.items() if k not in host_args))
-        for t in tensors[1:]:
+        tensors = list(_tensors((k, v) for k, v in named.items() if k not in host_args))
+        first, device = tensors[0][0], tensors[0][1].device
+        for name, t in tensors[1:]:
             torch._check_value(
-                t.device == tensors[0].device,
-                lambda: f"{op}: operands are on several devices ({tensors[0].device} and "
-                        f"{t.device}); all must be on one")
+                t.device == device,
+                lambda: f"{op}: operands are on several devices: {name} is on {t.device} but "
+                        f"{first} is on {device}; all must be on one")
         for name, check in host_args.items():
             if isinstance(named.get(name), Tensor):
-                check(op, named[name], tensors[0].device)
+                check(op, named[name], device)
         return fake(*args, **kwargs)
 
     torch.library.register_fake(qualname)(one_device)

@@ -745,12 +745,12 @@ def test_compiled_ops_check_their_input(device, backend):
     # One meta operand sends the call to the fake kernel, which refuses mixed devices instead of
     # returning its uninitialised output.
     meta_a = [p.lora_a[0], p.lora_a[1].to("meta")]
-    with pytest.raises(ValueError, match="multi_lora_shrink: operands are on several devices"):
+    with pytest.raises(ValueError, match=r"multi_lora_shrink: operands are on several devices: lora_a\[1\] is on meta but x is on cpu"):
         shrink(p.x, meta_a, p.scalings, p.ranks, p.token_adapter)
-    with pytest.raises(ValueError, match="multi_lora_linear_fwd: operands are on several devices"):
+    with pytest.raises(ValueError, match=r"multi_lora_linear_fwd: operands are on several devices: lora_a\[1\] is on meta but x is on cpu"):
         multi_lora.linear_fwd_op(backend)(p.x, p.weight, p.bias, meta_a, p.lora_b, p.offsets,
                                           p.scalings, p.ranks, p.token_adapter)
-    with pytest.raises(ValueError, match="multi_lora_expand: operands are on several devices"):
+    with pytest.raises(ValueError, match="multi_lora_expand: operands are on several devices: ranks is on meta but y is on cpu"):
         multi_lora.expand_op(backend)(y, t, p.lora_b, [0, 4], p.ranks.to("meta"), p.token_adapter)
 
 
