@@ -58,8 +58,13 @@ def _fail(op: str, msg: str):
 
 
 def _as_stacks(op: str, arg: str, stacks: Stacks) -> List[Tensor]:
-    is_list = isinstance(stacks, (list, tuple))
-    items = [stacks] if isinstance(stacks, Tensor) else list(stacks) if is_list else []
+    if isinstance(stacks, Tensor):
+        items = [stacks]
+    else:
+        try:  # a list, a tuple, an nn.ParameterList...
+            items = list(stacks)
+        except TypeError:  # None, a number: not a sequence of stacks
+            items = []
     if not items or not all(isinstance(s, Tensor) for s in items):
         _fail(op, f"{arg} must be a Tensor or a non-empty list of Tensors, got {stacks!r:.200}")
     if len(items) > MAX_SLICES:

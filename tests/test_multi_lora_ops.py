@@ -856,3 +856,18 @@ def test_a_non_finite_token_stays_with_its_own_adapter(device, backend):
     for grads in ([s.grad for s in b], [s.grad for s in a] if backend != "reference" else []):
         for g in grads:
             assert torch.isfinite(g[1:]).all(), "adapters 1 and 2 got token 0's NaN"
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_stacks_may_come_as_any_sequence(device, backend):
+    """A list, a tuple or an nn.ParameterList of stacks: the same layer."""
+    p = op_problem(device)
+    args = (p.x, p.weight, p.bias)
+    rest = (p.scalings, p.ranks)
+    kw = dict(token_adapter=p.token_adapter, slice_offsets=p.offsets, backend=backend)
+    want = multi_lora_linear(*args, list(p.lora_a), list(p.lora_b), *rest, **kw)
+    params = [torch.nn.ParameterList([torch.nn.Parameter(s) for s in stacks])
+              for stacks in (p.lora_a, p.lora_b)]
+    torch.testing.assert_close(multi_lora_linear(*args, *params, *rest, **kw), want, rtol=0, atol=0)
+    torch.testing.assert_close(multi_lora_linear(*args, tuple(p.lora_a), tuple(p.lora_b), *rest, **kw),
+                               want, rtol=0, atol=0)
