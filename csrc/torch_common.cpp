@@ -83,6 +83,11 @@ void set_seed(const char* op, double p, const std::optional<at::Tensor>& seed,
 
 }  // namespace
 
+void check_scaling(const char* op, double scaling) {
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(scaling)), op,
+                    ": scaling must be a finite number in float32's range, got ", scaling);
+}
+
 lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed,
                             const at::Tensor& x) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);

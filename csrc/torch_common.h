@@ -27,6 +27,11 @@ void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t di
 // fp32/fp16/bf16 only; anything else is an error naming op and argument.
 lora_dtype_t to_lora_dtype(const char* op, const char* arg, const at::Tensor& t);
 
+// The adapter's scaling as the kernels take it, a float: finite (NaN, inf, or a double beyond
+// float's range would make every output and gradient NaN or inf, and a zero-row backward's dB
+// 0 * inf).
+void check_scaling(const char* op, double scaling);
+
 // Dropout descriptor for probability p in [0, 1) and the ops' seed argument (see dropout_hash.h):
 // a one-element int64 tensor, on the CPU (read here, on the host) or on x's device (read by the
 // kernels as they run); None only where p is 0.

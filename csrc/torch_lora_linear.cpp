@@ -57,10 +57,11 @@ struct FwdArgs {
 
 FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                    const at::Tensor& lora_b, double dropout_p,
+                    const at::Tensor& lora_b, double scaling, double dropout_p,
                     const std::optional<at::Tensor>& seed) {
   FwdArgs a;
   a.d = check_operands(kFwd, x, weight, lora_a, lora_b);
+  check_scaling(kFwd, scaling);
   check_bias(bias, x, a.d.N);
   a.dropout = make_dropout(kFwd, dropout_p, seed, x);
   a.x = rows_unit_stride(x);
@@ -81,10 +82,11 @@ struct BwdArgs {
 
 BwdArgs prepare_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& s,
-                    double dropout_p, const std::optional<at::Tensor>& seed,
+                    double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
                     std::array<bool, 3> mask) {
   BwdArgs a;
   a.d = check_operands(kBwd, x, weight, lora_a, lora_b);
+  check_scaling(kBwd, scaling);
   check_dim(kBwd, "dy", dy, 2);
   check_size(kBwd, "dy", dy, 0, a.d.M, "x's row count");
   check_size(kBwd, "dy", dy, 1, a.d.N, "weight's row count");
@@ -114,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& lora_a, const at::Tensor& lora_b,
                                            double scaling, double dropout_p,
                                            const std::optional<at::Tensor>& seed) {
-  FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
+  FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
   check_status(kFwd, cpu::lora_linear_fwd(
       to_lora_dtype(kFwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.x.data_ptr(), a.x.stride(0),
       a.weight.data_ptr(), a.bias.defined() ? a.bias.data_ptr() : nullptr, a.lora_a.data_ptr(),
@@ -127,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> mask) {
-  BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
+  BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, mask);
   check_status(kBwd, cpu::lora_linear_bwd(
       to_lora_dtype(kBwd, "x", x), a.d.M, a.d.N, a.d.K, a.d.r, a.dy.data_ptr(), a.x.data_ptr(),
       a.x.stride(0), a.weight.data_ptr(), a.lora_a.data_ptr(), a.lora_b.data_ptr(),
@@ -142,10 +144,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
                                             double scaling, double dropout_p,
                                             const std::optional<at::Tensor>& seed) {
-  if (!x.is_cuda()) prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
+  if (!x.is_cuda()) prepare_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
   require_on_gpu(kFwd, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, dropout_p, seed);
+  FwdArgs a = prepare_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
   const lora_dtype_t dt = to_lora_dtype(kFwd, "x", x);
   at::Tensor workspace;
   cuda::Context ctx = cuda_context(
@@ -161,10 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& s, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> mask) {
-  if (!x.is_cuda()) prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
+  if (!x.is_cuda()) prepare_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, mask);
   require_on_gpu(kBwd, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, dropout_p, seed, mask);
+  BwdArgs a = prepare_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, mask);
   const lora_dtype_t dt = to_lora_dtype(kBwd, "x", x);
   at::Tensor workspace;
   cuda::Context ctx = cuda_context(

@@ -72,6 +72,18 @@ def _check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         fail(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not isinstance(scaling, (int, float)):
         fail(f"scaling must be a Python number, got {type(scaling).__name__}")
+    check_scaling(OP, scaling)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_scaling(op: str, scaling: float) -> None:
+    """The C++ ops' rule (check_scaling in csrc/torch_common.cpp): the kernels take the scaling
+    as a float32, which must be finite (NaN, inf or a double past float32's range would make
+    every output and gradient NaN or inf, and a zero-row backward's dB 0 * inf)."""
+    if not abs(scaling) <= _FLOAT32_MAX:  # NaN fails this too
+        raise ValueError(f"{op}: scaling must be a finite number in float32's range, got {scaling}")
 
 
 def _fwd_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -91,6 +103,7 @@ def _bwd_fake(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output
 def _triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_fwd
+    check_scaling("triton_lora_linear_fwd", scaling)
     seed = launch_seed("triton_lora_linear_fwd", dropout_p, seed, x.device)
     with torch.cuda.device_of(x):  # Triton launches on the current device
         return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
@@ -101,6 +114,7 @@ def _triton_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: T
                 scaling: float, dropout_p: float, seed: Optional[Tensor],
                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     from lora_ops.triton.lora_linear import lora_linear_bwd
+    check_scaling("triton_lora_linear_bwd", scaling)
     seed = launch_seed("triton_lora_linear_bwd", dropout_p, seed, x.device)
     with torch.cuda.device_of(x):
         return lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, tuple(output_mask))

@@ -87,6 +87,11 @@ def test_errors_name_op_argument_and_what_was_seen():
             lora_ops.lora_linear(args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], 1.0)
     with pytest.raises(ValueError, match="dropout_p must be in"):
         lora_ops.lora_linear(x, w, b, a, bb, 1.0, dropout_p=1.0, training=True)
+    for scaling in (float("nan"), float("inf"), -1e300):  # the last is -inf as a float32
+        for backend in lora_ops.available_backends()["cpu"]:
+            with pytest.raises(ValueError, match=r"^lora_linear: scaling must be a finite number "
+                                                 r"in float32's range, got"):
+                lora_ops.lora_linear(x, w, b, a, bb, scaling, backend=backend)
     with pytest.raises(ValueError, match="'fast' is not a lora_ops backend"):
         lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="fast")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
@@ -156,6 +161,16 @@ def test_compiled_op_checks_its_own_input():
     with pytest.raises(ValueError, match="lora_linear_bwd: dy has size 4 in dim 0"):
         torch.ops.lora_ops.lora_linear_bwd(torch.randn(4, 10), x, w, a, bb, torch.randn(5, 3), 1.0,
                                            0.0, None, [True, True, True])
+    # Also on zero rows, where the backward's dB would be 0 * inf = NaN.
+    for fwd, bwd in ((torch.ops.lora_ops.lora_linear_fwd, torch.ops.lora_ops.lora_linear_bwd),
+                     (torch.ops.lora_ops.triton_lora_linear_fwd,
+                      torch.ops.lora_ops.triton_lora_linear_bwd)):
+        name = fwd.__name__.split(".")[0]
+        with pytest.raises(ValueError, match=f"{name}: scaling must be a finite number"):
+            fwd(x, w, b, a, bb, float("inf"), 0.0, None)
+        with pytest.raises(ValueError, match=f"{name.replace('fwd', 'bwd')}: scaling must be"):
+            bwd(torch.randn(0, 10), x[:0], w, a, bb, torch.randn(0, 3), float("nan"), 0.0, None,
+                [True, True, True])
     # One meta operand sends the call to the fake kernel, which refuses mixed devices instead of
     # returning its uninitialised output.
     with pytest.raises(ValueError, match="lora_linear_fwd: operands are on several devices: bias is on meta but x is on cpu"):
