@@ -85,7 +85,7 @@ void set_seed(const char* op, double p, const std::optional<at::Tensor>& seed,
 
 void check_scaling(const char* op, double scaling) {
   TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(scaling)), op,
-                    ": scaling must be a finite number in float32's range, got ", scaling);
+                    ": scaling must be finite in float32, got ", scaling);
 }
 
 lora_dropout_t make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed,

@@ -83,7 +83,7 @@ def check_scaling(op: str, scaling: float) -> None:
     as a float32, which must be finite (NaN, inf or a double past float32's range would make
     every output and gradient NaN or inf, and a zero-row backward's dB 0 * inf)."""
     if not abs(scaling) <= _FLOAT32_MAX:  # NaN fails this too
-        raise ValueError(f"{op}: scaling must be a finite number in float32's range, got {scaling}")
+        raise ValueError(f"{op}: scaling must be finite in float32, got {scaling}")
 
 
 def _fwd_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -102,8 +102,8 @@ def _bwd_fake(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output
 @torch.library.custom_op("lora_ops::triton_lora_linear_fwd", mutates_args=())
 def _triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    from lora_ops.triton.lora_linear import lora_linear_fwd
     check_scaling("triton_lora_linear_fwd", scaling)
+    from lora_ops.triton.lora_linear import lora_linear_fwd
     seed = launch_seed("triton_lora_linear_fwd", dropout_p, seed, x.device)
     with torch.cuda.device_of(x):  # Triton launches on the current device
         return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
@@ -113,8 +113,8 @@ def _triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
 def _triton_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor,
                 scaling: float, dropout_p: float, seed: Optional[Tensor],
                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    from lora_ops.triton.lora_linear import lora_linear_bwd
     check_scaling("triton_lora_linear_bwd", scaling)
+    from lora_ops.triton.lora_linear import lora_linear_bwd
     seed = launch_seed("triton_lora_linear_bwd", dropout_p, seed, x.device)
     with torch.cuda.device_of(x):
         return lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, tuple(output_mask))

@@ -1,13 +1,13 @@
 """MultiLoRALinear: one frozen base linear layer and a pool of LoRA adapters, any mix of which a
 batch can use at once (each row or sequence names its own adapter, or none)."""
 import contextlib
-import math
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_ops.lora_linear import check_scaling
 from lora_ops.module_tensors import module_tensor
 from lora_ops.multi_lora import multi_lora_linear
 
@@ -94,8 +94,8 @@ class MultiLoRALinear(nn.Module):
                              f"(out_features, rank), got {tuple(lora_B.shape)}")
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
             raise ValueError(f"{op}: scaling must be a Python number, got {scaling!r}")
-        if not math.isfinite(scaling):  # it would turn every output of the adapter's tokens to NaN
-            raise ValueError(f"{op}: scaling must be finite, got {scaling!r}")
+        # Stored as a float32: NaN, inf or past float32's range would make the adapter's tokens NaN.
+        check_scaling(op, scaling)
         slot = self._slots.get(name)
         if slot is None:
             free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))

@@ -132,7 +132,7 @@ def test_errors_name_what_was_seen():
         layer.add_adapter("__base__", a, b, 1.0)
     with pytest.raises(ValueError, match="scaling must be a Python number"):
         layer.add_adapter("s", a, b, torch.tensor(1.0))
-    for bad in (float("nan"), float("inf")):
+    for bad in (float("nan"), float("inf"), 1e300):  # the last is inf as a float32
         with pytest.raises(ValueError, match="scaling must be finite"):
             layer.add_adapter("s", a, b, bad)
     layer.add_adapter("second", a, b, 1.0)
