@@ -72,8 +72,12 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   M = 96 with K = 14336, 0.98 / 1.01; at M = 256, 1.07 / 1.04. Hence 128 rows. (Later that
 //   day gemm_tile_b_rows' depth blocks went from 256 to 2048: the fused op then took 0.74-0.97x
 //   its former time at M = 24-128, 0.78x F.linear's at M = 64 in the bench. Tiles of 129-256
-//   rows took that path later still, in runs of 1024 (b_rows_depth), measured on AMD only: see
-//   kBRowsMaxM. Against MKL there the 128-row crossover is not measured again.)
+//   rows took that path later still, in runs of 1024 (b_rows_depth): see kBRowsMaxM.) On
+//   2026-12-07 (benchmarks/cpu_gemm_crossover.py, three runs, paired time builtin / MKL): at
+//   129-256 rows 0.85-1.16, above 1 in most runs at M = 256 (1.04-1.16 at N = 1024, 2048 and
+//   4096), so MKL keeps them; at 128 rows 0.91-0.97 with N = 4096, 0.98 at K = N = 2048, but
+//   1.07-1.11 at K = 4096, N = 1024 (and 1.07-1.10 at 112 rows there, 0.97 at 96): a limit
+//   that fell with N would gain there, not taken as the choice does not see N.
 // - bf16 (oneDNN on AMX): fwd 0.73 / 0.98 / 1.07 / 1.21 / 2.2 / 2.4 at M = 4 / 5 / 6 / 8 / 12 /
 //   16 (5.1 at M = 64, in cache); bwd 0.53 / 0.61 / 0.65 / 0.71 / 0.89 / 1.04 at M = 4 / 5 / 6 /
 //   8 / 12 / 16.

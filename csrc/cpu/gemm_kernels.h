@@ -26,19 +26,22 @@ inline constexpr int64_t kNR = 2 * kVecLen;
 inline constexpr int64_t kAlongJRowsPerPass = kVecLen == 16 ? 8 : 4;
 
 // c[R x V vectors] (row stride ldc) = (accumulate ? c : 0) + sum_p s(i, p) v[p, :] for i < R:
-// per step p, R broadcast scalars against the first V (1 or 2) vectors of a kNR-wide panel row
-// of v.
+// per step p, R broadcast scalars against V vectors of v, read from consecutive kNR-wide panels
+// (panels `panel_stride` floats apart), two vectors from each panel row, the last maybe one.
 template <int R, class Scalar, int V = 2>
 inline void micro_kernel_tile(int64_t kc, Scalar s, const float* __restrict v,
-                              float* __restrict c, int64_t ldc, bool accumulate) {
-  static_assert(V >= 1 && V * kVecLen <= kNR, "a panel row holds kNR lanes");
+                              int64_t panel_stride, float* __restrict c, int64_t ldc,
+                              bool accumulate) {
+  static_assert(V >= 1 && kNR == 2 * kVecLen, "two vectors per panel row");
   VecF acc[R][V];
   for (int i = 0; i < R; ++i) {
     for (int u = 0; u < V; ++u) acc[i][u] = VecF{};
   }
   for (int64_t p = 0; p < kc; ++p) {
     VecF vp[V];
-    for (int u = 0; u < V; ++u) vp[u] = *reinterpret_cast<const VecF*>(v + u * kVecLen);
+    for (int u = 0; u < V; ++u) {
+      vp[u] = *reinterpret_cast<const VecF*>(v + u / 2 * panel_stride + u % 2 * kVecLen);
+    }
     for (int i = 0; i < R; ++i) {
       const VecF si = broadcast(s(i, p));
       for (int u = 0; u < V; ++u) acc[i][u] = fmadd(si, vp[u], acc[i][u]);
@@ -56,7 +59,7 @@ inline void micro_kernel_tile(int64_t kc, Scalar s, const float* __restrict v,
 template <int R>
 inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
                          float* __restrict c, int64_t ldc, bool accumulate) {
-  micro_kernel_tile<R>(kc, [a](int i, int64_t p) { return a[p * kMR + i]; }, b, c, ldc,
+  micro_kernel_tile<R>(kc, [a](int i, int64_t p) { return a[p * kMR + i]; }, b, 0, c, ldc,
                        accumulate);
 }
 
@@ -231,63 +234,27 @@ inline void scale_rows_into(const float* __restrict a_rows, int64_t m, int64_t k
   }
 }
 
-// c[R x kNR] = (accumulate ? c : 0) + sum_p b_rows[i][p] a[p, :]: the micro-kernel with its
-// broadcast operand read from R rows in place (B's columns, contiguous in k) and its vector
-// operand a panel of kNR rows of A: the same products in the same order as micro_kernel, the
-// operands' roles exchanged, so C^T comes out.
-// With one_vector only the panel's first kVecLen rows of A are computed: the last panel when at
-// most that many rows are left (M = 48 / 80 / 112 would otherwise do a third / a fifth / a
-// seventh more multiply-adds than needed).
-template <int R>
+// c[R x V vectors] = (accumulate ? c : 0) + sum_p b_rows[i][p] a[p, :]: the micro-kernel with
+// its broadcast operand read from R rows in place (B's columns, contiguous in k) and its vector
+// operand V vectors of A's panels (kNR rows each, kc * kNR floats apart): the same products in
+// the same order as micro_kernel, the operands' roles exchanged, so C^T comes out. Each
+// broadcast element of B serves V multiply-adds, so the more vectors the fewer loads per
+// multiply-add: R + V loads for R * V of them. gemm_tile_b_rows takes pairs of panels (V = 4,
+// R = kMR / 2; against single panels, C ABI A/B on a 2-core Sapphire Rapids-class Xeon, fp32,
+// 2026-12-06, fused fwd 0.97-1.00x at M = 64-128), then the rest as one group (b_rows_width).
+template <int R, int V>
 inline void micro_kernel_b_rows(int64_t kc, const float* const* b_rows,
-                                const float* __restrict a, float* __restrict c, int64_t ldc,
-                                bool accumulate, bool one_vector) {
+                                const float* __restrict a, int64_t panel_stride,
+                                float* __restrict c, int64_t ldc, bool accumulate) {
   const auto b_scalar = [b_rows](int i, int64_t p) { return b_rows[i][p]; };
-  if (one_vector) {
-    micro_kernel_tile<R, decltype(b_scalar), 1>(kc, b_scalar, a, c, ldc, accumulate);
-  } else {
-    micro_kernel_tile<R, decltype(b_scalar), 2>(kc, b_scalar, a, c, ldc, accumulate);
-  }
+  micro_kernel_tile<R, decltype(b_scalar), V>(kc, b_scalar, a, panel_stride, c, ldc, accumulate);
 }
 
-// micro_kernel_b_rows over two adjacent A panels at once (2 * kNR rows of A: 4 vectors), for
-// R <= kMR / 2 columns of B: the same products in the same order, with each broadcast element
-// of B serving 4 multiply-adds instead of 2 and each of B's rows read once per depth block
-// rather than once per panel (at 64 rows and more, where the two-panel pass otherwise re-reads
-// B's block from L1 for the second panel, and its first pass pulls twice as many rows of B
-// from memory at once). C ABI A/B on a 2-core Sapphire Rapids-class Xeon, fp32, 2026-12-06,
-// with depth blocks of 256 (kBRowsKC since):
-// fused fwd 1.00 / 0.97 / 0.97 / 0.98x at M = 64 (K = N = 2048; 4096) / 128 (2048) / 96
-// (K = 4096, N = 1024), weights rotated through 8 copies; the multi-adapter fwd at T = 64, one
-// adapter, K = N = 2048, 0.97x (new faster in 80% of 40 rounds).
-template <int R>
-inline void micro_kernel_b_rows_2panels(int64_t kc, const float* const* b_rows,
-                                        const float* __restrict a0, const float* __restrict a1,
-                                        float* __restrict c, int64_t ldc, bool accumulate) {
-  static_assert(2 * R <= kMR, "R x 4 accumulators");
-  VecF acc[R][4];
-  for (int i = 0; i < R; ++i) {
-    for (int u = 0; u < 4; ++u) acc[i][u] = VecF{};
-  }
-  for (int64_t p = 0; p < kc; ++p) {
-    const VecF v0 = *reinterpret_cast<const VecF*>(a0);
-    const VecF v1 = *reinterpret_cast<const VecF*>(a0 + kVecLen);
-    const VecF v2 = *reinterpret_cast<const VecF*>(a1);
-    const VecF v3 = *reinterpret_cast<const VecF*>(a1 + kVecLen);
-    for (int i = 0; i < R; ++i) {
-      const VecF si = broadcast(b_rows[i][p]);
-      acc[i][0] = fmadd(si, v0, acc[i][0]);
-      acc[i][1] = fmadd(si, v1, acc[i][1]);
-      acc[i][2] = fmadd(si, v2, acc[i][2]);
-      acc[i][3] = fmadd(si, v3, acc[i][3]);
-    }
-    a0 += kNR;
-    a1 += kNR;
-  }
-  for (int i = 0; i < R; ++i) {
-    VecF* row = reinterpret_cast<VecF*>(c + i * ldc);
-    for (int u = 0; u < 4; ++u) row[u] = accumulate ? row[u] + acc[i][u] : acc[i][u];
-  }
+// Columns of B per micro_kernel_b_rows call for V vectors of A: as many as fit 24 accumulators
+// (kMR for one panel, kMR / 2 for a pair), and 4 for five vectors (20 accumulators, the A
+// vectors and a broadcast then fill 26 of the 32 registers). Each divides kMR.
+constexpr int b_rows_width(int vectors) {
+  return vectors <= 2 ? static_cast<int>(kMR) : vectors <= 4 ? static_cast<int>(kMR / 2) : 4;
 }
 
 }  // namespace lora_ops::cpu

@@ -205,8 +205,9 @@ bool streams_b(int64_t m, int64_t n, int64_t k, const PackA& pack_a, const PackB
 // 128 (K = N = 2048) / 256 (K = 4096, N = 1024). With long runs (kBRowsKC, b_rows_depth), from
 // 128 to 256 rows: C ABI A/B on a 2-core AMD EPYC (AVX-512), 2026-12-06, fused fwd time at 256
 // / at 128: 0.86 / 0.88 at M = 256 / 192 (K = 4096, N = 1024), 0.90 at M = 256 (K = N = 2048),
-// 0.89 at M = 160 (K = N = 4096); 1.00 at M = 96, 384, 512 and 1024 (tiles unchanged). Not
-// measured on a Xeon, where the torch ops take MKL above 128 rows (kMklIntelMaxRows).
+// 0.89 at M = 160 (K = N = 4096); 1.00 at M = 96, 384, 512 and 1024 (tiles unchanged). On a
+// Xeon the torch ops take MKL above 128 rows (kMklIntelMaxRows): there this path took 0.85-1.16x
+// MKL's time at 129-256 rows (builtin_gemm.cpp).
 inline constexpr int64_t kBRowsMaxM = 256;
 // Depth of gemm_tile_b_rows' blocks: each row of B (W's rows, read in place) is read in runs of
 // this many elements before the next group of rows; runs of 256 (kKC) left the hardware
@@ -423,6 +424,55 @@ void gemm_tile_packed(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
   store_c_tile(epilogue, i0, m, j0, n, ws.c_tile, n_pad);
 }
 
+// Columns h .. h + R - 1 (R = b_rows_width(V)) of the kMR whose rows of B from depth k0 are
+// b_rows, against V vectors of A from `a` (panels of kc x kNR), into C^T at c (row stride ldc):
+// the depth in calls of kKC, at half width when at most R / 2 of the `count` columns are left.
+template <int V>
+void b_rows_chunk(int64_t h, int64_t count, const float* const* b_rows, const float* a,
+                  int64_t kc, int64_t k0, float* c, int64_t ldc) {
+  constexpr int R = b_rows_width(V);
+  const bool half = count - h <= R / 2;
+  for (int64_t p = 0; p < kc; p += kKC) {
+    const float* rows[R];
+    for (int i = 0; i < R; ++i) rows[i] = b_rows[h + i] + p;
+    const int64_t depth = std::min(kKC, kc - p);
+    const bool accumulate = k0 + p > 0;
+    if (half) {
+      micro_kernel_b_rows<R / 2, V>(depth, rows, a + p * kNR, kc * kNR, c + h * ldc, ldc,
+                                    accumulate);
+    } else {
+      micro_kernel_b_rows<R, V>(depth, rows, a + p * kNR, kc * kNR, c + h * ldc, ldc,
+                                accumulate);
+    }
+  }
+}
+
+// How gemm_tile_b_rows groups a tile's m rows, as vectors of A (kVecLen rows): pairs of panels
+// (4 vectors) from row 0, then one group of the 1-3 vectors left, or of 5 where a single one is
+// left after a pair. Alone, a last vector does one multiply-add per load of B: it took about
+// twice its share of the time. C ABI A/B against a lone last vector (one panel of one or two
+// vectors after the pairs), fused fwd fp32, weights rotated through 6 copies, 2-core Sapphire
+// Rapids-class Xeon, 2026-12-07, new/old: 0.90 / 0.94 / 0.95 / 0.97 / 0.97 at M = 48 / 80 /
+// 100 / 112 / 144 (K = 4096, N = 1024), 0.86 / 0.95 at M = 40 / 80 (K = N = 4096); 1.02 at
+// M = 64 (one pair either way).
+struct BRowsGroups {
+  using Chunk = void (*)(int64_t, int64_t, const float* const*, const float*, int64_t, int64_t,
+                         float*, int64_t);
+  int64_t tail, paired;  // vectors in the last group; rows in pairs (a multiple of 2 kNR)
+
+  explicit BRowsGroups(int64_t m) {
+    const int64_t vectors = ceil_div(m, kVecLen);
+    tail = vectors > 4 && vectors % 4 == 1 ? 5 : vectors % 4;
+    paired = (vectors - tail) * kVecLen;
+  }
+  int tail_width() const { return b_rows_width(static_cast<int>(tail)); }
+  Chunk tail_chunk() const {
+    constexpr Chunk kChunks[] = {nullptr, &b_rows_chunk<1>, &b_rows_chunk<2>, &b_rows_chunk<3>,
+                                 nullptr, &b_rows_chunk<5>};
+    return kChunks[tail];
+  }
+};
+
 // The tile of a product that broadcasts_b_rows: for each depth block, the tile's rows of A
 // packed once as panels of kNR rows (into b_pack), then kMR columns of B at a time read in place
 // against every panel, into C^T (c_tile, n rounded up to kMR rows of m rounded up to kNR); then
@@ -437,6 +487,7 @@ void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
   float* __restrict ct = ws.c_tile;  // C^T: n_pad x m_pad
   if (k == 0) std::fill(ct, ct + n_pad * m_pad, 0.0f);
   const int64_t depth = b_rows_depth(m_pad);
+  const BRowsGroups groups(m);
   for (int64_t k0 = 0; k0 < k; k0 += depth) {
     const int64_t kc = std::min(depth, k - k0);
     for (int64_t ip = 0; ip < m; ip += kNR) {
@@ -449,38 +500,21 @@ void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
       for (int64_t c = 0; c < kMR; ++c) {
         b_rows[c] = pack_b.along_k(j0 + jp + std::min(c, count - 1), k0);
       }
-      // Pairs of full panels by halves of the kMR columns; then a last single panel. Each call
+      // Pairs of panels by halves of the kMR columns, then the last group of vectors. Each call
       // covers kKC of depth: every sum is then rounded as the packed path rounds it (block sums
       // of kKC added in order), which a tile may take instead of this one (its rows, and so
       // its path, can depend on the thread count), while B's rows are still read in runs of kc.
-      const int64_t paired = m - m % (2 * kNR);
+      float* c = ct + jp * m_pad;
       for (int64_t h = 0; h < count; h += kHalfMR) {
-        for (int64_t ip = 0; ip < paired; ip += 2 * kNR) {
-          const float* a = ws.b_pack + ip * kc;
-          for (int64_t p = 0; p < kc; p += kKC) {
-            const float* rows[kHalfMR];
-            for (int c = 0; c < kHalfMR; ++c) rows[c] = b_rows[h + c] + p;
-            micro_kernel_b_rows_2panels<kHalfMR>(std::min(kKC, kc - p), rows, a + p * kNR,
-                                                 a + (kc + p) * kNR,
-                                                 ct + (jp + h) * m_pad + ip, m_pad, k0 + p > 0);
-          }
+        for (int64_t ip = 0; ip < groups.paired; ip += 2 * kNR) {
+          b_rows_chunk<4>(h, count, b_rows, ws.b_pack + ip * kc, kc, k0, c + ip, m_pad);
         }
       }
-      for (int64_t ip = paired; ip < m_pad; ip += kNR) {
-        float* c = ct + jp * m_pad + ip;
-        const float* a = ws.b_pack + ip * kc;
-        const bool one_vector = m - ip <= kVecLen;
-        for (int64_t p = 0; p < kc; p += kKC) {
-          const float* rows[kMR];
-          for (int c = 0; c < kMR; ++c) rows[c] = b_rows[c] + p;
-          const int64_t depth = std::min(kKC, kc - p);
-          const bool accumulate = k0 + p > 0;
-          if (count <= kHalfMR) {
-            micro_kernel_b_rows<kHalfMR>(depth, rows, a + p * kNR, c, m_pad, accumulate,
-                                         one_vector);
-          } else {
-            micro_kernel_b_rows<kMR>(depth, rows, a + p * kNR, c, m_pad, accumulate, one_vector);
-          }
+      if (groups.tail > 0) {
+        const float* a = ws.b_pack + groups.paired * kc;
+        const int width = groups.tail_width();
+        for (int64_t h = 0; h < count; h += width) {
+          groups.tail_chunk()(h, count, b_rows, a, kc, k0, c + groups.paired, m_pad);
         }
       }
     }

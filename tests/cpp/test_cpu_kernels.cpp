@@ -361,14 +361,13 @@ void test_builtin_gemm() {
       test_builtin_gemm_case(dt, nk, 20, 21, 5, 0.0f);
       test_builtin_gemm_case(dt, nk, 23, 17, 8, 0.0f);
       test_builtin_gemm_case(dt, nk, 19, 300, 263, 1.0f);
-      // fp32 x W^T at 17-128 rows reads W in place (gemm_tile_b_rows): a last panel of A of 8
-      // and of 16 rows (one vector), against a ragged last group of W's rows, half height (4)
-      // and full height (10); two depth blocks.
+      // fp32 x W^T at 17-256 rows reads W in place (gemm_tile_b_rows), A's rows as vectors of
+      // 16: pairs of panels (4 vectors) against half groups of W's rows, then a last group of
+      // 1-3 vectors, or 5 for a single one past a pair (BRowsGroups), each against W's rows at
+      // its own width, ragged above and below half of it. On two threads plan_tiles splits these
+      // rows into tiles (below, one thread: all rows in one tile).
       test_builtin_gemm_case(dt, nk, 40, 100, 300, 0.5f);
       test_builtin_gemm_case(dt, nk, 48, 70, 530, 0.0f);
-      // From 64 rows, pairs of A's panels against half groups of W's rows at once
-      // (micro_kernel_b_rows_2panels): one pair, a pair then a last single panel of 16 rows, and
-      // two pairs; W's row groups full, ragged above and below half height.
       test_builtin_gemm_case(dt, nk, 64, 24, 300, 0.5f);
       test_builtin_gemm_case(dt, nk, 80, 29, 530, 0.0f);
       test_builtin_gemm_case(dt, nk, 128, 4, 260, 1.0f);
@@ -382,6 +381,18 @@ void test_builtin_gemm() {
 #endif
       test_builtin_gemm_case(dt, nk, 64, 70, 2049, 0.5f);
       test_builtin_gemm_case(dt, nk, 96, 65, 2100, 0.0f);
+      // The last group of each size: 3 vectors, the last of one row (7 columns: a full group of
+      // 6 and a half one); 5 vectors against groups of 4, 4 and a half one of 2, and of 4, 4
+      // and 3 (ragged full) past a depth block; a pair and 3 vectors (29 columns; 4, below a
+      // pair's full 6 and above a last group's half 3); a pair and 2 vectors at half widths (2
+      // columns); a pair and 5 vectors, depth blocks of 1024 (160 rows padded).
+      test_builtin_gemm_case(dt, nk, 33, 7, 300, 0.5f);
+      test_builtin_gemm_case(dt, nk, 72, 10, 300, 0.0f);
+      test_builtin_gemm_case(dt, nk, 70, 11, 2100, 1.0f);
+      test_builtin_gemm_case(dt, nk, 112, 29, 530, 0.5f);
+      test_builtin_gemm_case(dt, nk, 100, 4, 300, 0.0f);
+      test_builtin_gemm_case(dt, nk, 90, 2, 300, 0.5f);
+      test_builtin_gemm_case(dt, nk, 144, 26, 1100, 0.0f);
       // 129-256 rows in place: blocks of 1024 (b_rows_depth), two and a ragged third.
       test_builtin_gemm_case(dt, nk, 200, 70, 2100, 0.5f);
       test_builtin_gemm_case(dt, nk, 256, 33, 1030, 0.0f);
@@ -689,9 +700,11 @@ void test_thread_count_invariance() {
   check_thread_count_invariance(LORA_DTYPE_F16, 13, 1000, 1111, 16);
   // fp32 x W^T at 300 rows: one tile of 300 on one thread (packed B), tiles of 108 on
   // two (W read in place, gemm_tile_b_rows): the two paths must round alike. And 64 rows, W in
-  // place on any thread count, depth past one of its blocks.
+  // place on any thread count, depth past one of its blocks; 144 rows, W in place as a pair and
+  // 5 vectors on one thread, as tiles of 3 vectors (48 rows) on two.
   check_thread_count_invariance(LORA_DTYPE_F32, 300, 100, 1300, 8);
   check_thread_count_invariance(LORA_DTYPE_F32, 64, 300, 2100, 8);
+  check_thread_count_invariance(LORA_DTYPE_F32, 144, 100, 1100, 8);
 }
 
 // PhasedWork: every item runs once, an item of a phase only after every item of the phase
