@@ -49,6 +49,7 @@ pybind11::dict build_info() {
   aten_blas["mkl_on_intel"] = blas.mkl_on_intel;
   aten_blas["fp16_native"] = blas.fp16_native;
   aten_blas["bf16_amx"] = blas.bf16_amx;
+  aten_blas["intel_cpu"] = blas.intel_cpu;
   info["cpu_aten_blas"] = aten_blas;
   return info;
 }

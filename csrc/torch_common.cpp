@@ -182,7 +182,8 @@ const cpu::BlasTraits& aten_blas_traits() {
     cpu::BlasTraits t;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    t.mkl_on_intel = at::hasMKL() && __builtin_cpu_is("intel");
+    t.intel_cpu = __builtin_cpu_is("intel");
+    t.mkl_on_intel = at::hasMKL() && t.intel_cpu;
     t.fp16_native = __builtin_cpu_supports("avx512fp16");
 #endif
     t.bf16_amx = at::cpu::init_amx();

@@ -78,6 +78,13 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   4096), so MKL keeps them; at 128 rows 0.91-0.97 with N = 4096, 0.98 at K = N = 2048, but
 //   1.07-1.11 at K = 4096, N = 1024 (and 1.07-1.10 at 112 rows there, 0.97 at 96): a limit
 //   that fell with N would gain there, not taken as the choice does not see N.
+// - bf16 without AMX (on a Xeon of that class whose VM exposes no AMX; oneDNN's AVX512_BF16
+//   kernels), 2026-12-07, benchmarks/cpu_gemm_crossover.py, paired builtin / ATen: fwd 0.58 /
+//   0.77-0.80 / 0.73-0.76 / 1.04 / 0.94-0.98 / 1.03-1.05 at M = 4 / 5 / 8 / 10 / 12 / 16
+//   (K = N = 4096); at M = 8 0.67 (N = 1024) and 0.76 (K = N = 2048); at M = 12 0.97 / 0.91 /
+//   1.05 / 1.05 (N = 1024; K = N = 2048; N = 14336; K = 14336). Hence 8 rows on Intel, where
+//   the AMD machines gave 4. bwd 0.48 / 0.50 / 0.57 / 1.01 / 0.97 / 0.99 / 0.99 at M = 4 / 8 /
+//   16 / 32 / 48 / 64 / 96: the 48 rows measured on AMD hold.
 // - bf16 (oneDNN on AMX): fwd 0.73 / 0.98 / 1.07 / 1.21 / 2.2 / 2.4 at M = 4 / 5 / 6 / 8 / 12 /
 //   16 (5.1 at M = 64, in cache); bwd 0.53 / 0.61 / 0.65 / 0.71 / 0.89 / 1.04 at M = 4 / 5 / 6 /
 //   8 / 12 / 16.
@@ -85,9 +92,10 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   0.52 / 0.55 / 0.62 / 0.71 / 1.18 / 1.25 at M = 4 / 8 / 12 / 16 / 24 / 32.
 // With other vector units only the streamed path (up to kBuiltinGemmStreamRows) has been
 // measured against a BLAS.
-// The most rows of a product the built-in GEMM takes, x W^T / dY W: bf16 with AVX512_BF16,
-// bf16 on AMX, fp16 on AVX512_FP16, fp32 against MKL on Intel.
-constexpr int64_t kBf16MaxRows = 4, kBf16MaxRowsDyW = 48;
+// The most rows of a product the built-in GEMM takes, x W^T / dY W: bf16 with AVX512_BF16
+// (x W^T: on AMD, and on Intel without AMX), bf16 on AMX, fp16 on AVX512_FP16, fp32 against
+// MKL on Intel.
+constexpr int64_t kBf16MaxRows = 4, kIntelBf16MaxRows = 8, kBf16MaxRowsDyW = 48;
 constexpr int64_t kAmxBf16MaxRows = 4, kAmxBf16MaxRowsDyW = 12;
 constexpr int64_t kFp16NativeMaxRows = 12, kFp16NativeMaxRowsDyW = 16;
 constexpr int64_t kMklIntelMaxRows = 128, kMklIntelMaxRowsDyW = 16;
@@ -111,7 +119,7 @@ bool builtin_gemm_preferred(lora_dtype_t dtype, bool b_is_nk, int64_t m,
     case LORA_DTYPE_BF16:
       if (blas.bf16_amx) return rows_up_to(kAmxBf16MaxRows, kAmxBf16MaxRowsDyW);
 #if defined(__AVX512BF16__)
-      return rows_up_to(kBf16MaxRows, kBf16MaxRowsDyW);
+      return rows_up_to(blas.intel_cpu ? kIntelBf16MaxRows : kBf16MaxRows, kBf16MaxRowsDyW);
 #else
       return true;
 #endif

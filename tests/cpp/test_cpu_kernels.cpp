@@ -337,6 +337,33 @@ void test_builtin_gemm_case(lora_dtype_t dt, bool b_is_nk, int64_t m, int64_t n,
   expect(pad_ok, name + ": columns past n untouched");
 }
 
+// builtin_gemm_preferred: the measured row limits, by dtype, by the vector units the kernels
+// were built for, and by what ATen's matmul runs on.
+void test_builtin_gemm_choice() {
+  cpu::BlasTraits amd, intel, intel_amx;
+  intel.intel_cpu = intel.mkl_on_intel = true;
+  intel_amx = intel;
+  intel_amx.bf16_amx = true;
+  const auto up_to = [](lora_dtype_t dt, bool x_wt, int64_t rows, const cpu::BlasTraits& t) {
+    return cpu::builtin_gemm_preferred(dt, x_wt, rows, t) &&
+           !cpu::builtin_gemm_preferred(dt, x_wt, rows + 1, t);
+  };
+#if defined(__AVX512BF16__)
+  expect(up_to(LORA_DTYPE_BF16, true, 4, amd), "bf16 x W^T on AMD: the built-in GEMM to 4 rows");
+  expect(up_to(LORA_DTYPE_BF16, true, 8, intel),
+         "bf16 x W^T on Intel without AMX: the built-in GEMM to 8 rows");
+  expect(up_to(LORA_DTYPE_BF16, true, 4, intel_amx),
+         "bf16 x W^T on AMX: the built-in GEMM to 4 rows");
+  expect(up_to(LORA_DTYPE_BF16, false, 48, amd) && up_to(LORA_DTYPE_BF16, false, 48, intel),
+         "bf16 dY W without AMX: the built-in GEMM to 48 rows, AMD or Intel");
+#endif
+#if defined(__AVX512F__)
+  expect(up_to(LORA_DTYPE_F32, true, 128, intel), "fp32 x W^T against MKL on Intel: to 128 rows");
+  expect(cpu::builtin_gemm_preferred(LORA_DTYPE_F32, true, 1 << 20, amd),
+         "fp32 with AVX-512 and no MKL on Intel: the built-in GEMM at any row count");
+#endif
+}
+
 void test_builtin_gemm() {
   for (lora_dtype_t dt : {LORA_DTYPE_F32, LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
     for (bool nk : {true, false}) {
@@ -1279,6 +1306,7 @@ int main() {
   test_conversions();
   test_vector_widening();
   test_builtin_gemm();
+  test_builtin_gemm_choice();
   test_linear();
   test_dropout_masks_nan();
   test_linear_empty();

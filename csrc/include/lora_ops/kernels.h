@@ -90,6 +90,8 @@ struct BlasTraits {
   bool mkl_on_intel = false;  // fp32 on MKL on an Intel CPU (its fast paths; not so on AMD)
   bool fp16_native = false;   // fp16 products on AVX512-FP16 arithmetic
   bool bf16_amx = false;      // bf16 products on AMX tiles
+  bool intel_cpu = false;     // an Intel CPU (without AMX, oneDNN's bf16 products there trail
+                              // the built-in GEMM's to more rows than on AMD)
 };
 
 // Whether builtin_gemm is faster than that BLAS for a product of m rows in `dtype` with B
