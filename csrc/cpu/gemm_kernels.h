@@ -250,9 +250,10 @@ inline void micro_kernel_b_rows(int64_t kc, const float* const* b_rows,
   micro_kernel_tile<R, decltype(b_scalar), V>(kc, b_scalar, a, panel_stride, c, ldc, accumulate);
 }
 
-// Columns of B per micro_kernel_b_rows call for V vectors of A: as many as fit 24 accumulators
-// (kMR for one panel, kMR / 2 for a pair), and 4 for five vectors (20 accumulators, the A
-// vectors and a broadcast then fill 26 of the 32 registers). Each divides kMR.
+// Columns of B per micro_kernel_b_rows call for V vectors of A: the most that divide kMR (the
+// columns gemm_tile_b_rows takes at a time) within 24 accumulators: kMR for one or two vectors,
+// kMR / 2 for three or four (a pair of panels), 4 for five (20 accumulators; with the five A
+// vectors and a broadcast, 26 of the 32 registers).
 constexpr int b_rows_width(int vectors) {
   return vectors <= 2 ? static_cast<int>(kMR) : vectors <= 4 ? static_cast<int>(kMR / 2) : 4;
 }
