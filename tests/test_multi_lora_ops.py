@@ -394,6 +394,28 @@ def test_out_of_range_indices_mean_base_only_on_the_device(device, backend):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", MAIN)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e300], ids=["nan", "inf", "1e300"])
+def test_a_non_finite_scaling_reaches_only_its_own_adapters_tokens(device, backend, bad):
+    """Scaling values are not checked (on a GPU that would cost a sync). One that is not finite
+    in float32 (1e300 given as float64 is inf there) makes its adapter's tokens non-finite where
+    the reference's are, and leaves every other token, idle ones included, as with finite ones."""
+    p = op_problem(device)
+    idx = torch.tensor([0, 1, 2, -1, 1, 0], device=device)
+    scalings = p.scalings.double()
+    scalings[1] = bad
+    y = multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, scalings, p.ranks,
+                          token_adapter=idx, slice_offsets=p.offsets, backend=backend)
+    want = ref.multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets,
+                                 scalings.float(), p.ranks, token_adapter=idx)
+    finite = ref.multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets,
+                                   p.scalings, p.ranks, token_adapter=idx)
+    own = idx == 1
+    assert not torch.isfinite(y[own]).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    torch.testing.assert_close(y[~own], finite[~own], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("device,backend", KERNELS)
 def test_int64_indices_beyond_int32_saturate_rather_than_wrap(device, backend):
     """The kernels read int32 indices; an int64 one past that range is no adapter (it is outside
