@@ -75,7 +75,8 @@ def calls(op: str, shape: Dict[str, int], dtype: torch.dtype, copies: int) -> Di
             "base": lambda: torch.mm(dy, weight())}  # the frozen base's dgrad
 
 
-def measure(op: str, shape: Dict[str, int], dtype: torch.dtype, rounds: int) -> Dict[str, List[float]]:
+def measure(op: str, shape: Dict[str, int], dtype: torch.dtype,
+            rounds: int) -> Dict[str, List[float]]:
     """Per provider, the seconds of one call in each round; providers interleaved each round."""
     weight_bytes = shape["N"] * shape["K"] * dtype.itemsize
     fns = calls(op, shape, dtype, copies=max(2, -(-CACHE_BYTES // weight_bytes) + 1))

@@ -21,8 +21,9 @@ eager mode. On a GPU nothing is read back (that would be a device sync): the ker
 adapter index outside [-1, L) as -1 and clamp a rank into [0, r_max], never reading out of
 bounds. The raw ops behave the same on CPU for indices; the CPU op rejects bad ranks and
 malformed segments itself. No op checks scaling values (MultiLoRALinear does, as adapters are
-added): one that is not finite in float32 reaches only its adapter's tokens, as in the reference. The hot path has no host sync and
-no data-dependent allocation, so it can be captured in a CUDA graph.
+added): one that is not finite in float32 reaches only its adapter's tokens, as in the
+reference. The hot path has no host sync and no data-dependent allocation, so it can be captured
+in a CUDA graph.
 
 Backward (multi_lora_linear): dT_s = s * dY_s B_s is a shrink over B viewed as [L, r_max, N_s];
 dX = dY W + sum_s dT_s A_s an expand over A viewed as [L, K, r_max]; the per-adapter weight
