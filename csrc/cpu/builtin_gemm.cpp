@@ -76,8 +76,11 @@ Gemm builtin_gemm() { return Gemm{&builtin_gemm_fn, nullptr, &always_builtin}; }
 //   2026-12-07 (benchmarks/cpu_gemm_crossover.py, three runs, paired time builtin / MKL): at
 //   129-256 rows 0.85-1.16, above 1 in most runs at M = 256 (1.04-1.16 at N = 1024, 2048 and
 //   4096), so MKL keeps them; at 128 rows 0.91-0.97 with N = 4096, 0.98 at K = N = 2048, but
-//   1.07-1.11 at K = 4096, N = 1024 (and 1.07-1.10 at 112 rows there, 0.97 at 96): a limit
-//   that fell with N would gain there, not taken as the choice does not see N.
+//   1.07-1.11 at K = 4096, N = 1024 (and 1.07-1.10 at 112 rows there, 0.97 at 96). Later that
+//   day the in-place path's tiles became fewer and wider (plan_tiles), and then: 0.98 / 1.01 /
+//   1.02 at 96 / 112 / 128 rows there, 1.04 at 128 rows with K = 2048, 0.97 at 128 and 0.98 at
+//   160 rows with K = N = 4096, 1.03 / 1.10 at 192 / 256 rows with N = 1024. So 128 rows still,
+//   and no limit that falls with N (the choice does not see N; it would gain 1-2% there).
 // - bf16 without AMX (on a Xeon of that class whose VM exposes no AMX; oneDNN's AVX512_BF16
 //   kernels), 2026-12-07, benchmarks/cpu_gemm_crossover.py, paired builtin / ATen: fwd 0.58 /
 //   0.77-0.80 / 0.73-0.76 / 1.04 / 0.94-0.98 / 1.03-1.05 at M = 4 / 5 / 8 / 10 / 12 / 16

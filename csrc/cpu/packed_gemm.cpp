@@ -21,7 +21,6 @@ struct ThreadScratch {
 
 constexpr int64_t kAPackFloats = kMC * kKC;
 constexpr int64_t kBPackFloats = std::max(kKC * kMaxTileN, kBRowsPackFloats);
-constexpr int64_t kCTileFloats = kMaxTileM * kMaxTileN;
 
 }  // namespace
 
@@ -81,7 +80,7 @@ int64_t balanced_tile_n(const TileGrid& grid, int64_t m, int64_t n, int threads)
 
 }  // namespace
 
-TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
+TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed, bool b_rows) {
   if (streamed && m > kSmallM) {
     // A narrow product (streams_b; n <= kNarrowMaxN): work items of the decode path's kSmallM
     // rows, all columns in each.
@@ -94,7 +93,7 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
   }
   constexpr int64_t kMinTileN = 64;
   constexpr int64_t kMinTileM = 4 * kMR;
-  int64_t tiles_n = ceil_div(n, max_tile_n(streamed));
+  int64_t tiles_n = ceil_div(n, b_rows ? b_rows_max_tile_n(m) : max_tile_n(streamed));
   int64_t tiles_m = ceil_div(m, kMaxTileM);
   if (streamed) {
     // Memory-bound: B is read in runs as long as the tiles are wide (short runs cost the
@@ -113,7 +112,15 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
   }
   // Enough items to keep every thread busy with some balance, splitting columns first: a
   // narrower item only re-packs A (1/(2 tile_n) of its flops), a shorter one re-packs B.
-  const int64_t wanted = threads > 1 ? 3 * threads : 1;
+  // With W read in place (b_rows) an item packs no B, only A (all m rows, the whole depth), so
+  // fewer and wider ones: two per thread (a thread held up on a shared core still leaves work
+  // to the others), up to the width its C^T fits in the C tile (b_rows_max_tile_n). Against
+  // three per thread of at most kMaxTileN, fused fwd, fp32, C ABI A/B on a 2-core Xeon,
+  // 2026-12-07, time new / old: 0.89 / 0.97 / 0.92 / 0.91 at M = 64 / 96 / 128 / 200 (K = 4096,
+  // N = 1024); 0.96 / 0.94-1.02 / 0.97 / 0.95-1.02 / 0.96 / 1.00 at M = 24 / 32 / 40 / 64 / 96 /
+  // 128 (K = N = 4096; two runs where a range); 0.94 at M = 48, N = 14336; 0.95 / 0.94 at
+  // M = 64 / 128 with K = N = 2048 / 1024 (benchmarks/results/2026-12-07_cpu_xeon_b_rows_tiles.md).
+  const int64_t wanted = threads > 1 ? (b_rows ? 2 : 3) * threads : 1;
   if (tiles_m * tiles_n < wanted) {
     tiles_n = std::max(tiles_n, std::min(ceil_div(wanted, tiles_m), ceil_div(n, kMinTileN)));
   }
@@ -122,6 +129,10 @@ TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed) {
   }
   TileGrid grid;
   grid.tile_n = round_up(ceil_div(n, tiles_n), kNR);
+  // A tile of kSmallM rows or fewer (a row split's last) takes the packed path, which holds
+  // kMaxTileN columns. Only narrow products split rows (n < kMinTileN * wanted), so in practice
+  // this cuts nothing.
+  if (tiles_m > 1) grid.tile_n = std::min(grid.tile_n, kMaxTileN);
   grid.tile_m = round_up(ceil_div(m, tiles_m), kMR);
   grid.tiles_m = ceil_div(m, grid.tile_m);
   if (threads > 1) grid.tile_n = balanced_tile_n(grid, m, n, threads);

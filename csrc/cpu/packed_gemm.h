@@ -65,7 +65,10 @@ namespace lora_ops::cpu {
 inline constexpr int64_t kKC = 256;        // depth of a packed block: a B panel stays in L1
 inline constexpr int64_t kMC = 96;         // rows of A packed at once: the A block stays in L2
 inline constexpr int64_t kMaxTileM = 384;  // rows of a work item, all sharing one packed B
-inline constexpr int64_t kMaxTileN = 256;  // columns of a work item
+inline constexpr int64_t kMaxTileN = 256;  // columns of a work item (packed B)
+// A thread's C tile (GemmScratch::c_tile): a work item's C, or its C^T in gemm_tile_b_rows,
+// whose items may be wider than kMaxTileN (b_rows_max_tile_n).
+inline constexpr int64_t kCTileFloats = kMaxTileM * kMaxTileN;
 
 inline constexpr int64_t kSmallM = kBuiltinGemmStreamRows;  // up to this many rows, B is streamed
 // The streamed path fills the same scratch differently: depth blocks of few_rows_kc(m) (A's m
@@ -82,7 +85,7 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 struct GemmScratch {
   float* a_pack;  // kMC x kKC
   float* b_pack;  // kKC x kMaxTileN, or kBRowsKC x kBRowsMaxM (gemm_tile_b_rows' A panels)
-  float* c_tile;  // kMaxTileM x kMaxTileN
+  float* c_tile;  // kCTileFloats: kMaxTileM x kMaxTileN, or C^T of a wider gemm_tile_b_rows tile
 };
 GemmScratch thread_gemm_scratch();
 
@@ -108,7 +111,8 @@ inline bool worth_threads(int64_t m, int64_t n, int64_t k) {
 struct TileGrid {
   int64_t tile_m, tile_n, tiles_m, tiles_n;
 };
-TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed);
+// `b_rows`: every tile of all m rows would read B in place (broadcasts_b_rows at m rows).
+TileGrid plan_tiles(int64_t m, int64_t n, int threads, bool streamed, bool b_rows = false);
 
 enum class BLayout { kAlongK, kAlongJ, kOther };
 
@@ -248,6 +252,13 @@ bool broadcasts_b_rows(int64_t m, const PackA& pack_a, const PackB& pack_b) {
     return m > kSmallM && m <= kBRowsMaxM && pack_b.layout() == BLayout::kAlongK;
   }
   return false;
+}
+
+// The widest tile of m rows that gemm_tile_b_rows takes: its C^T, n rounded up to kMR by m
+// rounded up to kNR, fills the thread's C tile (768 columns at 128 rows, 384 at 256).
+inline int64_t b_rows_max_tile_n(int64_t m) {
+  const int64_t fits = kCTileFloats / round_up(m, kNR) / kMR * kMR;  // n_pad <= fits if n <= fits
+  return fits / kNR * kNR;
 }
 
 template <class Epilogue, class = void>
@@ -477,7 +488,7 @@ struct BRowsGroups {
 // packed once as panels of kNR rows (into b_pack), then kMR columns of B at a time read in place
 // against every panel, into C^T (c_tile, n rounded up to kMR rows of m rounded up to kNR); then
 // C^T's columns handed to the epilogue as rows of C, a_pack holding a slab at a time.
-// m <= kBRowsMaxM, n <= kMaxTileN.
+// m <= kBRowsMaxM, n <= b_rows_max_tile_n(m).
 template <class PackA, class PackB, class Epilogue>
 void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue,
                       int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t k,
@@ -528,8 +539,9 @@ void gemm_tile_b_rows(const PackA& pack_a, const PackB& pack_b, const Epilogue& 
 }
 
 // C(i0 .. i0+m-1, j0 .. j0+n-1) over the full depth k, on the calling thread; `streamed` is
-// streams_b() of the whole product; m <= kMaxTileM and n <= max_tile_n(streamed). False if
-// the thread's scratch could not be allocated.
+// streams_b() of the whole product; m <= kMaxTileM and n <= max_tile_n(streamed), or
+// n <= b_rows_max_tile_n(m) where broadcasts_b_rows. False if the thread's scratch could not
+// be allocated.
 template <class PackA, class PackB, class Epilogue>
 bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogue, int64_t i0,
                int64_t m, int64_t j0, int64_t n, int64_t k, bool streamed) {
@@ -540,7 +552,7 @@ bool gemm_tile(const PackA& pack_a, const PackB& pack_b, const Epilogue& epilogu
     return true;
   }
   if constexpr (kBRowsOperands<PackB>) {
-    if (broadcasts_b_rows(m, pack_a, pack_b) && n <= kMaxTileN) {
+    if (broadcasts_b_rows(m, pack_a, pack_b) && n <= b_rows_max_tile_n(m)) {
       gemm_tile_b_rows(pack_a, pack_b, epilogue, i0, m, j0, n, k, ws);
       return true;
     }
@@ -583,8 +595,10 @@ GemmTiles<PackA, PackB, Epilogue> plan_gemm(const PackA& pack_a, const PackB& pa
                                             int64_t k) {
   const bool threaded = m > 0 && n > 0 && worth_threads(m, n, k);
   const bool streamed = m > 0 && n > 0 && streams_b(m, n, k, pack_a, pack_b);
-  const TileGrid grid =
-      m > 0 && n > 0 ? plan_tiles(m, n, threaded ? max_threads() : 1, streamed) : TileGrid{};
+  const bool b_rows = !streamed && broadcasts_b_rows(m, pack_a, pack_b);
+  const TileGrid grid = m > 0 && n > 0
+                            ? plan_tiles(m, n, threaded ? max_threads() : 1, streamed, b_rows)
+                            : TileGrid{};
   return GemmTiles<PackA, PackB, Epilogue>{pack_a, pack_b, epilogue, m, n, k,
                                            threaded, streamed, grid};
 }

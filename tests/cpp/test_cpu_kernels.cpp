@@ -24,6 +24,7 @@
 #endif
 
 #include "cpu/dtype.h"
+#include "cpu/packed_gemm.h"
 #include "cpu/phased_work.h"
 #include "cpu/vec.h"
 #include "lora_ops/dropout_hash.h"
@@ -364,6 +365,51 @@ void test_builtin_gemm_choice() {
 #endif
 }
 
+// plan_tiles where W is read in place (b_rows): the fewest tiles on one thread and two per
+// thread on several, each within the C tile at its rows (b_rows_max_tile_n); where a narrow
+// product splits its rows, within the packed path's kMaxTileN columns.
+void test_b_rows_tile_plan() {
+  using cpu::ceil_div;
+  using cpu::round_up;
+  for (int64_t m = cpu::kSmallM + 1; m <= cpu::kBRowsMaxM; ++m) {
+    const int64_t widest = cpu::b_rows_max_tile_n(m);
+    expect(widest % cpu::kNR == 0 && widest >= cpu::kMaxTileN &&
+               round_up(widest, cpu::kMR) * round_up(m, cpu::kNR) <= cpu::kCTileFloats,
+           "b_rows_max_tile_n(" + std::to_string(m) + ") = " + std::to_string(widest) +
+               ": whole panels, C^T within the C tile");
+  }
+  for (const int threads : {1, 2, 3, 8}) {
+    for (const int64_t m : {17, 64, 128, 200, 256}) {
+      for (const int64_t n : {1, 50, 100, 300, 1000, 1024, 4096, 14336}) {
+        const cpu::TileGrid g = cpu::plan_tiles(m, n, threads, false, true);
+        const std::string what = "plan_tiles b_rows m=" + std::to_string(m) +
+                                 " n=" + std::to_string(n) + " threads=" +
+                                 std::to_string(threads);
+        const int64_t widest = g.tiles_m == 1 ? cpu::b_rows_max_tile_n(m) : cpu::kMaxTileN;
+        expect(g.tiles_m * g.tile_m >= m && (g.tiles_m - 1) * g.tile_m < m &&
+                   g.tiles_n * g.tile_n >= n && (g.tiles_n - 1) * g.tile_n < n,
+               what + ": the tiles cover the product, none empty");
+        expect(g.tile_n <= widest, what + ": tile width " + std::to_string(g.tile_n));
+        if (threads == 1) {
+          expect(g.tiles_m == 1 && g.tiles_n == ceil_div(n, cpu::b_rows_max_tile_n(m)),
+                 what + ": the fewest tiles");
+        } else if (n >= 2 * threads * 64) {
+          expect(g.tiles_m == 1 && g.tiles_n >= 2 * threads,
+                 what + ": two tiles per thread or more, " + std::to_string(g.tiles_n));
+        }
+      }
+    }
+  }
+  // Two threads: two tiles each where the widest balance (the packed plan: 3 x 2 tiles of at
+  // most 256 columns, 8 and 16 here).
+  const cpu::TileGrid g1 = cpu::plan_tiles(128, 1024, 2, false, true);
+  expect(g1.tiles_m == 1 && g1.tiles_n == 4 && g1.tile_n == 256,
+         "plan_tiles b_rows 128 x 1024, two threads: 4 tiles of 256");
+  const cpu::TileGrid g2 = cpu::plan_tiles(128, 4096, 2, false, true);
+  expect(g2.tiles_m == 1 && g2.tiles_n == 8 && g2.tile_n == 512,
+         "plan_tiles b_rows 128 x 4096, two threads: 8 tiles of 512 (768 would not balance)");
+}
+
 void test_builtin_gemm() {
   for (lora_dtype_t dt : {LORA_DTYPE_F32, LORA_DTYPE_F16, LORA_DTYPE_BF16}) {
     for (bool nk : {true, false}) {
@@ -423,6 +469,12 @@ void test_builtin_gemm() {
       // 129-256 rows in place: blocks of 1024 (b_rows_depth), two and a ragged third.
       test_builtin_gemm_case(dt, nk, 200, 70, 2100, 0.5f);
       test_builtin_gemm_case(dt, nk, 256, 33, 1030, 0.0f);
+      // Tiles wider than kMaxTileN, as wide as their C^T fits (b_rows_max_tile_n): 3072
+      // columns at 17 rows, 768 at 128 (700 here), 384 at 256, and two tiles past it.
+      test_builtin_gemm_case(dt, nk, 17, 3000, 40, 0.5f);
+      test_builtin_gemm_case(dt, nk, 128, 700, 300, 0.0f);
+      test_builtin_gemm_case(dt, nk, 256, 384, 130, 1.0f);
+      test_builtin_gemm_case(dt, nk, 250, 390, 70, 0.0f);
 #ifdef _OPENMP
       omp_set_num_threads(threads);
 #endif
@@ -732,6 +784,8 @@ void test_thread_count_invariance() {
   check_thread_count_invariance(LORA_DTYPE_F32, 300, 100, 1300, 8);
   check_thread_count_invariance(LORA_DTYPE_F32, 64, 300, 2100, 8);
   check_thread_count_invariance(LORA_DTYPE_F32, 144, 100, 1100, 8);
+  // 128 rows, W in place: tiles of 512 columns on one thread (b_rows_max_tile_n), of 256 on two.
+  check_thread_count_invariance(LORA_DTYPE_F32, 128, 1000, 1100, 8);
 }
 
 // PhasedWork: every item runs once, an item of a phase only after every item of the phase
@@ -1307,6 +1361,7 @@ int main() {
   test_vector_widening();
   test_builtin_gemm();
   test_builtin_gemm_choice();
+  test_b_rows_tile_plan();
   test_linear();
   test_dropout_masks_nan();
   test_linear_empty();
