@@ -429,8 +429,6 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
       (plan.workspace_bytes > 0 && ctx.workspace == nullptr)) {
     return LORA_ERR_INVALID_ARGUMENT;
   }
-  const bool needs_gemm = plan.path != detail::FwdPath::kDecode && N > 0 && K > 0;
-  if (needs_gemm && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
 
   detail::FwdArgs args{};
   args.M = M;
@@ -497,6 +495,9 @@ lora_status_t lora_linear_fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t 
       return LORA_ERR_UNSUPPORTED;
     }
   }
+  // Only these plans end in cuBLAS: the handle may be NULL for the others (the C ABI's
+  // `cublas`), so it is checked here, before the first launch of a plan that needs it.
+  if (N > 0 && K > 0 && ctx.cublas == nullptr) return LORA_ERR_INVALID_ARGUMENT;
   LORA_RETURN_IF_ERROR(detail::dispatch_dtype(dtype, [&](auto tag) {
     return detail::run_adapter<typename decltype(tag)::type>(args, plan, ctx.stream);
   }));

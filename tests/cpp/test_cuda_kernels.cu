@@ -270,6 +270,8 @@ class CudaBackend : public Backend {
 
   // While on, each entry point call is recorded into a CUDA graph, which is then replayed once.
   void set_capture(bool on) { capture_ = on; }
+  // While on, the calls get no cuBLAS handle (NULL, as the C ABI allows where none is needed).
+  void set_without_cublas(bool on) { without_cublas_ = on; }
 
   lora_status_t fwd(lora_dtype_t dtype, int64_t M, int64_t N, int64_t K, int64_t r,
                     const void* x, int64_t ldx, const void* weight, const void* bias,
@@ -343,8 +345,8 @@ class CudaBackend : public Backend {
       workspace_capacity_ = workspace_bytes;
     }
     if (workspace_bytes > 0) fill(workspace_, 0xff, workspace_bytes);
-    return lora_ops::cuda::Context{stream_, cublas_, workspace_bytes ? workspace_ : nullptr,
-                                   workspace_bytes};
+    return lora_ops::cuda::Context{stream_, without_cublas_ ? nullptr : cublas_,
+                                   workspace_bytes ? workspace_ : nullptr, workspace_bytes};
   }
 
   // Runs call() on the stream (or records and replays it as a graph), waits, and turns any
@@ -377,6 +379,7 @@ class CudaBackend : public Backend {
   void* workspace_ = nullptr;
   size_t workspace_capacity_ = 0;
   bool capture_ = false;
+  bool without_cublas_ = false;
 };
 
 #ifdef LORA_TEST_CPU_BACKEND
@@ -1267,6 +1270,34 @@ void run_graph_cases(CudaBackend& be) {
   be.set_capture(false);
 }
 
+// The single-adapter forward without a cuBLAS handle: the plans that end in no cuBLAS GEMM run
+// (M <= 8 anywhere, the decode cluster kernel to 16 rows where clusters run), and a call whose
+// plan needs one is refused before it writes anything.
+void run_without_cublas_cases(CudaBackend& be, bool clusters) {
+  Rng rng(23);
+  const Dropout none = make_dropout(0.0, 0);
+  be.set_without_cublas(true);
+  test_fwd(be, LORA_DTYPE_BF16, LinearShape{8, 264, 520, 16}, none, XLayout::kDense, true, rng);
+  if (clusters) {
+    test_fwd(be, LORA_DTYPE_BF16, LinearShape{16, 264, 520, 16}, none, XLayout::kDense, true,
+             rng);
+  }
+  const int64_t M = clusters ? 17 : 9, N = 72, K = 40, r = 8;
+  const lora_dtype_t d = LORA_DTYPE_BF16;
+  CaseCheck check("lora_linear_fwd without a cuBLAS handle, M=" + std::to_string(M) +
+                  ": refused, nothing written");
+  Buf x(be, M * K * 2), w(be, N * K * 2), a(be, r * K * 2), b(be, N * r * 2),
+      s_out(be, M * r * 2), y(be, M * N * 2);
+  for (Buf* buf : {&x, &w, &a, &b, &s_out, &y}) buf->poison();
+  const std::vector<unsigned char> s_before = s_out.bytes_back(), y_before = y.bytes_back();
+  check.expect(be.fwd(d, M, N, K, r, x.ptr(), K, w.ptr(), nullptr, a.ptr(), b.ptr(), 0.5f,
+                      none.for_call(be, nullptr), s_out.ptr(),
+                      y.ptr()) == LORA_ERR_INVALID_ARGUMENT,
+               "status LORA_ERR_INVALID_ARGUMENT");
+  check.expect(s_out.bytes_back() == s_before && y.bytes_back() == y_before, "S or y written");
+  be.set_without_cublas(false);
+}
+
 // Hopper's adapter-in-GEMM plans (csrc/cuda/adapter_gemm*): shapes they take (K, N, r multiples
 // of 8, >= 128 output tiles of 128 x 256), with ragged last tiles in M, N, K and r, two k-tiles
 // of adapter depth, with and without dropout and bias, and once each from a CUDA graph. The
@@ -1392,6 +1423,7 @@ int main(int argc, char** argv) {
       }
       run_suite(cuda, quick);
       run_graph_cases(cuda);
+      run_without_cublas_cases(cuda, clusters);
     }
     if (hopper_gemm) {
       std::printf("== backend cuda, adapter-in-GEMM plan required (LORA_OPS_CUDA_ADAPTER_GEMM=1)\n");

@@ -121,7 +121,10 @@ LORA_OPS_API lora_status_t lora_ops_cpu_multi_lora_adapter_grad(
 /* ---- CUDA --------------------------------------------------------------------------------- */
 /* Device pointers, except the lora_adapter_stack_t arrays and slice_offset/slice_width (host
  * arrays; the stacks' data pointers are device pointers). `stream` is a cudaStream_t (NULL: the
- * default stream), `cublas` a cublasHandle_t (may be NULL where unused). The caller owns
+ * default stream), `cublas` a cublasHandle_t. It may be NULL where the plan taken needs no cuBLAS
+ * GEMM (the forwards at M <= 8; the single-adapter forward at M <= 16 on sm_90+; the backward
+ * without dx): a call whose plan needs it returns LORA_ERR_INVALID_ARGUMENT before launching
+ * anything. The caller owns
  * `workspace` of at least the matching *_workspace_bytes, so nothing is allocated per call and
  * the calls can be captured in a CUDA graph. */
 
