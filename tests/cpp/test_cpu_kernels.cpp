@@ -24,6 +24,7 @@
 #endif
 
 #include "cpu/dtype.h"
+#include "cpu/gemm_operands.h"
 #include "cpu/packed_gemm.h"
 #include "cpu/phased_work.h"
 #include "cpu/vec.h"
@@ -717,6 +718,59 @@ void test_dropout_masks_nan() {
   expect(finite, "d_lora_a is finite when every NaN of x is dropped");
 }
 
+// The GEMM operands' dropout where an element is read on its own (dropout_value): A with a
+// non-unit depth stride, and B in neither of its streamed layouts (kOther). The ops give x a unit
+// column stride, so their tests reach only the span loads; C = drop(A) B and C = A drop(B)
+// against the explicit mask, streamed (m <= kSmallM) and packed, on the thread team.
+void test_strided_dropout_operands() {
+  const lora_dropout_t drop = make_dropout(0.3, 4242u);
+  for (const int64_t m : {int64_t{5}, int64_t{40}}) {
+    const int64_t n = 37, k = 53;
+    // a_t holds A transposed (A(i, p) = a_t[p * m + i]); b_s holds B at strides (3, 3k).
+    const Buffer a_t = random_buffer(LORA_DTYPE_F32, m * k);
+    const Buffer b_s = random_buffer(LORA_DTYPE_F32, 3 * k * n);
+    const Buffer a = random_buffer(LORA_DTYPE_F32, m * k);
+    auto a_t_at = [&](int64_t i, int64_t p) { return a_t.get(p * m + i); };
+    auto b_at = [&](int64_t p, int64_t j) { return b_s.get(p * 3 + j * 3 * k); };
+    for (const bool drop_a : {true, false}) {
+      std::vector<double> want(m * n), mag(m * n);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          double sum = 0, sum_abs = 0;
+          for (int64_t p = 0; p < k; ++p) {
+            const double av = drop_a ? (keep(drop, i, p) ? a_t_at(i, p) * drop.keep_scale : 0.0)
+                                     : a.get(i * k + p);
+            const double bv =
+                drop_a ? b_at(p, j) : (keep(drop, p, j) ? b_at(p, j) * drop.keep_scale : 0.0);
+            sum += av * bv;
+            sum_abs += std::fabs(av * bv);
+          }
+          want[i * n + j] = sum;
+          mag[i * n + j] = sum_abs;
+        }
+      }
+      Buffer c(LORA_DTYPE_F32, m * n);
+      c.fill(NAN);
+      const lora_dropout_t b_drop = drop_a ? kOff : drop;
+      const cpu::OperandB<float> b_op{static_cast<const float*>(b_s.ptr()), 3, 3 * k, b_drop};
+      const cpu::StoreScaled<float> store{static_cast<float*>(c.ptr()), n, 1.0f};
+      const lora_status_t status =
+          drop_a ? cpu::parallel_gemm(cpu::OperandA<float>{static_cast<const float*>(a_t.ptr()),
+                                                           1, m, nullptr, drop},
+                                      b_op, store, m, n, k)
+                 : cpu::parallel_gemm(
+                       cpu::OperandA<float>{static_cast<const float*>(a.ptr()), k, 1}, b_op,
+                       store, m, n, k);
+      const std::string what = std::string(drop_a ? "drop(A) B, A strided" : "A drop(B), B kOther") +
+                               " m=" + std::to_string(m);
+      expect_status(status, LORA_OK, what);
+      expect_close(
+          what, static_cast<size_t>(m * n), [&](size_t e) { return c.get(e); }, want, mag,
+          rel_tol(LORA_DTYPE_F32, k));
+    }
+  }
+}
+
 // M = 0: nothing read, forward writes nothing, the weight gradients are zero.
 void test_linear_empty() {
   const int64_t N = 6, K = 5, r = 3;
@@ -874,6 +928,32 @@ void test_linear_invalid() {
       cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(), w.ptr(),
                            w.ptr(), nullptr, 1.0f, kOff, nullptr, nullptr, y.ptr(), g),
       bad, "bwd s_saved NULL with d_lora_b wanted");
+  // dS = scaling * dY B feeds both dX and dA: lora_b is needed by either.
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(), w.ptr(),
+                           nullptr, s.ptr(), 1.0f, kOff, y.ptr(), nullptr, nullptr, g),
+      bad, "bwd lora_b NULL with dx wanted");
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(), w.ptr(),
+                           nullptr, s.ptr(), 1.0f, kOff, nullptr, y.ptr(), nullptr, g),
+      bad, "bwd lora_b NULL with d_lora_a wanted");
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(), nullptr,
+                           w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr, nullptr, g),
+      bad, "bwd lora_a NULL with dx wanted");
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, nullptr, w.ptr(),
+                           w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr, nullptr, g),
+      bad, "bwd weight NULL with dx wanted");
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 4, 2, x.ptr(), x.ptr(), 3, w.ptr(), w.ptr(),
+                           w.ptr(), s.ptr(), 1.0f, kOff, nullptr, y.ptr(), nullptr, g),
+      bad, "bwd ldx < K with d_lora_a wanted");
+  // What only dB needs: dY and S (x, A, B and W may be absent).
+  expect_status(
+      cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), nullptr, 0, nullptr, nullptr,
+                           nullptr, s.ptr(), 1.0f, kOff, nullptr, nullptr, y.ptr(), g),
+      LORA_OK, "bwd d_lora_b alone from dy and s_saved");
   expect_status(cpu::lora_linear_bwd(LORA_DTYPE_F32, 2, 2, 2, 2, x.ptr(), x.ptr(), 2, w.ptr(),
                                      w.ptr(), w.ptr(), s.ptr(), 1.0f, kOff, y.ptr(), nullptr,
                                      nullptr, cpu::Gemm{nullptr, nullptr}),
@@ -1364,6 +1444,7 @@ int main() {
   test_b_rows_tile_plan();
   test_linear();
   test_dropout_masks_nan();
+  test_strided_dropout_operands();
   test_linear_empty();
   test_thread_count_invariance();
   test_phased_work();
