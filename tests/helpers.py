@@ -44,3 +44,21 @@ def assert_close_scaled(out, ref, lowp, dtype, what=""):
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     err, base = rel_err(out, ref), rel_err(lowp, ref)
     assert err <= 2 * base + FLOOR[dtype], f"{what}: error {err:.3g} vs torch low-precision {base:.3g} ({dtype})"
+
+
+def assert_rounded_once(out, exact, what="", slack=1e-5):
+    """out (float16 or bfloat16) is `exact` (float64) rounded once to out's dtype: within half a
+    unit in the last place of out's dtype, plus `slack` * max|exact| for an fp32 accumulation.
+    A result rounded to the low precision on the way (a partial product or sum) misses this by
+    a good part of an ulp, far more than that slack."""
+    exact = exact.double().cpu()
+    assert out.shape == exact.shape, f"{what}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    info = torch.finfo(out.dtype)
+    _, exponent = torch.frexp(exact)
+    ulp = torch.ldexp(torch.full_like(exact, info.eps), exponent - 1).clamp_min(
+        info.smallest_normal * info.eps)
+    err = (out.double().cpu() - exact).abs()
+    bound = 0.5 * ulp + slack * exact.abs().max()
+    worst = int((err - bound).argmax())
+    assert (err <= bound).all(), (f"{what}: |out - exact| = {err.flatten()[worst]:.3g} at "
+                                  f"{worst}, half an ulp there is {0.5 * ulp.flatten()[worst]:.3g}")

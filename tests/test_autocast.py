@@ -97,6 +97,18 @@ def test_mismatched_dtypes_outside_autocast_are_still_refused():
         lora_ops.lora_linear(x.bfloat16(), weight, bias, a, b, 1.0)
 
 
+@pytest.mark.parametrize("backend", lora_ops.available_backends()["cpu"])
+def test_refusal_under_autocast_names_the_real_fault_not_a_dtype_autocast_casts_away(backend):
+    """Inside autocast, mixed fp32 / bf16 operands are fine: an op that refuses them for another
+    reason (lora_b on another device here) is explained with the operands as autocast casts them,
+    naming that fault, not a dtype mismatch the region casts away."""
+    x, weight, bias, a, b = (t.detach() for t in fp32_leaves("cpu", (5, 24), (20, 24), (20,), (4, 24), (20, 4)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lora_ops.lora_linear(x.bfloat16(), weight, bias, a, b, 1.0, backend=backend)  # accepted
+        with pytest.raises(ValueError, match=r"^lora_linear: lora_b is on meta but x is on cpu"):
+            lora_ops.lora_linear(x.bfloat16(), weight, bias, a, b.to("meta"), 1.0, backend=backend)
+
+
 @pytest.mark.parametrize("device,backend", backend_params(("cuda", "cpu")))
 def test_compile_fullgraph_training_step_under_autocast(device, backend):
     torch._dynamo.reset()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import lora_ops
 from lora_ops import reference
 from lora_ops.reference.tokens import tokens_2d
-from tests.helpers import DTYPES, assert_close_scaled, backend_params
+from tests.helpers import DTYPES, assert_close_scaled, assert_rounded_once, backend_params
 
 # (leading dims of x, K, N, r): M = 0 and 1, K and N off multiples of 8, r = 1, 1-D and 3-D x, K = 0.
 SHAPES = [
@@ -122,3 +122,21 @@ def test_frozen_weight_with_grad(device, backend):
     dy = torch.randn_like(y)
     y.backward(dy)
     torch.testing.assert_close(w.grad, dy.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_reference_low_precision_computes_in_fp32_and_rounds_s_as_the_ops(dtype, p):
+    """The oracle's own low-precision rule (lora_ops/reference/lora_linear.py): S comes back in
+    x's dtype, as the ops return it (their fake kernels say so), rounded once from an fp32
+    product; y is computed in fp32 from that rounded S and rounded once at the end. Rounding a
+    partial product (x W^T, S B^T) to the low precision on the way misses that by part of an ulp."""
+    x, w, b, a, bb = make_operands((37,), 64, 48, 8, dtype, "cpu")
+    y, s = reference.lora_linear_fwd(x, w, b, a, bb, 0.75, p, 5)
+    fake_y, fake_s = x.new_empty(37, 48), x.new_empty(37, 8)  # what _fwd_fake returns
+    assert (y.dtype, s.dtype, y.shape, s.shape) == (fake_y.dtype, fake_s.dtype, fake_y.shape, fake_s.shape)
+    up = lambda t: t.double()
+    s64 = reference.apply_dropout(up(x), 5, p) @ up(a).t()
+    assert_rounded_once(s, s64, "S")
+    y64 = up(x) @ up(w).t() + 0.75 * (up(s) @ up(bb).t()) + up(b)
+    assert_rounded_once(y, y64, "y")

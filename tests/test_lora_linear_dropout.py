@@ -84,13 +84,39 @@ def test_backward_matches_explicit_mask(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_element_on_the_threshold_is_kept_on_every_backend(device, backend):
+    """An element is dropped where the top 24 bits of its hash fall *below* the threshold
+    round(p * 2**24) (lora_ops/reference/dropout.py; dropout_hash.h for the kernels). With p
+    chosen so that the threshold equals one element's hash bits, that element is kept, and
+    every backend's mask is still the reference's, boundary included."""
+    from lora_ops.reference.dropout import _MASK32, _mix32
+    M, K, seed = 16, 40, 2024
+    r = torch.arange(M, dtype=torch.int64).unsqueeze(1)
+    c = torch.arange(K, dtype=torch.int64).unsqueeze(0)
+    top = _mix32((_mix32(r ^ reference.seed32(seed)) + c) & _MASK32) >> 8
+    on_edge = ((top >= 2**22) & (top <= 2**23)).nonzero()[0].tolist()  # p in [0.25, 0.5]
+    threshold = int(top[on_edge[0], on_edge[1]])
+    p = threshold / 2**24  # exact: reference.dropout_threshold(p) == threshold
+    assert reference.dropout_threshold(p) == threshold
+    keep = reference.dropout_keep_mask(seed, M, K, p)
+    assert keep[on_edge[0], on_edge[1]], "an element whose hash bits equal the threshold was dropped"
+    assert torch.equal(keep, top >= threshold)
+    x = torch.randn(M, K, device=device)
+    out = lora_ops.lora_linear(x, torch.zeros(K, K, device=device), None, torch.eye(K, device=device),
+                               torch.eye(K, device=device), 1.0, dropout_p=p, training=True, seed=seed,
+                               backend=backend)
+    torch.testing.assert_close(out, torch.where(keep.to(device), x / (1 - p), 0.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_any_python_int_seed_picks_the_mask_by_its_low_64_bits(device, backend):
     """Seeds beyond int64 (a hash, say) work on every backend: the ops take int64 seeds, and
     lora_linear passes the low 64 bits, which are all the mask depends on."""
     x, w, bias, a, b = operands(device)
     run = lambda seed: lora_ops.lora_linear(x, w, bias, a, b, 1.0, dropout_p=0.5, training=True,
                                             seed=seed, backend=backend)
-    for seed, same in ((2**64 + 5, 5), (2**64 - 1, -1), (-2**70 + 3, 3)):
+    for seed, same in ((2**64 + 5, 5), (2**64 - 1, -1), (-2**70 + 3, 3),
+                       (2**63, -2**63), (-2**63 - 1, 2**63 - 1)):  # either side of int64
         assert torch.equal(run(seed), run(same))
         want = reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(),
                                      1.0, dropout_p=0.5, seed=seed)

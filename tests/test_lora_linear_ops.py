@@ -35,6 +35,21 @@ def test_opcheck_backward(device, backend, mask):
     torch.library.opcheck(bwd_op(backend), (dy, x, w, a, bb, s, 0.5, 0.2, torch.tensor(5), mask))
 
 
+@pytest.mark.parametrize("device,backend", backend_params(KERNEL_BACKENDS))
+def test_opcheck_backward_non_contiguous_x(device, backend):
+    """dx comes back contiguous whatever x's layout (the fake kernel must say so too, or a
+    compiled graph would assume x's strides for it)."""
+    x, w, _, a, bb = op_args(device)
+    xt = torch.randn(x.shape[1], x.shape[0], device=device).t()
+    assert not xt.is_contiguous()
+    _, s = fwd_op(backend)(xt, w, None, a, bb, 0.5, 0.2, torch.tensor(5))
+    dy = torch.randn(x.shape[0], w.shape[0], device=device)
+    dx, _, _ = bwd_op(backend)(dy, xt, w, a, bb, s, 0.5, 0.2, torch.tensor(5), [True, True, True])
+    assert dx.is_contiguous()
+    torch.library.opcheck(bwd_op(backend), (dy, xt, w, a, bb, s, 0.5, 0.2, torch.tensor(5),
+                                            [True, True, True]))
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_compile_fullgraph_training_step(device, backend):
     torch._dynamo.reset()
@@ -96,6 +111,41 @@ def test_errors_name_op_argument_and_what_was_seen():
         lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="fast")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
         lora_ops.lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b in lora_ops.available_backends()["cpu"]])
+@pytest.mark.parametrize("arg,shape", [("dy", (5, 9)), ("dy", (4, 10)), ("s", (4, 3)), ("s", (5, 2)),
+                                       ("s", (5, 4))])
+def test_backward_op_refuses_dy_and_s_of_the_wrong_shape(backend, arg, shape):
+    """The backward op reads dY as [M, N] and S as [M, r]: an S with fewer columns than the rank
+    would be read past its end, one with more at the wrong offsets. Refused, naming it."""
+    x, w, _, a, bb = op_args("cpu")
+    args = dict(dy=torch.randn(5, 10), s=torch.randn(5, 3)) | {arg: torch.randn(*shape)}
+    with pytest.raises(ValueError, match=rf"^lora_linear_bwd: {arg} (has size|must be)"):
+        bwd_op(backend)(args["dy"], x, w, a, bb, args["s"], 0.5, 0.0, None, [True, True, True])
+
+
+@pytest.mark.parametrize("backend", lora_ops.available_backends()["cpu"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dropout_p", [1.0, 1.5, -0.1, float("nan")], ids=str)
+def test_bad_dropout_p_is_refused_in_eval_mode_too(backend, training, dropout_p):
+    """dropout_p is checked whether or not dropout applies: a layer built with a bad p must not
+    run in eval mode only to fail once it trains."""
+    x, w, b, a, bb = op_args("cpu")
+    with pytest.raises(ValueError, match=r"^lora_linear: dropout_p must be in \[0, 1\), got"):
+        lora_ops.lora_linear(x, w, b, a, bb, 1.0, dropout_p=dropout_p, training=training,
+                             backend=backend)
+
+
+@pytest.mark.parametrize("backend", lora_ops.available_backends()["cpu"])
+@pytest.mark.parametrize("scaling", [torch.tensor(0.5), "0.5", None], ids=["tensor", "str", "none"])
+def test_scaling_must_be_a_python_number(backend, scaling):
+    """The kernels take the scaling as a float: a tensor (which float() would read on the host,
+    a sync on a GPU and a constant in a graph) or a string is refused, naming its type."""
+    x, w, b, a, bb = op_args("cpu")
+    with pytest.raises(ValueError, match=r"^lora_linear: scaling must be a Python number, got "
+                                         + type(scaling).__name__):
+        lora_ops.lora_linear(x, w, b, a, bb, scaling, backend=backend)
 
 
 @pytest.mark.parametrize("version,usable", [("3.6.0", False), ("3.7.1", True), ("3.8.0+git1a2b", True)])

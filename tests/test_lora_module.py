@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import lora_ops
-from tests.helpers import backend_params
+from tests.helpers import assert_rounded_once, backend_params
 
 
 def test_from_linear_shares_weight_freezes_base_and_starts_equal():
@@ -30,6 +30,15 @@ def test_rslora_scaling():
     assert lora_ops.LoRALinear(8, 8, r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
 
 
+@pytest.mark.parametrize("use_rslora, scaling", [(False, 1.0), (True, 4.0)])
+def test_lora_alpha_defaults_to_r(use_rslora, scaling):
+    """lora_alpha=None means r (as inject documents): scaling 1, or sqrt(r) with rsLoRA."""
+    layer = lora_ops.LoRALinear(8, 8, r=16, use_rslora=use_rslora)
+    assert layer.lora_alpha == 16 and layer.scaling == scaling
+    layer = lora_ops.LoRALinear.from_linear(nn.Linear(8, 8), r=16, use_rslora=use_rslora)
+    assert layer.lora_alpha == 16 and layer.scaling == scaling
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
 def test_merge_unmerge_round_trip(dtype, tol):
     layer = lora_ops.LoRALinear(32, 24, r=4, lora_alpha=8, dtype=dtype)
@@ -43,6 +52,40 @@ def test_merge_unmerge_round_trip(dtype, tol):
     layer.unmerge()
     torch.testing.assert_close(layer.weight, w0, rtol=tol, atol=tol)
     torch.testing.assert_close(layer(x), y, rtol=tol, atol=tol)
+
+
+def test_merge_and_unmerge_twice_change_the_weight_once():
+    """merge on a merged layer and unmerge on an unmerged one do nothing: the adapter is never
+    folded in twice, nor taken out of a weight that does not hold it."""
+    layer = lora_ops.LoRALinear(32, 24, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(5, 32)
+    y = layer(x)
+    layer.unmerge()
+    assert not layer.merged and torch.equal(layer.weight, w0)
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged and torch.equal(layer.weight, merged)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight, w0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_delta_weight_is_computed_in_fp32_and_rounded_once(dtype):
+    """scaling * B A in the base weight's dtype, from an fp32 product: one rounding, not one
+    for B A and another for the scaling (alpha / r = 0.75 is not a power of two)."""
+    layer = lora_ops.LoRALinear(64, 48, r=4, lora_alpha=3, dtype=dtype)
+    nn.init.normal_(layer.lora_B.weight)
+    delta = layer.delta_weight()
+    assert delta.dtype == dtype
+    exact = 0.75 * (layer.lora_B.weight.double() @ layer.lora_A.weight.double())
+    assert_rounded_once(delta, exact, "delta_weight")
 
 
 def test_to_linear_is_plain_linear_with_adapter_folded_in():
@@ -83,6 +126,25 @@ def test_low_precision_base_with_fp32_adapter():
     y = layer(torch.randn(3, 16, dtype=torch.bfloat16))
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and layer.lora_B.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fp32", ["lora_A", "lora_B"])
+def test_one_adapter_matrix_in_another_dtype_than_the_base(fp32):
+    """Each adapter matrix is cast to the base's dtype on its own: one kept in fp32 next to a
+    bf16 one on a bf16 base works as both in fp32 do, its gradient in its own dtype."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = lora_ops.LoRALinear.from_linear(base, r=2, lora_alpha=4)
+    nn.init.normal_(layer.lora_B.weight)
+    getattr(layer, fp32).float()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert getattr(layer, fp32).weight.grad.dtype == torch.float32
+    a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    want = x.double() @ base.weight.double().t() + base.bias.double() + 2.0 * (x.double() @ a.t()) @ b.t()
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("kwargs, message", [

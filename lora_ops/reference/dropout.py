@@ -61,7 +61,8 @@ def dropout_keep_mask(seed: "int | torch.Tensor", rows: int, cols: int, p: float
 
 
 def apply_dropout(x2d: torch.Tensor, seed: "int | torch.Tensor", p: float) -> torch.Tensor:
-    """drop(x) = mask * x / (1 - p), computed in x's dtype like the kernels' operand."""
+    """drop(x) = mask * x / (1 - p), in x2d's dtype: the reference passes x already in its fp32
+    compute dtype, as the kernels scale each element after loading it as fp32."""
     if p == 0.0:
         return x2d
     keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
