@@ -43,6 +43,7 @@ SINGLE_CASES = [
     (7, 13, 40, 64, 0.1, False),
     (33, 40, 13, 8, 0.3, True),
     (33, 13, 40, 8, 0.0, True),
+    (5, 70, 13, 8, 0.2, True),  # split K with dropout: the mask keyed by x's column, not the split's
 ]
 
 
@@ -132,6 +133,58 @@ def test_lora_linear_empty_batch():
     dx, da, db = lora_linear_bwd(x.new_zeros(0, 40), x, w, a, lora_b, s, SCALING, 0.1, 0, (True, True, True))
     assert dx.shape == (0, 13)
     assert torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(lora_b))
+
+
+@pytest.mark.parametrize("K", [24, 100], ids=lambda k: f"K{k}")
+def test_y_takes_the_returned_s_rounded_once(K):
+    """y's adapter term is scaling times the S that is returned (rounded to x's dtype), on the
+    unsplit path (K <= 32) and the split-K one, where the GEMM sums the fp32 partials: with W = 0
+    and B = I, y is (scaling S) rounded, bit for bit, never the fp32 sum scaled and rounded once.
+    float16 only: Triton's interpreter rounds fp32 to bfloat16 toward zero, not to nearest."""
+    M, r, scaling, dtype = 16, 64, 0.3, torch.float16
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    a = (torch.randn(r, K, device=DEVICE) / K ** 0.5).to(dtype)
+    eye = torch.eye(r, device=DEVICE).to(dtype)
+    w = torch.zeros(r, K, device=DEVICE, dtype=dtype)
+    y, s = lora_linear_fwd(x, w, None, a, eye, scaling, 0.0, 0)
+    assert_close_scaled(s, ref.lora_linear_fwd(*_f64(x, w, None, a, eye), scaling, 0.0, 0)[1],
+                        ref.lora_linear_fwd(x, w, None, a, eye, scaling, 0.0, 0)[1], dtype, "S")
+    assert torch.equal(y, (s.float() * scaling).to(dtype))
+
+
+@pytest.mark.parametrize("case", [(7, 40, 13, 8, 0.3), (5, 13, 70, 12, 0.0)], ids=str)
+def test_lora_linear_bwd_strided_dy_and_s(case):
+    """dY and S as column slices of wider tensors (row strides N + 3 and r + 5), the latter read
+    by the dS / dB pass with its own stride; the N > 32 case takes the split-N (atomic) dS path."""
+    M, K, N, r, p = case
+    dtype = torch.float32
+    x, w, _, a, lora_b = _single_inputs(M, K, N, r, dtype, False)
+    _, s_full = ref.lora_linear_fwd(x, w, None, a, lora_b, SCALING, p, 4)
+    s = torch.randn(M, r + 5, device=DEVICE)[:, :r].copy_(s_full)
+    dy = torch.randn(M, N + 3, device=DEVICE)[:, :N]
+    assert s.stride(0) == r + 5 and dy.stride(0) == N + 3
+    grads = lora_linear_bwd(dy, x, w, a, lora_b, s, SCALING, p, 4, (True, True, True))
+    oracle = ref.lora_linear_bwd(*_f64(dy, x, w, a, lora_b, s), SCALING, p, 4)
+    for name, got, want in zip(("dx", "d_lora_a", "d_lora_b"), grads, oracle):
+        assert rel_err(got, want) <= 1e-5, name
+
+
+@pytest.mark.parametrize("case", [(7, 40, 13, 8, 0.3), (33, 13, 40, 12, 0.0)], ids=str)
+def test_lora_linear_transposed_weights(case):
+    """weight, lora_a and lora_b as transposed views (column-major, e.g. an adapter stored as its
+    transpose): every kernel that reads one takes both of its strides."""
+    M, K, N, r, p = case
+    x, w, b, a, lora_b = _single_inputs(M, K, N, r, torch.float32, True)
+    wt, at, bt = (t.t().contiguous().t() for t in (w, a, lora_b))
+    assert wt.stride() == (1, N) and at.stride() == (1, r) and bt.stride() == (1, N)
+    y, s = lora_linear_fwd(x, wt, b, at, bt, SCALING, p, 6)
+    y64, s64 = ref.lora_linear_fwd(*_f64(x, w, b, a, lora_b), SCALING, p, 6)
+    assert rel_err(s, s64) <= 1e-5 and rel_err(y, y64) <= 1e-5
+    dy = torch.randn(M, N, device=DEVICE)
+    grads = lora_linear_bwd(dy, x, wt, at, bt, s, SCALING, p, 6, (True, True, True))
+    oracle = ref.lora_linear_bwd(*_f64(dy, x, w, a, lora_b, s), SCALING, p, 6)
+    for name, got, want in zip(("dx", "d_lora_a", "d_lora_b"), grads, oracle):
+        assert rel_err(got, want) <= 1e-5, name
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2 ** 32 + 5, 2 ** 63 - 1])
