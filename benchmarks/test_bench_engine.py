@@ -9,7 +9,7 @@ from lora_ops.bench import main
 from lora_ops.bench.adapter_mix import token_adapter
 from lora_ops.bench.cases import LinearCase, MultiCase, parse_shape
 from lora_ops.bench.cost_model import AdapterUse, linear_cost, multi_cost
-from lora_ops.bench.verdicts import judge
+from lora_ops.bench.verdicts import C2_SHAPE, DECODE_MAX_TOKENS, SAVED_SLACK_BYTES, judge
 
 
 @pytest.mark.parametrize("dist", ["distinct", "uniform", "zipf:1.5", "identical", "skewed"])
@@ -79,6 +79,58 @@ def test_verdicts_judge_only_what_was_measured_where():
     assert cpu["C1"]["verdict"] == "not met"  # one row not faster is enough
     wrong = judge([_row("lora_ops:cpu", ratio=0.5, check_ok=False)], "cpu")
     assert {v["id"]: v for v in wrong}["C1"]["verdict"] == "not met"
+
+
+def _by_id(rows, device_type, provider):
+    return {v["id"]: v for v in judge(rows, device_type) if v["provider"] == provider}
+
+
+def test_ratio_targets_take_the_geomean_with_inclusive_bounds():
+    # geomean 1.049 <= 1.05, though the arithmetic mean is 1.35
+    spread = [_row("lora_ops:cuda", ratio=0.5), _row("lora_ops:cuda", ratio=2.2)]
+    assert _by_id(spread, "cuda", "lora_ops:cuda")["T1"]["verdict"] == "met"
+    at_bounds = [_row("lora_ops:cuda", ratio=1.05), _row("lora_ops:cuda", mode="fwd+bwd", ratio=1.10)]
+    by_id = _by_id(at_bounds, "cuda", "lora_ops:cuda")
+    assert by_id["T1"]["verdict"] == "met" and by_id["T2"]["verdict"] == "met"
+    wrong = [_row("lora_ops:cuda", ratio=0.5, check_ok=False)]
+    assert _by_id(wrong, "cuda", "lora_ops:cuda")["T1"]["verdict"] == "not met"
+
+
+def test_t4_judges_decode_rows_on_cuda_graph_time():
+    decode = _row("lora_ops:cuda", op="multi_lora_linear", shape={"T": DECODE_MAX_TOKENS}, floor_us=9.0,
+                  graph_median_us=10.0, median_us=20.0)
+    prefill = _row("lora_ops:cuda", op="multi_lora_linear", shape={"T": DECODE_MAX_TOKENS + 1}, floor_us=1.0)
+    t4 = _by_id([decode, prefill], "cuda", "lora_ops:cuda")["T4"]
+    assert t4["verdict"] == "met" and "over 1 rows" in t4["measured"]
+
+
+@pytest.mark.parametrize("extra, verdict", [(SAVED_SLACK_BYTES, "met"), (SAVED_SLACK_BYTES + 1, "not met")])
+def test_t5_allows_the_slack_and_no_byte_more(extra, verdict):
+    row = _row("lora_ops:cpu", mode="fwd+bwd", saved_expected_bytes=4096, saved_bytes=4096 + extra)
+    assert _by_id([row], "cpu", "lora_ops:cpu")["T5"]["verdict"] == verdict
+
+
+def test_c1_needs_every_row_strictly_faster_and_the_oracle_is_not_judged():
+    rows = [_row("lora_ops:cpu", ratio=0.5), _row("lora_ops:cpu", ratio=1.0),
+            _row("lora_ops:reference", ratio=3.0, saved_expected_bytes=0, saved_bytes=10**6)]
+    assert _by_id(rows, "cpu", "lora_ops:cpu")["C1"]["verdict"] == "not met"
+    assert not any(v["provider"] == "lora_ops:reference" for v in judge(rows, "cpu"))
+
+
+def _c2_row(ratio, dist="uniform", **extra):
+    shape = {**C2_SHAPE, "dist": dist, "index": "token"}
+    return _row("lora_ops:cpu", op="multi_lora_linear", ratio=ratio, dtype="fp32", eager_ref="peft",
+                shape=shape, **extra)
+
+
+@pytest.mark.parametrize("rows, verdict", [
+    ([_c2_row(0.5), _c2_row(2 / 3, dist="zipf:1.5")], "met"),  # 2x and exactly 1.5x faster
+    ([_c2_row(0.5), _c2_row(0.8, dist="zipf:1.5")], "not met"),  # one shape only 1.25x
+    ([_c2_row(0.5, check_ok=False)], "not met"),
+    ([{**_c2_row(0.5), "shape": {**C2_SHAPE, "K": 1024, "dist": "uniform", "index": "token"}}], "not measured"),
+], ids=["met", "one-slow", "wrong-output", "other-shape"])
+def test_c2_is_the_lowest_speedup_over_peft_at_its_shape(rows, verdict):
+    assert _by_id(rows, "cpu", "lora_ops:cpu")["C2"]["verdict"] == verdict
 
 
 def test_quick_suite_end_to_end(tmp_path):

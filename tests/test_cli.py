@@ -74,6 +74,31 @@ def test_demo_quick_runs_checks_and_saves_peft_adapters(tmp_path, capsys):
         assert (tmp_path / name / "adapter_model.safetensors").is_file()
 
 
+def test_demo_options_each_change_the_run(tmp_path, capsys):
+    """--dtype, --steps, --no-compare, --seed and --output-dir all reach the demo."""
+    from safetensors.torch import load_file
+    adapters = {}
+    for seed in (1, 2):
+        out_dir = tmp_path / f"seed{seed}"
+        assert main(["demo", "--quick", "--no-compare", "--dtype", "bfloat16", "--steps", "16",
+                     "--seed", str(seed), "--output-dir", str(out_dir)]) == 0
+        out = capsys.readouterr().out
+        assert "(bfloat16)" in out and "16 steps" in out
+        assert "lockstep with PEFT" not in out and "than PEFT's eager layers" not in out
+        adapters[seed] = load_file(str(out_dir / "add1" / "adapter_model.safetensors"))
+        assert {t.dtype for t in adapters[seed].values()} == {torch.bfloat16}
+    assert adapters[1].keys() == adapters[2].keys()
+    assert not any(torch.equal(adapters[1][k], adapters[2][k]) for k in adapters[1]), "--seed had no effect"
+
+
+def test_info_lists_the_backend_override_and_switches(capsys, monkeypatch):
+    monkeypatch.setenv("LORA_OPS_BACKEND", "reference")
+    assert main(["info", "--json"]) == 0
+    overrides = json.loads(capsys.readouterr().out)["backend_override"]
+    assert overrides["LORA_OPS_BACKEND"] == "reference"
+    assert "TRITON_INTERPRET" in overrides
+
+
 def test_demo_unknown_device_is_a_clear_error(capsys):
     assert main(["demo", "--quick", "--device", "tpu"]) == 2
     assert "not supported" in capsys.readouterr().out

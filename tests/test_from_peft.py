@@ -98,6 +98,29 @@ def merged():
     return model
 
 
+def disabled():
+    model = peft_model_of(tiny_llama(), target_modules=["q_proj"])
+    model.base_model.disable_adapter_layers()
+    return model
+
+
+def rescaled():
+    """scale_layer changes the scaling PEFT applies but not r or lora_alpha."""
+    model = peft_model_of(tiny_llama(), target_modules=["q_proj"])
+    for module in model.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module.scale_layer(0.5)
+    return model
+
+
+def gpt2_with_lora():
+    """GPT-2's Conv1D keeps its weight transposed; PEFT wraps it with fan_in_fan_out=True."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
+    return peft_model_of(base, target_modules=["c_attn"], fan_in_fan_out=True)
+
+
 class WithConv(nn.Module):
     def __init__(self):
         super().__init__()
@@ -117,8 +140,11 @@ class WithConv(nn.Module):
     (lambda: peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[])),
      "lora_ops takes LoRA on plain nn.Linear"),
     (lambda: tiny_llama(), "has no PEFT LoRA layers"),
+    (disabled, "has its adapters disabled"),
+    (rescaled, "was it rescaled with scale_layer"),
+    (gpt2_with_lora, r"stores its weight transposed \(fan_in_fan_out=True"),
 ], ids=["dora", "embedding", "conv", "inactive-adapter", "two-active", "merged", "bias-all", "lora-bias", "ia3",
-        "plain-model"])
+        "plain-model", "disabled", "rescaled", "gpt2-conv1d"])
 def test_what_lora_ops_cannot_take_is_refused_and_left_unchanged(make, message):
     model = make()
     before = snapshot(model)

@@ -34,8 +34,12 @@ def lora_layers(model):
     (tiny_llama, ["model.layers.1.self_attn.o_proj", "gate_proj"], {"exclude_modules": r".*layers\.0.*"}),
     (tiny_bert, "all-linear", {}),
     (tiny_bert, ["query", "value", "dense"], {"rank_pattern": {"attention.output.dense": 8}}),
+    # The first matching key wins; a key matches at a dot boundary only ("proj" names no layer).
+    (tiny_llama, ["q_proj", "up_proj", "down_proj"],
+     {"rank_pattern": {"down_proj": 2, r"layers\.1\.mlp\.down_proj": 6, "proj": 3},
+      "alpha_pattern": {"_proj": 5, r"layers\.1\.mlp\.up_proj": 7, "up_proj": 9}}),
 ], ids=["llama-list", "llama-all-linear", "llama-exclude", "llama-regex-patterns", "llama-full-name",
-        "bert-all-linear", "bert-suffix-patterns"])
+        "bert-all-linear", "bert-suffix-patterns", "llama-overlapping-patterns"])
 def test_targets_ranks_and_alphas_match_peft(build, targets, extra):
     model = lm.inject(build(), targets, 4, 8, **extra)
     expected = peft_layers(build(), target_modules=targets, r=4, lora_alpha=8, **extra)
@@ -49,6 +53,38 @@ def test_all_linear_leaves_the_output_head_alone():
     model = lm.inject(tiny_llama(), "all-linear", 4)
     assert type(model.lm_head) is nn.Linear
     assert isinstance(model.model.layers[0].mlp.down_proj, LoRALinear)
+
+
+def test_all_linear_on_a_model_with_adapters_leaves_their_internals_alone():
+    """The lora_A / lora_B Linears inside an adapter layer are never targets: no adapter on an adapter."""
+    model = lm.inject(tiny_llama(), ["q_proj"], 4)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    lm.inject(model, "all-linear", 2)
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    nested = [name for name, m in model.named_modules()
+              if isinstance(m, LoRALinear) and any(isinstance(c, LoRALinear) for c in m.children())]
+    assert nested == []
+    ranks = lm.lora_summary(model).ranks
+    assert ranks == {name: 4 if name.endswith("q_proj") else 2 for name in lora_layers(
+        lm.inject(tiny_llama(), "all-linear", 2))}
+
+
+def test_lora_alpha_none_means_each_layers_own_rank():
+    model = lm.inject(tiny_llama(), ["q_proj", "down_proj"], 4, rank_pattern={"down_proj": 2},
+                      alpha_pattern={r"layers\.1\.self_attn\.q_proj": 8})
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            expected_alpha = 8 if name == "model.layers.1.self_attn.q_proj" else layer.r
+            assert (layer.r, layer.lora_alpha) == (2 if "down_proj" in name else 4, expected_alpha), name
+
+
+def test_summary_counts_tied_weights_once_as_peft_does():
+    model = lm.inject(tiny_llama(tie_word_embeddings=True), ["q_proj"], 4, 8)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    peft_model = peft.get_peft_model(tiny_llama(tie_word_embeddings=True),
+                                     peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    summary = lm.lora_summary(model)
+    assert (summary.trainable_params, summary.total_params) == peft_model.get_nb_trainable_parameters()
 
 
 def test_inject_freezes_all_but_adapters_and_reports_the_share():
@@ -113,6 +149,7 @@ def test_merge_unmerge_and_merge_and_unload_round_trip():
     lm.merge_and_unload(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    assert not any(m.training for m in model.modules()), "merge_and_unload must keep the eval mode"
     assert set(model.state_dict()) == set(tiny_llama().state_dict())
     torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
 
@@ -156,8 +193,16 @@ def test_inject_into_a_plain_torch_module():
      r"rank_pattern\['v_proj'\]"),
     (lambda m: lm.inject(m, "(unclosed", 4), ValueError, "not a valid regular expression"),
     (lambda m: lm.inject(m, 5, 4), TypeError, "target_modules must be"),
+    (lambda m: lm.inject(m, ["q_proj"], 4, alpha_pattern={"q_proj": -2.0}), ValueError,
+     r"alpha_pattern\['q_proj'\]"),
+    (lambda m: lm.inject(m, ["q_proj"], 4, exclude_modules="(unclosed"), ValueError,
+     "exclude_modules=.* is not a valid regular expression"),
+    # As in PEFT: a regex must match the whole name, a list entry a whole name or a dotted suffix.
+    (lambda m: lm.inject(m, r".*\.(q|v)", 4), ValueError, "matches no module"),
+    (lambda m: lm.inject(m, ["proj"], 4), ValueError, "matches no module"),
 ], ids=["no-match", "embedding", "bad-r", "bad-alpha", "bad-dropout", "bad-rank-pattern", "bad-regex",
-        "bad-spec"])
+        "bad-spec", "bad-alpha-pattern", "bad-exclude-regex", "regex-matches-a-prefix-only",
+        "suffix-inside-a-segment"])
 def test_bad_arguments_raise_and_leave_the_model_unchanged(call, error, message):
     model = tiny_llama()
     before = snapshot(model)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import lora_ops.model as lm
 from lora_ops.modules import LoRALinear
@@ -31,7 +32,10 @@ def save_with_peft(model, directory, safe=True, **config):
     (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["o_proj", "up_proj"], layers_to_transform=[1],
                       exclude_modules=["model.layers.1.mlp.up_proj"])),
     (tiny_bert, dict(r=4, lora_alpha=16, target_modules=r".*attention\.self\.(query|value)", lora_dropout=0.1)),
-], ids=["llama-patterns", "llama-all-linear-rslora", "llama-layers-exclude", "bert-regex"])
+    # layers_to_transform as one int (0 included); a name listed in full is taken whatever its layer.
+    (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
+                      layers_to_transform=0)),
+], ids=["llama-patterns", "llama-all-linear-rslora", "llama-layers-exclude", "bert-regex", "llama-layer-int"])
 def test_peft_save_then_lora_ops_load_gives_peft_logits(tmp_path, build, config):
     peft_model = save_with_peft(build(), tmp_path, **config)
     ids = token_batch()
@@ -45,9 +49,44 @@ def test_peft_save_then_lora_ops_load_gives_peft_logits(tmp_path, build, config)
         {config.get("lora_dropout", 0.0)}
 
 
+class Nested(nn.Module):
+    """Two numbered levels under a prefix: model.sublayers.<i>.layers.<j>.proj."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.model = nn.Module()
+        self.model.sublayers = nn.ModuleList(nn.Module() for _ in range(2))
+        for block in self.model.sublayers:
+            block.layers = nn.ModuleList(nn.Module() for _ in range(2))
+            for leaf in block.layers:
+                leaf.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        for block in self.model.sublayers:
+            for leaf in block.layers:
+                x = torch.tanh(leaf.proj(x))
+        return x
+
+
+@pytest.mark.parametrize("config", [
+    dict(layers_to_transform=[1]),  # the first numbered segment: sublayers.1
+    dict(layers_to_transform=[1], layers_pattern="layers"),  # the segment named exactly "layers"
+], ids=["first-index", "layers-pattern"])
+def test_layers_to_transform_reads_the_layer_index_as_peft_does(tmp_path, config):
+    peft_model = save_with_peft(Nested(), tmp_path, r=2, lora_alpha=4, target_modules=["proj"], **config)
+    model = lm.load_adapter(Nested(), tmp_path)
+    peft_layers = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(lm.lora_summary(model).lora_layers) == peft_layers and len(peft_layers) == 2
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft_model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_lora_ops_save_then_peft_load_gives_the_same_logits(tmp_path):
     model = lm.inject(tiny_llama(), "all-linear", 4, 8, rank_pattern={"k_proj": 2, "model.layers.1.mlp.up_proj": 6},
-                      alpha_pattern={"o_proj": 5})
+                      alpha_pattern={"o_proj": 5, "gate_proj": 2.5})
     randomize_adapters(model)
     ids = token_batch()
     lm.save_adapter(model, tmp_path)
@@ -69,6 +108,54 @@ def test_lora_ops_save_then_load_round_trip_with_rslora(tmp_path):
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
     assert lm.lora_summary(loaded).ranks == lm.lora_summary(model).ranks
     assert all(m.use_rslora and m.lora_dropout == 0.05 for m in loaded.modules() if isinstance(m, LoRALinear))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_save_and_load_keep_the_adapters_dtype(tmp_path, dtype):
+    from safetensors.torch import load_file
+    model = lm.inject(tiny_llama().to(dtype), ["q_proj", "down_proj"], 4, 8)
+    randomize_adapters(model)
+    lm.save_adapter(model, tmp_path)
+    assert {t.dtype for t in load_file(str(tmp_path / "adapter_model.safetensors")).values()} == {dtype}
+    loaded = lm.load_adapter(tiny_llama().to(dtype), tmp_path)
+    saved = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, param in loaded.named_parameters():
+        if param.requires_grad:
+            assert param.dtype == dtype and torch.equal(param, saved[name]), name
+
+
+def test_a_config_without_lora_alpha_means_peft_default(tmp_path):
+    directory = write_adapter(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(directory)).eval()
+    model = lm.load_adapter(tiny_llama(), directory)
+    ids = token_batch()
+    torch.testing.assert_close(logits(model, ids), logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_save_refuses_patterns_that_peft_would_read_for_another_layer(tmp_path):
+    """Full-name pattern keys match at name ends: the key 'proj' (r=3) would give 'block.proj' r=3 too."""
+    model = nn.Module()
+    model.proj, model.other, model.block = nn.Linear(6, 6), nn.Linear(6, 6), nn.Module()
+    model.block.proj = nn.Linear(6, 6)
+    lm.inject(model, ["proj", "other"], 2, rank_pattern={"^proj": 3})
+    assert lm.lora_summary(model).ranks == {"proj": 3, "other": 2, "block.proj": 2}
+    with pytest.raises(ValueError, match="cannot be written unambiguously for 'block.proj'"):
+        lm.save_adapter(model, tmp_path)
+
+
+@pytest.mark.parametrize("field, first, second", [
+    ("use_rslora", dict(use_rslora=True), dict(use_rslora=False)),
+    ("lora_dropout", dict(lora_dropout=0.1), dict(lora_dropout=0.0)),
+])
+def test_save_refuses_layers_that_disagree_on_a_config_wide_field(tmp_path, field, first, second):
+    model = lm.inject(tiny_llama(), ["q_proj"], 4, 8, **first)
+    lm.inject(model, ["v_proj"], 4, 8, **second)
+    with pytest.raises(ValueError, match=f"the layers disagree on {field}"):
+        lm.save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_keys_without_the_peft_prefix_load_the_same(tmp_path):
@@ -98,6 +185,8 @@ def test_load_adapters_serves_a_mixed_batch_like_each_single_adapter(tmp_path):
     served = lm.load_adapters(tiny_llama(), {name: tmp_path / name for name in configs})
     assert isinstance(served.model.layers[0].self_attn.q_proj, MultiLoRALinear)
     assert isinstance(served.model.layers[0].mlp.gate_proj, MultiLoRALinear)  # only "wide" targets it
+    pools = [name for name, m in served.named_modules() if isinstance(m, MultiLoRALinear)]
+    assert lm.lora_summary(served).lora_layers == pools and len(pools) == 14
     ids = token_batch(batch=6, length=5)
     names = ["qv", "wide", None, "mlp", "qv", "wide"]
     with mixed_batch(served, names):
@@ -105,6 +194,17 @@ def test_load_adapters_serves_a_mixed_batch_like_each_single_adapter(tmp_path):
     for row, name in enumerate(names):
         single = tiny_llama() if name is None else lm.load_adapter(tiny_llama(), tmp_path / name)
         torch.testing.assert_close(mixed[row], logits(single, ids[row:row + 1])[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fold", [lm.merge, lm.unmerge, lm.merge_and_unload])
+def test_multi_adapter_pools_cannot_be_folded(tmp_path, fold):
+    save_with_peft(tiny_llama(), tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    save_with_peft(tiny_llama(), tmp_path / "b", r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    served = lm.load_adapters(tiny_llama(), {"a": tmp_path / "a", "b": tmp_path / "b"})
+    before = snapshot(served)
+    with pytest.raises(ValueError, match="MultiLoRALinear pool of several adapters"):
+        fold(served)
+    assert_unchanged(served, before)
 
 
 def write_adapter(tmp_path, **config_changes):
@@ -144,6 +244,9 @@ def corrupt(kind):
         elif kind == "wrong-shape":
             replace_tensors(directory, lambda t: t.update({
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 31)}))
+        elif kind == "wrong-shape-b":  # (1, r) would broadcast into (out_features, r)
+            replace_tensors(directory, lambda t: t.update({
+                "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight": torch.ones(1, 4)}))
         elif kind == "missing-half":
             replace_tensors(directory, lambda t: t.pop(
                 "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
@@ -178,9 +281,17 @@ def corrupt(kind):
     (lambda p: write_adapter(p, target_modules=["attention"]), ValueError, "matches no module"),
     (lambda p: write_adapter(p, target_modules=["embed_tokens"]), TypeError, "has type Embedding"),
     (lambda p: write_adapter(p, rank_pattern={"q_proj": "big"}), ValueError, "rank_pattern"),
+    (corrupt("wrong-shape-b"), ValueError, r"v_proj.lora_B.weight has shape \(1, 4\).*need \(16, 4\)"),
+    (lambda p: write_adapter(p, fan_in_fan_out=True), ValueError, "fan_in_fan_out=True is a PEFT feature"),
+    (lambda p: write_adapter(p, bias="all"), ValueError, "bias='all' is a PEFT feature"),
+    (lambda p: write_adapter(p, lora_alpha=0), ValueError, "lora_alpha must be a positive number"),
+    (lambda p: write_adapter(p, use_rslora="yes"), ValueError, "use_rslora must be true or false"),
+    (lambda p: write_adapter(p, layers_to_transform="1"), ValueError, "layers_to_transform must be an int"),
+    (lambda p: write_adapter(p, target_modules=None), ValueError, "target_modules is null"),
 ], ids=["no-dir", "no-config", "no-weights", "bad-json", "json-list", "truncated", "wrong-shape", "missing-half",
         "foreign-tensor", "integer-tensor", "not-lora", "dora", "bad-r", "r-mismatch", "untargeted-weights",
-        "target-without-weights", "target-matches-nothing", "target-not-linear", "bad-rank-pattern"])
+        "target-without-weights", "target-matches-nothing", "target-not-linear", "bad-rank-pattern",
+        "wrong-shape-b", "fan-in-fan-out", "bias", "bad-alpha", "rslora-not-bool", "bad-layers", "null-targets"])
 def test_bad_adapter_files_raise_clearly_and_leave_the_model_unchanged(tmp_path, make, error, message):
     directory = make(tmp_path)
     for load in (lambda m: lm.load_adapter(m, directory), lambda m: lm.load_adapters(m, {"a": directory})):

@@ -85,7 +85,9 @@ def find_targets(model: nn.Module, target_modules: TargetSpec,
             hit = isinstance(module, nn.Linear)
         else:
             hit = name_matches(target_modules, name)
-            if hit and not isinstance(target_modules, str) and layers_to_transform is not None:
+            # As in PEFT, a name listed in full is taken whatever its layer index.
+            if (hit and not isinstance(target_modules, str) and name not in target_modules
+                    and layers_to_transform is not None):
                 hit = _layer_index(name, layers_pattern) in _as_list(layers_to_transform)
         if hit:
             found[name] = module
