@@ -62,3 +62,20 @@ def assert_rounded_once(out, exact, what="", slack=1e-5):
     worst = int((err - bound).argmax())
     assert (err <= bound).all(), (f"{what}: |out - exact| = {err.flatten()[worst]:.3g} at "
                                   f"{worst}, half an ulp there is {0.5 * ulp.flatten()[worst]:.3g}")
+
+
+def import_triton_or_skip():
+    """triton, for a test module that calls its launchers directly; the module is skipped where
+    they cannot run: no triton, or no GPU and no interpreter that runs them (conftest sets
+    TRITON_INTERPRET=1 without a GPU, before triton is first imported)."""
+    import os
+    triton = pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        from lora_ops import _backend
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("triton needs a GPU, or TRITON_INTERPRET=1 set before it is imported",
+                        allow_module_level=True)
+        if not _backend._interpreter_runs_kernels():
+            pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (see "
+                        "lora_ops._backend.MIN_TRITON_INTERPRETER)", allow_module_level=True)
+    return triton

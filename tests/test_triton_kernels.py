@@ -5,20 +5,12 @@ ranks with NaN past each rank, packed slices of different widths, transposed ada
 Without a GPU they run in Triton's interpreter on CPU tensors (small shapes, a few cases per
 dtype); with one, the same tests run on CUDA tensors.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-triton = pytest.importorskip("triton")
-from lora_ops import _backend  # noqa: E402
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton needs a GPU, or TRITON_INTERPRET=1 set before it is imported", allow_module_level=True)
-if not torch.cuda.is_available() and not _backend._interpreter_runs_kernels():
-    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (see "
-                "lora_ops._backend.MIN_TRITON_INTERPRETER)", allow_module_level=True)
+from tests.helpers import DTYPES, assert_close_scaled, import_triton_or_skip, rel_err
+
+triton = import_triton_or_skip()
 
 from lora_ops import reference as ref  # noqa: E402
 from lora_ops.reference import multi_lora as multi_ref  # noqa: E402
@@ -29,7 +21,6 @@ from lora_ops.triton import _launch  # noqa: E402
 from lora_ops.triton import lora_linear as triton_single  # noqa: E402
 from lora_ops.triton.lora_linear import lora_linear_bwd, lora_linear_fwd  # noqa: E402
 from lora_ops.triton.multi_lora import multi_lora_expand, multi_lora_shrink  # noqa: E402
-from tests.helpers import DTYPES, assert_close_scaled, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
