@@ -99,6 +99,20 @@ def test_ranks_equal_r_max_and_sorted_tokens_read_in_place(device, backend):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", COMPILED)
+@pytest.mark.parametrize("rank_dim", [1, 2])
+def test_transposed_operands_give_what_their_copies_give(device, backend, rank_dim):
+    """u and v as transposed views (column stride M, as an x saved by the layer can be): the op
+    reads them as the contiguous tensors they equal."""
+    P, Q = (13, 21) if rank_dim == 1 else (21, 13)
+    u, v, ranks, adapter = problem(37, 5, P, Q, rank_dim, torch.float32, device, seed=3)
+    u_t, v_t = (w.t().contiguous().t() for w in (u, v))
+    assert u_t.stride(1) != 1 and v_t.stride(1) != 1
+    got = op(u_t, v_t, ranks, rank_dim, adapter)
+    torch.testing.assert_close(got, op(u.contiguous(), v.contiguous(), ranks, rank_dim, adapter),
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("device,backend", backend_params(("cpu",), devices=("cpu",)))
 def test_errors_name_the_op_argument_and_what_was_seen(device, backend):
     u, v, ranks, adapter = problem(6, 3, 4, 5, 1, torch.float32, device)

@@ -1062,19 +1062,41 @@ struct Index {
   }
 };
 
-// Runs of random length with adapters drawn from [-1, L+1] plus a far out-of-range value.
+// Appends `len` rows of adapter `a` to both forms, as one segment.
+void add_run(Index& idx, int32_t a, int64_t len) {
+  idx.token.insert(idx.token.end(), static_cast<size_t>(len), a);
+  idx.seg_adapter.push_back(a);
+  idx.seg_indptr.push_back(static_cast<int32_t>(idx.token.size()));
+}
+
+// Runs of random length with adapters drawn from [-1, L+1] plus a far out-of-range value. Empty
+// segments of adapter 0 (rank r_max) at the start, after every third run and at the end: they
+// hold no rows.
 Index make_index(int64_t M, int64_t L) {
   Index idx;
   idx.seg_indptr.push_back(0);
+  add_run(idx, 0, 0);
   std::uniform_int_distribution<int> run_len(1, 5), adapter(-1, static_cast<int>(L) + 1);
   int64_t i = 0;
   while (i < M) {
     const int64_t len = std::min<int64_t>(run_len(g_rng), M - i);
     const int32_t a = (g_rng() % 11 == 0) ? 1000000 : adapter(g_rng);
-    for (int64_t t = 0; t < len; ++t) idx.token.push_back(a);
-    idx.seg_adapter.push_back(a);
+    add_run(idx, a, len);
+    if (idx.seg_adapter.size() % 4 == 0) add_run(idx, 0, 0);
     i += len;
-    idx.seg_indptr.push_back(static_cast<int32_t>(i));
+  }
+  add_run(idx, 0, 0);
+  return idx;
+}
+
+// Every seventh row on adapter 0, the others on none: at M = 3208, 2749 idle rows, a prime, so
+// that no thread count splits them evenly.
+Index sparse_index(int64_t M, int64_t) {
+  Index idx;
+  idx.seg_indptr.push_back(0);
+  for (int64_t i = 0; i < M; i += 7) {
+    add_run(idx, 0, 1);
+    add_run(idx, -1, std::min<int64_t>(6, M - i - 1));
   }
   return idx;
 }
@@ -1118,9 +1140,10 @@ void shrink_oracle(const MultiAdapters& m, const Index& idx, const Buffer& x, in
 }
 
 void test_multi_case(lora_dtype_t dt, int64_t M, int64_t K, int64_t L, int64_t r_max,
-                     std::vector<int64_t> widths, bool a_transposed, int64_t b_col_stride) {
+                     std::vector<int64_t> widths, bool a_transposed, int64_t b_col_stride,
+                     Index (*index_of)(int64_t, int64_t) = make_index) {
   const MultiAdapters m = make_adapters(dt, L, r_max, K, widths, a_transposed, b_col_stride);
-  const Index idx = make_index(M, L);
+  const Index idx = index_of(M, L);
   const int64_t ldx = K + 2;
   const Buffer x = random_buffer(dt, M * ldx);
   const std::vector<AdapterStack> as = a_stacks(m), bs = b_stacks(m);
@@ -1231,6 +1254,41 @@ void test_multi_case(lora_dtype_t dt, int64_t M, int64_t K, int64_t L, int64_t r
     expect_close(
         multi_name("linear_fwd t", dt, M, m, segments), t_ws.size(),
         [&](size_t e) { return static_cast<double>(t_ws[e]); }, t_ref, t_mag, rel_tol(dt, K));
+
+    // linear_dx: dx = dY W + sum_s dT_s A_s[a], dT being t_in (NaN past every rank, never to be
+    // read) and dx NaN before the call (every element must be written). dx is rounded once per
+    // slice term and once more by the base GEMM.
+    const Buffer dy = random_buffer(dt, M * N);
+    std::vector<double> d_ref(M * K), d_mag(M * K);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t a = effective_adapter(m, idx.token[i]);
+      for (int64_t k = 0; k < K; ++k) {
+        double v = 0, va = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          v += dy.get(i * N + n) * w.get(n * K + k);
+          va += std::fabs(dy.get(i * N + n) * w.get(n * K + k));
+        }
+        for (int64_t s = 0; a >= 0 && s < m.num_slices; ++s) {
+          for (int64_t j = 0; j < m.ranks[a]; ++j) {
+            v += t_in[(s * M + i) * r_max + j] * a_elem(m, s, a, j, k);
+            va += std::fabs(t_in[(s * M + i) * r_max + j] * a_elem(m, s, a, j, k));
+          }
+        }
+        d_ref[i * K + k] = v;
+        d_mag[i * K + k] = va;
+      }
+    }
+    Buffer dx(dt, M * K);
+    dx.fill(NAN);
+    expect_status(
+        cpu::multi_lora_linear_dx(dt, M, N, K, L, r_max, m.num_slices, dy.ptr(), w.ptr(),
+                                  as.data(), t_in.empty() ? nullptr : t_in.data(), m.ranks.data(),
+                                  index, dx.ptr(), cpu::builtin_gemm()),
+        LORA_OK, multi_name("linear_dx", dt, M, m, segments));
+    expect_close(
+        multi_name("linear_dx dx", dt, M, m, segments), d_ref.size(),
+        [&](size_t e) { return dx.get(e); }, d_ref, d_mag,
+        rel_tol(dt, N + r_max) + m.num_slices * unit_roundoff(dt));
   }
 }
 
@@ -1245,6 +1303,68 @@ void test_multi() {
   test_multi_case(LORA_DTYPE_F32, 0, 7, 3, 4, {5, 6}, false, 1);
   test_multi_case(LORA_DTYPE_F16, 40, 50, 300, 4, {8}, false, 1);  // many adapters, few rows
   test_multi_case(LORA_DTYPE_F32, 11, 13, 1, 0, {7}, false, 1);    // r_max = 0
+  test_multi_case(LORA_DTYPE_F32, 29, 33, 5, 8, {17, 0, 9}, false, 1);   // an empty slice
+  test_multi_case(LORA_DTYPE_BF16, 64, 300, 9, 20, {0, 40}, true, 2);
+  // Most rows idle, enough of them that their fill of y (and of dx) is split over the threads.
+  test_multi_case(LORA_DTYPE_F16, 3208, 100, 2, 4, {96, 97}, false, 1, sparse_index);
+}
+
+// linear_dx with the two slices' terms on two threads at once: one tile per term (16 rows,
+// K = 64) deep enough (rank 4096) to wake the team, so that unless the second term waits for the
+// first, its read-add races the first one's write. Slice 0's A has a gap after every element, so
+// its term (gathering A) tends to end after slice 1's (A contiguous): the race then shows as the
+// first term's write replacing the second's sum. Repeated, as a race need not show every time.
+void test_multi_dx_slice_order() {
+  const lora_dtype_t dt = LORA_DTYPE_F32;
+  const int64_t M = 16, K = 64, N = 8, r_max = 4096, reps = 300;
+  const int64_t gap[2] = {2, 1};
+  std::vector<Buffer> a;
+  std::vector<AdapterStack> as;
+  for (int64_t s = 0; s < 2; ++s) {
+    a.push_back(random_buffer(dt, r_max * K * gap[s]));
+    for (size_t e = 0; e < a[s].size(); ++e) {
+      if (e % gap[s] != 0) a[s].set(e, NAN);  // never read
+    }
+    as.push_back(AdapterStack{a[s].ptr(), r_max * K * gap[s], K * gap[s], gap[s]});
+  }
+  const std::vector<int32_t> ranks = {static_cast<int32_t>(r_max)};
+  const std::vector<int32_t> tokens(M, 0);
+  const lora_adapter_index_t index{tokens.data(), nullptr, nullptr, 0};
+  const Buffer dy = random_buffer(dt, M * N), w = random_buffer(dt, N * K);
+  const std::vector<float> dts = random_floats(2 * M * r_max);
+  std::vector<double> want(M * K), mag(M * K);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      double v = 0, va = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        v += dy.get(i * N + n) * w.get(n * K + k);
+        va += std::fabs(dy.get(i * N + n) * w.get(n * K + k));
+      }
+      for (int64_t s = 0; s < 2; ++s) {
+        for (int64_t j = 0; j < r_max; ++j) {
+          const double p = dts[(s * M + i) * r_max + j] * a[s].get((j * K + k) * gap[s]);
+          v += p;
+          va += std::fabs(p);
+        }
+      }
+      want[i * K + k] = v;
+      mag[i * K + k] = va;
+    }
+  }
+  const double tol = rel_tol(dt, N + r_max) + 2 * unit_roundoff(dt);
+  int64_t wrong = 0;
+  for (int64_t rep = 0; rep < reps; ++rep) {
+    Buffer dx(dt, M * K);
+    dx.fill(NAN);
+    const lora_status_t st =
+        cpu::multi_lora_linear_dx(dt, M, N, K, 1, r_max, 2, dy.ptr(), w.ptr(), as.data(),
+                                  dts.data(), ranks.data(), index, dx.ptr(), cpu::builtin_gemm());
+    bool ok = st == LORA_OK;
+    for (int64_t e = 0; e < M * K; ++e) ok &= close(dx.get(e), want[e], mag[e], tol);
+    wrong += ok ? 0 : 1;
+  }
+  expect(wrong == 0, "linear_dx adds the slices' terms in turn on threads: " +
+                         std::to_string(wrong) + " of " + std::to_string(reps) + " calls wrong");
 }
 
 void test_multi_invalid() {
@@ -1272,6 +1392,13 @@ void test_multi_invalid() {
   expect_status(shrink(LORA_MAX_SLICES + 1, ranks.data(), by_token, x.ptr()), LORA_ERR_UNSUPPORTED,
                 "shrink too many slices");
   expect_status(shrink(1, ranks.data(), by_token, nullptr), bad, "shrink x NULL");
+  const AdapterStack no_data{nullptr, r_max * K, K, 1};
+  expect_status(cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, L, r_max, 1, x.ptr(), K, &no_data,
+                                       scal.data(), ranks.data(), by_token, t.data()),
+                bad, "shrink lora_a[0] data NULL");
+  expect_status(cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, L, r_max, 1, x.ptr(), K, nullptr,
+                                       scal.data(), ranks.data(), by_token, t.data()),
+                bad, "shrink lora_a NULL");
   expect_status(shrink(1, nullptr, by_token, x.ptr()), bad, "shrink ranks NULL");
   std::vector<int32_t> big_rank = {5, 2}, neg_rank = {-1, 2};
   expect_status(shrink(1, big_rank.data(), by_token, x.ptr()), bad, "shrink rank > r_max");
@@ -1296,6 +1423,12 @@ void test_multi_invalid() {
   expect_status(
       shrink(1, ranks.data(), lora_adapter_index_t{nullptr, indptr.data(), nullptr, 2}, x.ptr()),
       bad, "shrink seg_adapter NULL");
+  // seg_indptr[-1] == M: a negative count read as it stands would pass the bounds checks.
+  std::vector<int32_t> m_then_indptr = {static_cast<int32_t>(M), 0, 2, 4};
+  expect_status(shrink(1, ranks.data(),
+                       lora_adapter_index_t{nullptr, m_then_indptr.data() + 1, sa.data(), -1},
+                       x.ptr()),
+                bad, "shrink negative num_segments");
   expect_status(cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, L, r_max, 1, x.ptr(), K - 1, as.data(),
                                        scal.data(), ranks.data(), by_token, t.data()),
                 bad, "shrink ldx < K");
@@ -1331,6 +1464,21 @@ void test_multi_invalid() {
                 "linear_fwd slices with a gap, the last past N");
   expect_status(fused(8, off.data(), wid.data(), cpu::Gemm{nullptr, nullptr}), bad,
                 "linear_fwd gemm NULL");
+
+  // No adapters (L = 0): ranks, scalings and the stacks' data may be NULL; every row is idle.
+  const AdapterStack no_adapters{nullptr, 0, 0, 0};
+  std::vector<float> t0(M * r_max, NAN);
+  expect_status(cpu::multi_lora_shrink(LORA_DTYPE_F32, M, K, 0, r_max, 1, x.ptr(), K,
+                                       &no_adapters, nullptr, nullptr, by_token, t0.data()),
+                LORA_OK, "shrink L=0, ranks NULL");
+  bool zeros = true;
+  for (float v : t0) zeros &= v == 0.0f;
+  expect(zeros, "shrink L=0 gives t = 0");
+  std::vector<float> u0(M * r_max, 1.0f);
+  expect_status(cpu::multi_lora_adapter_grad(LORA_DTYPE_F32, LORA_DTYPE_F32, M, r_max, K, 0,
+                                             u0.data(), r_max, x.ptr(), K, nullptr, 1, by_token,
+                                             LORA_DTYPE_F32, nullptr),
+                LORA_OK, "adapter_grad L=0, ranks and out NULL");
 }
 
 // multi_lora_adapter_grad against a double loop over the tokens: out[a] = sum of u_i^T v_i over
@@ -1427,6 +1575,10 @@ void test_adapter_grad() {
                 "adapter_grad rank > r_max");
   expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P - 1, ranks.data(), out.data()), bad,
                 "adapter_grad ldu < P");
+  expect_status(cpu::multi_lora_adapter_grad(LORA_DTYPE_F32, LORA_DTYPE_F32, M, P, Q, L, u.data(),
+                                             P, v.data(), Q - 1, ranks.data(), 1, by_token,
+                                             LORA_DTYPE_F32, out.data()),
+                bad, "adapter_grad ldv < Q");
   expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, ranks.data(), nullptr), bad,
                 "adapter_grad out NULL");
   expect_status(grad(LORA_DTYPE_F32, LORA_DTYPE_F32, 1, P, ranks.data(), out.data(),
@@ -1450,6 +1602,7 @@ int main() {
   test_phased_work();
   test_linear_invalid();
   test_multi();
+  test_multi_dx_slice_order();
   test_multi_invalid();
   test_adapter_grad();
   std::printf("test_cpu_kernels: %d checks, %d failed\n", g_checks, g_failures);
