@@ -154,7 +154,12 @@ def test_one_adapter_matrix_in_another_dtype_than_the_base(fp32):
     ({"r": 2, "lora_alpha": float("inf")}, "lora_alpha must be a positive number"),
     ({"r": 2, "lora_alpha": "16"}, "lora_alpha must be a positive number"),
     ({"r": 2, "lora_dropout": 1.0}, "lora_dropout must be a number in"),
-], ids=["r0", "r-float", "alpha-nan", "alpha-inf", "alpha-str", "dropout-1"])
+    ({"r": True}, "r must be a positive int"),
+    ({"r": 2, "lora_alpha": 0}, "lora_alpha must be a positive number"),
+    ({"r": 2, "lora_alpha": True}, "lora_alpha must be a positive number"),
+    ({"r": 2, "lora_dropout": -0.1}, "lora_dropout must be a number in"),
+], ids=["r0", "r-float", "alpha-nan", "alpha-inf", "alpha-str", "dropout-1", "r-bool", "alpha-0",
+        "alpha-bool", "dropout-negative"])
 def test_bad_hyper_parameters_name_the_module_and_argument(kwargs, message):
     with pytest.raises(ValueError, match=f"LoRALinear: {message}"):
         lora_ops.LoRALinear.from_linear(nn.Linear(8, 4), **kwargs)

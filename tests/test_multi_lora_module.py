@@ -73,6 +73,9 @@ def test_sequences_and_slot_tensors(device, backend):
                          dtype=torch.int32, device=device)
     torch.testing.assert_close(layer(x, slots), y, rtol=0, atol=0)
     torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+    decode = torch.randn(3, 1, K, device=device)  # one token per sequence, as a decode step has
+    want = per_row_oracle(decode.reshape(3, K), layer.base_layer, adapters, names).reshape(3, 1, N)
+    torch.testing.assert_close(layer(decode, names).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_from_linear_shares_and_freezes_the_base():

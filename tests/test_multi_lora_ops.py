@@ -13,7 +13,8 @@ from lora_ops import multi_lora
 from lora_ops.multi_lora import (lora_expand, lora_shrink, multi_lora_linear,
                                  segments_from_token_adapter)
 from lora_ops.reference import multi_lora as ref
-from tests.helpers import DTYPES, KERNEL_BACKENDS, assert_close_scaled, backend_params
+from tests.helpers import (DTYPES, KERNEL_BACKENDS, assert_close_scaled, assert_rounded_once,
+                           backend_params)
 
 # MAIN: the compiled and reference backends on CPU, every backend on a GPU. KERNELS_FULL: the
 # dtype x popularity matrix, kernels only (the reference is the oracle there). Triton on CPU
@@ -179,6 +180,72 @@ def test_rank_up_to_256(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", MAIN)
+def test_slices_are_packed_from_column_0_by_default(device, backend):
+    """Without slice_offsets slice s starts where slice s - 1 ends (widths 5, 9, 3, none of them
+    r_max), for the fused layer and for expand."""
+    p64 = make_problem(13, "uniform", widths=(5, 9, 3), rank_choices=(1, 4, 8))
+    assert p64.offsets == [0, 5, 14]
+    p = p64.to(torch.float32, device)
+    y = multi_lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scalings, p.ranks,
+                          token_adapter=p.token_adapter, backend=backend)
+    assert_close_scaled(y, oracle_linear(p64), run_linear(p, "reference"), torch.float32, "linear")
+    t = run_shrink(p, backend)
+    y0 = torch.randn(13, p.weight.shape[0] + 2, device=device)  # two columns no slice covers
+    got = lora_expand(y0.clone(), t, p.lora_b, p.ranks, token_adapter=p.token_adapter, backend=backend)
+    torch.testing.assert_close(got, run_expand(p, y0.clone(), t, backend), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+def test_up_to_max_slices(device, backend):
+    """MAX_SLICES slices (the kernels' LORA_MAX_SLICES, 8) run; one more is refused, naming the count."""
+    S = multi_lora.MAX_SLICES
+    p64 = make_problem(11, "uniform", K=8, widths=(3,) * S, L=3, rank_choices=(1, 2, 4))
+    check_shrink_expand(p64, device, backend, torch.float32, "token")
+    p = p64.to(torch.float32, device)
+    assert_close_scaled(run_linear(p, backend), oracle_linear(p64), run_linear(p, "reference"),
+                        torch.float32, f"linear, {S} slices")
+    one_more = dict(lora_a=p.lora_a + p.lora_a[:1], lora_b=p.lora_b + p.lora_b[:1])
+    weight = torch.randn(3 * (S + 1), 8, device=device)
+    with pytest.raises(ValueError, match=rf"^multi_lora_linear: lora_a has {S + 1} slices; at most {S}"):
+        multi_lora_linear(p.x, weight, None, one_more["lora_a"], one_more["lora_b"], p.scalings,
+                          p.ranks, token_adapter=p.token_adapter, backend=backend)
+    with pytest.raises(ValueError, match=rf"^lora_shrink: lora_a has {S + 1} slices; at most {S}"):
+        lora_shrink(p.x, one_more["lora_a"], p.scalings, p.ranks, token_adapter=p.token_adapter,
+                    backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_expand_reads_t_only_within_each_tokens_rank(device, backend, form):
+    """t past a token's adapter rank, and all of a -1 token's row, is never read: NaN there
+    changes nothing (lora_b past the rank being NaN too, 0 * NaN would show it)."""
+    p = make_problem(40, "uniform", widths=(16, 8), gaps=(2, 5), tail=1).to(torch.float32, device)
+    t = run_shrink(p, backend, form)
+    adapter = p.token_adapter.long()
+    rank = torch.where(adapter >= 0, p.ranks.long()[adapter.clamp(min=0)], 0)
+    within = torch.arange(t.shape[2], device=device)[None, :] < rank[:, None]
+    assert not within.all(1).all() and within.any()
+    poisoned = torch.where(within, t, float("nan"))
+    y0 = torch.randn(40, p.weight.shape[0], device=device)
+    want = run_expand(p, y0.clone(), t, backend, form)
+    torch.testing.assert_close(run_expand(p, y0.clone(), poisoned, backend, form), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_reference_rounds_once(dtype, form):
+    """The reference backend (every test's low-precision yardstick) computes in fp32 and rounds y
+    to x's dtype once, at the end: within half an ulp of the exact result of its rounded inputs."""
+    p = replace(make_problem(133, "skewed", widths=(24, 8, 8)), offsets=[16, 0, 8]).to(dtype)
+    exact = ref.multi_lora_linear(*(getattr(p.to(torch.float64), k) for k in (
+        "x", "weight", "bias", "lora_a", "lora_b", "offsets", "scalings", "ranks")),
+        **p.to(torch.float64).index(form))
+    y = run_linear(p, "reference", form)
+    assert y.dtype == dtype
+    assert_rounded_once(y, exact, f"reference {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", MAIN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("form", ["token", "segment"])
 def test_linear_matches_reference(device, backend, dtype, form):
@@ -297,6 +364,9 @@ def test_autograd_is_recorded_exactly_when_needed(device, backend):
     trained = replace(p, lora_a=[a.clone().requires_grad_() for a in p.lora_a])
     recorded = run_linear(trained, backend)
     assert recorded.grad_fn is not None and torch.equal(recorded.detach(), plain)
+    only_b = replace(p, lora_b=[b.clone().requires_grad_() for b in p.lora_b])  # A frozen, as LoRA-FA
+    recorded = run_linear(only_b, backend)
+    assert recorded.grad_fn is not None and torch.equal(recorded.detach(), plain)
     with torch.no_grad():
         assert run_linear(trained, backend).grad_fn is None
 
@@ -392,6 +462,42 @@ def test_out_of_range_indices_mean_base_only_on_the_device(device, backend):
                                  oracle_shrink(replace(p, token_adapter=per_token)),
                                  p.lora_b, p.offsets, p.ranks, token_adapter=per_token)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_outside_every_segment_get_no_adapter():
+    """adapter_of_token (the definition the kernels are held to) against its definition row by
+    row: row i takes seg_adapter[s] for the s with seg_indptr[s] <= i < seg_indptr[s + 1], and no
+    adapter (-1) before the first bound, from the last one on, or for an index outside [0, L)."""
+    gen = torch.Generator().manual_seed(3)
+    M, L = 30, 4
+    for _ in range(20):
+        bounds = torch.randint(0, M + 1, (5,), generator=gen).sort().values
+        seg_adapter = torch.randint(-1, L + 1, (4,), generator=gen)
+        want = [-1] * M
+        for s in range(4):
+            a = int(seg_adapter[s])
+            for i in range(int(bounds[s]), int(bounds[s + 1])):
+                want[i] = a if 0 <= a < L else -1
+        got = ref.adapter_of_token(M, L, seg_indptr=bounds, seg_adapter=seg_adapter)
+        assert got.tolist() == want, (bounds.tolist(), seg_adapter.tolist())
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU + backend_params(("cuda", "triton"), devices=("cuda",)))
+def test_rows_past_the_last_segment_are_base_only_on_the_device(device, backend):
+    """The GPU ops read segment bounds unchecked (the CPU op refuses ones not ending at M): rows
+    from the last bound on get no adapter, as in the reference."""
+    p = op_problem(device)
+    seg_indptr = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
+    seg_adapter = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    index = (None, seg_indptr, seg_adapter)
+    t = multi_lora.shrink_op(backend)(p.x, p.lora_a, p.scalings, p.ranks, *index)
+    per_token = ref.adapter_of_token(6, 3, seg_indptr=seg_indptr, seg_adapter=seg_adapter)
+    torch.testing.assert_close(t, oracle_shrink(replace(p, token_adapter=per_token)), rtol=1e-5, atol=1e-5)
+    assert (t[:, 4:] == 0).all()
+    y0 = torch.randn(6, p.weight.shape[0], device=device)
+    y = y0.clone()
+    multi_lora.expand_op(backend)(y, t, p.lora_b, p.offsets, p.ranks, *index)
+    assert torch.equal(y[4:], y0[4:]) and not torch.equal(y[:4], y0[:4])
 
 
 @pytest.mark.parametrize("device,backend", MAIN)
@@ -498,6 +604,14 @@ def test_segments_from_token_adapter():
     for s, a in enumerate(seg_adapter.tolist()):
         assert (sorted_adapters[seg_indptr[s]:seg_indptr[s + 1]] == a).all()
     assert perm[sorted_adapters == 3].tolist() == [0, 3, 6], "not stable"
+    # Stable at sizes where an unstable sort reorders ties too (not only at 10 tokens).
+    many = torch.randint(-3, L + 3, (1000,), generator=torch.Generator().manual_seed(0))
+    perm, seg_indptr, seg_adapter = segments_from_token_adapter(many, L)
+    sorted_adapters = ref.adapter_of_token(1000, L, many)[perm]
+    for s, a in enumerate(seg_adapter.tolist()):
+        rows = perm[seg_indptr[s]:seg_indptr[s + 1]]
+        assert (sorted_adapters[seg_indptr[s]:seg_indptr[s + 1]] == a).all()
+        assert (rows.diff() > 0).all(), f"adapter {a}'s tokens reordered: not stable"
     empty = segments_from_token_adapter(torch.zeros(0, dtype=torch.int64), 2)
     assert empty[0].shape == (0,) and empty[1].tolist() == [0, 0, 0, 0]
 
@@ -561,6 +675,38 @@ def test_triton_interpreted_gradients(device, backend):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", MAIN + TRITON_CPU)
+@pytest.mark.parametrize("form", ["token", "segment"])
+def test_gradients_of_slices_out_of_column_order_and_of_a_trainable_base(device, backend, form):
+    """Slices whose columns come in another order (dY cut at each slice's own offset, each slice
+    with its own T), and a base made trainable (dW = dY^T x, db = dY's column sums), against the
+    fp64 oracle's autograd. Triton on CPU runs the Python backward that CUDA tensors take too."""
+    p64 = replace(make_problem(9, "uniform", K=16, widths=(8, 4), L=3, rank_choices=(2, 4)),
+                  offsets=[4, 0])
+    dy64 = torch.randn(9, p64.weight.shape[0], dtype=torch.float64)
+    S = len(p64.lora_a)
+
+    def grads(q, backend, dy):
+        x, weight, bias = (t.detach().requires_grad_() for t in (q.x, q.weight, q.bias))
+        a = [t.detach().requires_grad_() for t in q.lora_a]
+        b = [t.detach().requires_grad_() for t in q.lora_b]
+        if backend == "oracle":
+            y = ref.multi_lora_linear(x, weight, bias, a, b, q.offsets, q.scalings, q.ranks,
+                                      **q.index(form))
+        else:
+            y = multi_lora_linear(x, weight, bias, a, b, q.scalings, q.ranks, slice_offsets=q.offsets,
+                                  backend=backend, **q.index(form))
+        y.backward(dy)
+        return [weight.grad, bias.grad] + without_padding(q, [x.grad] + [t.grad for t in a + b])
+
+    p = p64.to(torch.float32, device)
+    got = grads(p, backend, dy64.to(torch.float32).to(device))
+    want = grads(p64, "oracle", dy64)
+    names = ["weight", "bias", "x"] + [f"lora_a[{s}]" for s in range(S)] + [f"lora_b[{s}]" for s in range(S)]
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The ops: opcheck (schema, fake impl, autograd registration, AOT dispatch) and errors
 
@@ -590,6 +736,21 @@ def test_opcheck(device, backend, form):
     torch.library.opcheck(multi_lora.linear_fwd_op(backend),
                           (p.x, p.weight, p.bias if form == "token" else None, p.lora_a, p.lora_b,
                            p.offsets, p.scalings, p.ranks, *idx))
+
+
+@pytest.mark.parametrize("device,backend", KERNELS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_fake_impls_match_the_ops_in_low_precision(device, backend, dtype):
+    """t is float32 whatever x's dtype and y is in x's: what torch.compile plans with (the fake
+    impls) must say so too, not only for the float32 of test_opcheck."""
+    p = op_problem(device).to(dtype, device)
+    idx = (p.token_adapter, None, None)
+    fake_only = {"test_utils": "test_faketensor"}
+    torch.library.opcheck(multi_lora.shrink_op(backend), (p.x, p.lora_a, p.scalings, p.ranks, *idx),
+                          **fake_only)
+    torch.library.opcheck(multi_lora.linear_fwd_op(backend),
+                          (p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.offsets, p.scalings, p.ranks,
+                           *idx), **fake_only)
 
 
 CPU_COMPILED = backend_params(("cpu",), devices=("cpu",))
@@ -627,14 +788,15 @@ def test_linear_dx_op_is_the_base_dgrad_plus_each_slice_expand(device, backend, 
 @pytest.mark.parametrize("M,form", [(0, "token"), (1, "token"), (37, "token"), (37, "segment")])
 def test_linear_dx_op_matches_the_fp64_oracle(device, backend, dtype, M, form):
     """multi_lora_linear_dx in every dtype at odd sizes: K = 13, slices 5 and 3 wide, ranks 1, 2
-    and 5 with NaN past each adapter's rank (never to be read), idle tokens, dy non-contiguous."""
+    and 5 with NaN past each adapter's rank (never to be read), idle tokens, dy and dt
+    non-contiguous."""
     p64 = make_problem(M, "uniform", K=13, widths=(5, 3), L=4, rank_choices=(1, 2, 5))
     p = p64.to(dtype, device)
     index = p.index(form)
     idx = tuple(index.get(k) for k in ("token_adapter", "seg_indptr", "seg_adapter"))
     N, S, r_max = p.weight.shape[0], len(p.lora_a), p.lora_a[0].shape[1]
     dy64 = torch.randn(N, M, dtype=torch.float64).t()
-    dt = torch.randn(S, M, r_max)
+    dt = torch.randn(M, S, r_max).transpose(0, 1)
 
     def definition(dy, q):  # dY W, then + dT_s A_s for each slice, in dy's dtype
         dx = dy @ q.weight
@@ -651,8 +813,30 @@ def test_linear_dx_op_matches_the_fp64_oracle(device, backend, dtype, M, form):
     assert_close_scaled(got, definition(dy64, p64), definition(dy, p), dtype, "dx")
 
 
-def test_errors_name_op_argument_and_what_was_seen():
-    p = op_problem("cpu")
+@pytest.mark.parametrize("device,backend", CPU_COMPILED)
+def test_expand_op_writes_a_column_slice_of_y_from_a_strided_t(device, backend):
+    """The expand op writes y in place at y's own row stride (y a column slice of a wider
+    tensor, whose other columns stay as they were) and reads t in any layout (here [S, M, r] as
+    a view of [M, S, r])."""
+    p = op_problem(device)
+    M, N = p.x.shape[0], p.weight.shape[0]
+    t = multi_lora.shrink_op(backend)(p.x, p.lora_a, p.scalings, p.ranks, p.token_adapter)
+    t_strided = t.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not t_strided.is_contiguous()
+    wide = torch.randn(M, N + 5, device=device)
+    want = wide.clone()
+    want[:, 2:2 + N] = ref.multi_lora_expand(wide[:, 2:2 + N].clone(), t, p.lora_b, p.offsets,
+                                             p.ranks, token_adapter=p.token_adapter)
+    multi_lora.expand_op(backend)(wide[:, 2:2 + N], t_strided, p.lora_b, p.offsets, p.ranks,
+                                  p.token_adapter)
+    torch.testing.assert_close(wide, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(("cpu", "reference"), devices=("cpu",)))
+def test_errors_name_op_argument_and_what_was_seen(device, backend):
+    """On the compiled backend the op refuses first and the Python checks word the error; on the
+    reference backend the Python checks alone stand between a bad argument and the result."""
+    p = op_problem(device)
     L = len(p.ranks)
     cases = [
         (dict(token_adapter=torch.tensor([0, 1, 2, 3, 0, 0], dtype=torch.int32)),
@@ -670,6 +854,16 @@ def test_errors_name_op_argument_and_what_was_seen():
         (dict(token_adapter=None, seg_indptr=torch.tensor([0, 6]), seg_adapter=torch.tensor([0, 1])),
          r"seg_indptr must have shape \(3,\)"),
         (dict(ranks=torch.tensor([1, 5, 2], dtype=torch.int32)), r"ranks must lie in \[0, r_max=4\].*from 1 to 5"),
+        (dict(ranks=torch.tensor([1, -1, 2], dtype=torch.int32)), r"ranks must lie in \[0, r_max=4\].*from -1 to 2"),
+        (dict(token_adapter=None, seg_indptr=torch.tensor([1, 6]), seg_adapter=torch.tensor([0])),
+         "seg_indptr must start at 0"),
+        (dict(token_adapter=None, seg_indptr=torch.tensor([0, 2, 6]), seg_adapter=torch.tensor([0, 3])),
+         r"seg_adapter values must lie in \[-1, 3\).*from 0 to 3"),
+        (dict(token_adapter=p.token_adapter.to("meta")), "token_adapter is on meta but x is on cpu"),
+        (dict(scalings=p.scalings.to("meta")), "scalings is on meta but x is on cpu"),
+        (dict(lora_a=[a[:, :, :5] for a in p.lora_a]), r"lora_a\[0\] must have shape \(3, 4, 8\)"),
+        (dict(lora_b=[b[:2] for b in p.lora_b]), r"lora_b\[0\] must have shape \(3, N_slice, 4\)"),
+        (dict(lora_a=[a[:, :0] for a in p.lora_a], lora_b=[b[:, :, :0] for b in p.lora_b]), "lora_a has r_max 0"),
         (dict(ranks=torch.tensor([1, 2], dtype=torch.int32)), r"ranks must have shape \(3,\)"),
         (dict(ranks=torch.ones(3)), "ranks must be int32 or int64"),
         (dict(scalings=torch.ones(3, dtype=torch.int32)), "scalings must be a floating-point tensor"),
@@ -685,6 +879,7 @@ def test_errors_name_op_argument_and_what_was_seen():
         (dict(slice_offsets=[0, 2]), "without overlapping"),
         (dict(slice_offsets=[0, p.weight.shape[0] - 2]), "without overlapping"),
         (dict(slice_offsets=[0]), "slice_offsets has 1 entries but lora_b has 2"),
+        (dict(weight=torch.randn(8, 8), bias=None, slice_offsets=[0, 5]), "slices .* must tile the 8 output columns"),
         (dict(weight=torch.randn(9, 8), bias=None), "slices .* must tile the 9 output columns"),
         (dict(x=torch.randn(6, 9)), r"x has 9 features but weight has 8 columns \(weight shape \(7, 8\)\)"),
         (dict(x=torch.randn(6, 8, dtype=torch.float64)), "weight has dtype torch.float32 but x has torch.float64"),
@@ -700,7 +895,8 @@ def test_errors_name_op_argument_and_what_was_seen():
                     slice_offsets=p.offsets) | override
         with pytest.raises(ValueError, match=r"^multi_lora_linear: .*" + message):
             multi_lora_linear(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("lora_a"),
-                              args.pop("lora_b"), args.pop("scalings"), args.pop("ranks"), **args)
+                              args.pop("lora_b"), args.pop("scalings"), args.pop("ranks"),
+                              backend=backend, **args)
     assert L == 3
 
 
@@ -727,6 +923,32 @@ def test_sync_checks_refuse_bad_values_on_the_gpu(device, backend, monkeypatch):
     y = multi_lora_linear(*args, token_adapter=p.token_adapter, **kwargs)  # good values still run
 
 
+@pytest.mark.parametrize("sync_checks", [False, True])
+def test_which_values_are_checked_for_a_gpu(sync_checks, monkeypatch):
+    """The rule of _check_index_values for a CUDA device, run on host tensors (no GPU needed): with
+    LORA_OPS_SYNC_CHECKS=1 adapter indices, ranks and segment bounds are all checked (the GPU ops
+    check none of them); without it, none is read."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    if sync_checks:
+        monkeypatch.setenv(multi_lora.SYNC_CHECKS_ENV, "1")
+    else:
+        monkeypatch.delenv(multi_lora.SYNC_CHECKS_ENV, raising=False)
+    ranks, bad_ranks = torch.tensor([1, 2, 4]), torch.tensor([1, 5, 4])
+    segments = (None, torch.tensor([0, 2, 6]), torch.tensor([0, 2]))
+    bad = [((torch.tensor([0, 3]), None, None), ranks, 2, r"token_adapter values must lie in \[-1, 3\)"),
+           ((None, torch.tensor([0, 2, 6]), torch.tensor([0, 3])), ranks, 6, r"seg_adapter values must lie in \[-1, 3\)"),
+           (segments, ranks, 7, "seg_indptr must start at 0, never decrease and end at the token count 7"),
+           (segments, bad_ranks, 6, r"ranks must lie in \[0, r_max=4\]")]
+    for index, rank_values, M, message in bad:
+        if sync_checks:
+            with pytest.raises(ValueError, match="^op: " + message):
+                multi_lora._check_index_values("op", index, 3, 4, rank_values, M, cuda)
+        else:
+            multi_lora._check_index_values("op", index, 3, 4, rank_values, M, cuda)
+    multi_lora._check_index_values("op", segments, 3, 4, ranks, 6, cuda)
+
+
 def test_shrink_and_expand_errors():
     p = op_problem("cpu")
     with pytest.raises(ValueError, match=r"^lora_shrink: x has dtype torch.int64"):
@@ -744,6 +966,30 @@ def test_shrink_and_expand_errors():
         lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter, backend="cuda")
 
 
+@pytest.mark.parametrize("device,backend", backend_params(("cpu", "reference"), devices=("cpu",)))
+def test_shrink_and_expand_check_their_arguments_on_each_backend(device, backend):
+    """What lora_shrink and lora_expand check themselves, not only where a compiled op refuses
+    first: the reference backend would otherwise compute with the bad argument."""
+    p = op_problem(device)
+    kw = dict(token_adapter=p.token_adapter, backend=backend)
+    with pytest.raises(ValueError, match=r"^lora_shrink: scalings must have shape \(3,\), got \(2,\)"):
+        lora_shrink(p.x, p.lora_a, p.scalings[:2], p.ranks, **kw)
+    wild = torch.tensor([0, 1, 2, 3, -1, 0])
+    with pytest.raises(ValueError, match=r"^lora_shrink: token_adapter values must lie in \[-1, 3\).*from -1 to 3"):
+        lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=wild, backend=backend)
+    t = lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, **kw)
+    y = torch.zeros(6, p.weight.shape[0])
+    with pytest.raises(ValueError, match=r"^lora_expand: t must be float32 .* got torch.float16"):
+        lora_expand(y, t.half(), p.lora_b, p.ranks, **kw)
+    with pytest.raises(ValueError, match="^lora_expand: t is on meta but y is on cpu"):
+        lora_expand(y, t.to("meta"), p.lora_b, p.ranks, **kw)
+    with pytest.raises(ValueError, match=r"^lora_expand: slices \(offsets \[0, 3\], widths \[4, 3\]\) must lie in"):
+        lora_expand(y, t, p.lora_b, p.ranks, slice_offsets=[0, 3], **kw)  # one column shared
+    with pytest.raises(ValueError, match=r"^lora_expand: token_adapter values must lie in \[-1, 3\)"):
+        lora_expand(y, t, p.lora_b, p.ranks, token_adapter=wild, backend=backend)
+    assert not y.any()
+
+
 @pytest.mark.parametrize("device,backend", backend_params(("cpu",), devices=("cpu",)))
 def test_compiled_ops_check_their_input(device, backend):
     """The C++ ops check shapes, dtypes and index forms themselves, naming op and argument."""
@@ -755,6 +1001,9 @@ def test_compiled_ops_check_their_input(device, backend):
         shrink(p.x, p.lora_a, p.scalings, p.ranks, p.token_adapter, torch.tensor([0, 6]), torch.tensor([0]))
     with pytest.raises(ValueError, match=r"multi_lora_shrink: ranks must have shape \[3\]"):
         shrink(p.x, p.lora_a, p.scalings, p.ranks[:2], p.token_adapter)
+    # The last bound below the one before it, though it ends at the token count.
+    with pytest.raises(ValueError, match="multi_lora_shrink: seg_indptr must start at 0, never decrease"):
+        shrink(p.x, p.lora_a, p.scalings, p.ranks, None, torch.tensor([0, 4, 7, 6]), torch.tensor([0, 1, 2]))
     t = shrink(p.x, p.lora_a, p.scalings, p.ranks, p.token_adapter)
     y = torch.zeros(6, p.weight.shape[0])
     with pytest.raises(ValueError, match="multi_lora_expand: y must have unit column stride"):
@@ -769,6 +1018,8 @@ def test_compiled_ops_check_their_input(device, backend):
     meta_a = [p.lora_a[0], p.lora_a[1].to("meta")]
     with pytest.raises(ValueError, match=r"multi_lora_shrink: operands are on several devices: lora_a\[1\] is on meta but x is on cpu"):
         shrink(p.x, meta_a, p.scalings, p.ranks, p.token_adapter)
+    with pytest.raises(ValueError, match=r"multi_lora_shrink: operands are on several devices: lora_a\[0\] is on meta but x is on cpu"):
+        shrink(p.x, [p.lora_a[0].to("meta"), p.lora_a[1]], p.scalings, p.ranks, p.token_adapter)
     with pytest.raises(ValueError, match=r"multi_lora_linear_fwd: operands are on several devices: lora_a\[1\] is on meta but x is on cpu"):
         multi_lora.linear_fwd_op(backend)(p.x, p.weight, p.bias, meta_a, p.lora_b, p.offsets,
                                           p.scalings, p.ranks, p.token_adapter)
