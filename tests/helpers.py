@@ -79,3 +79,12 @@ def import_triton_or_skip():
             pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (see "
                         "lora_ops._backend.MIN_TRITON_INTERPRETER)", allow_module_level=True)
     return triton
+
+
+def nan_past_rank(stack: torch.Tensor, ranks, rank_dim: int) -> torch.Tensor:
+    """stack [L, ...] with NaN in place past each adapter's rank along rank_dim (1: lora_a
+    [L, r_max, K]; 2: lora_b [L, N, r_max]), where no kernel may read; returns stack."""
+    for adapter, rank in enumerate(ranks):
+        past = (adapter,) + (slice(None),) * (rank_dim - 1) + (slice(max(int(rank), 0), None),)
+        stack[past] = float("nan")
+    return stack

@@ -14,7 +14,7 @@ from lora_ops.multi_lora import (lora_expand, lora_shrink, multi_lora_linear,
                                  segments_from_token_adapter)
 from lora_ops.reference import multi_lora as ref
 from tests.helpers import (DTYPES, KERNEL_BACKENDS, assert_close_scaled, assert_rounded_once,
-                           backend_params)
+                           backend_params, nan_past_rank)
 
 # MAIN: the compiled and reference backends on CPU, every backend on a GPU. KERNELS_FULL: the
 # dtype x popularity matrix, kernels only (the reference is the oracle there). Triton on CPU
@@ -99,13 +99,8 @@ def make_problem(M: int, dist: str = "uniform", *, K: int = 40, widths=(24,), ga
     randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     lora_a, lora_b, offsets, col = [], [], [], 0
     for width, gap in zip(widths, gaps or [0] * len(widths)):
-        a = randn(L, r_max, K) / math.sqrt(K)
-        b = randn(L, width, r_max) / math.sqrt(r_max)
-        for l, r in enumerate(ranks.tolist()):
-            a[l, r:] = float("nan")
-            b[l, :, r:] = float("nan")
-        lora_a.append(a)
-        lora_b.append(b)
+        lora_a.append(nan_past_rank(randn(L, r_max, K) / math.sqrt(K), ranks.tolist(), 1))
+        lora_b.append(nan_past_rank(randn(L, width, r_max) / math.sqrt(r_max), ranks.tolist(), 2))
         col += gap
         offsets.append(col)
         col += width
@@ -949,29 +944,16 @@ def test_which_values_are_checked_for_a_gpu(sync_checks, monkeypatch):
     multi_lora._check_index_values("op", segments, 3, 4, ranks, 6, cuda)
 
 
-def test_shrink_and_expand_errors():
-    p = op_problem("cpu")
-    with pytest.raises(ValueError, match=r"^lora_shrink: x has dtype torch.int64"):
-        lora_shrink(torch.zeros(6, 8, dtype=torch.int64), p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter)
-    t = lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter)
-    y = torch.zeros(6, p.weight.shape[0])
-    with pytest.raises(ValueError, match=r"^lora_expand: t must be float32 of shape \(2, 6, 4\)"):
-        lora_expand(y, t[:, :5], p.lora_b, p.ranks, token_adapter=p.token_adapter)
-    with pytest.raises(ValueError, match=r"^lora_expand: y .* must be viewable"):
-        lora_expand(torch.zeros(2, p.weight.shape[0], 3).transpose(1, 2), t, p.lora_b, p.ranks,
-                    token_adapter=p.token_adapter)
-    with pytest.raises(ValueError, match=r"^lora_expand: lora_b\[0\] has dtype torch.float16 but y has torch.float32"):
-        lora_expand(y, t, [b.half() for b in p.lora_b], p.ranks, token_adapter=p.token_adapter)
-    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
-        lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter, backend="cuda")
-
-
 @pytest.mark.parametrize("device,backend", backend_params(("cpu", "reference"), devices=("cpu",)))
-def test_shrink_and_expand_check_their_arguments_on_each_backend(device, backend):
+def test_shrink_and_expand_errors(device, backend):
     """What lora_shrink and lora_expand check themselves, not only where a compiled op refuses
     first: the reference backend would otherwise compute with the bad argument."""
     p = op_problem(device)
     kw = dict(token_adapter=p.token_adapter, backend=backend)
+    with pytest.raises(ValueError, match=r"^lora_shrink: x has dtype torch.int64"):
+        lora_shrink(torch.zeros(6, 8, dtype=torch.int64), p.lora_a, p.scalings, p.ranks, **kw)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        lora_shrink(p.x, p.lora_a, p.scalings, p.ranks, token_adapter=p.token_adapter, backend="cuda")
     with pytest.raises(ValueError, match=r"^lora_shrink: scalings must have shape \(3,\), got \(2,\)"):
         lora_shrink(p.x, p.lora_a, p.scalings[:2], p.ranks, **kw)
     wild = torch.tensor([0, 1, 2, 3, -1, 0])
@@ -987,6 +969,12 @@ def test_shrink_and_expand_check_their_arguments_on_each_backend(device, backend
         lora_expand(y, t, p.lora_b, p.ranks, slice_offsets=[0, 3], **kw)  # one column shared
     with pytest.raises(ValueError, match=r"^lora_expand: token_adapter values must lie in \[-1, 3\)"):
         lora_expand(y, t, p.lora_b, p.ranks, token_adapter=wild, backend=backend)
+    with pytest.raises(ValueError, match=r"^lora_expand: t must be float32 of shape \(2, 6, 4\)"):
+        lora_expand(y, t[:, :5], p.lora_b, p.ranks, **kw)
+    with pytest.raises(ValueError, match=r"^lora_expand: y .* must be viewable"):
+        lora_expand(torch.zeros(2, p.weight.shape[0], 3).transpose(1, 2), t, p.lora_b, p.ranks, **kw)
+    with pytest.raises(ValueError, match=r"^lora_expand: lora_b\[0\] has dtype torch.float16 but y has torch.float32"):
+        lora_expand(y, t, [b.half() for b in p.lora_b], p.ranks, **kw)
     assert not y.any()
 
 

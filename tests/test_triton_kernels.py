@@ -8,7 +8,7 @@ dtype); with one, the same tests run on CUDA tensors.
 import pytest
 import torch
 
-from tests.helpers import DTYPES, assert_close_scaled, import_triton_or_skip, rel_err
+from tests.helpers import DTYPES, assert_close_scaled, import_triton_or_skip, nan_past_rank, rel_err
 
 triton = import_triton_or_skip()
 
@@ -322,19 +322,13 @@ RANKS = [8, 64, 1, 16]
 def _poisoned_a(K, dtype, transposed):
     """[L, R_MAX, K] with NaN in every row past the adapter's rank; transposed=True gives the
     same values as a [L, K, R_MAX] tensor viewed through transpose(1, 2)."""
-    a = torch.randn(L, R_MAX, K, device=DEVICE) / K ** 0.5
-    for adapter, rank in enumerate(RANKS):
-        a[adapter, rank:] = float("nan")
-    a = a.to(dtype)
+    a = nan_past_rank(torch.randn(L, R_MAX, K, device=DEVICE) / K ** 0.5, RANKS, 1).to(dtype)
     return a.transpose(1, 2).contiguous().transpose(1, 2) if transposed else a
 
 
 def _poisoned_b(N, dtype, transposed):
     """[L, N, R_MAX] with NaN in every column past the adapter's rank."""
-    b = torch.randn(L, N, R_MAX, device=DEVICE) / 4
-    for adapter, rank in enumerate(RANKS):
-        b[adapter, :, rank:] = float("nan")
-    b = b.to(dtype)
+    b = nan_past_rank(torch.randn(L, N, R_MAX, device=DEVICE) / 4, RANKS, 2).to(dtype)
     return b.transpose(1, 2).contiguous().transpose(1, 2) if transposed else b
 
 

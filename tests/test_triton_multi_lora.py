@@ -9,7 +9,7 @@ Without a GPU they run in Triton's interpreter on CPU tensors (small shapes).
 import pytest
 import torch
 
-from tests.helpers import import_triton_or_skip, rel_err
+from tests.helpers import import_triton_or_skip, nan_past_rank, rel_err
 
 triton = import_triton_or_skip()
 
@@ -28,24 +28,13 @@ WIDTHS, OFFSETS, N = (8, 45), (3, 14), 61  # the second slice is the wider one, 
 
 def poisoned_a(K, ranks=RANKS, num_slices=1):
     """Stacks [L, R_MAX, K] with NaN in every row past the adapter's rank."""
-    stacks = []
-    for _ in range(num_slices):
-        a = torch.randn(L, R_MAX, K, device=DEVICE) / K ** 0.5
-        for adapter, rank in enumerate(ranks):
-            a[adapter, max(rank, 0):] = float("nan")
-        stacks.append(a)
-    return stacks
+    return [nan_past_rank(torch.randn(L, R_MAX, K, device=DEVICE) / K ** 0.5, ranks, 1)
+            for _ in range(num_slices)]
 
 
 def poisoned_b(widths, ranks=RANKS):
     """Stacks [L, N_s, R_MAX] with NaN in every column past the adapter's rank."""
-    stacks = []
-    for width in widths:
-        b = torch.randn(L, width, R_MAX, device=DEVICE) / 4
-        for adapter, rank in enumerate(ranks):
-            b[adapter, :, max(rank, 0):] = float("nan")
-        stacks.append(b)
-    return stacks
+    return [nan_past_rank(torch.randn(L, width, R_MAX, device=DEVICE) / 4, ranks, 2) for width in widths]
 
 
 def index_of(form, M):
